@@ -1,0 +1,474 @@
+"""Typed TOML configuration: one dataclass per section, strict validation, ``--set`` overrides.
+
+This module must stay importable without torch: the launcher validates configs before any
+worker starts, and ``dtrain --help`` must be fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from dist_train.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "bf16", "auto"]
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how randomness is seeded."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    # Deterministic algorithms make resume bit-exact on the CPU; they cost speed on GPU.
+    deterministic: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The HDF5 dataset, its splits and how it is batched."""
+
+    path: str = ""
+    x_key: str = "event_data"
+    y_key: str = "labels"
+    extra_keys: list[str] = field(default_factory=list)
+    val_split: float = 0.1
+    test_split: float = 0.1
+    split_seed: int = 0
+    stratify: bool = False
+    # Reduced dataset size: a seeded subset drawn without replacement (0 = everything).
+    limit: int = 0
+    split_file: str = ""
+    batch_size: int = 64
+    eval_batch_size: int = 0  # 0 = same as batch_size
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    # "none": raw values; "auto": per-channel mean/std from the training split; "given": use mean/std.
+    normalize: Literal["none", "auto", "given"] = "none"
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    train_transforms: list[str] = field(default_factory=list)
+    eval_transforms: list[str] = field(default_factory=list)
+    # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
+    synth_if_missing: Literal["", "wch5", "image", "mnist"] = ""
+    synth_events: int = 6000
+
+
+@dataclass
+class ModelConfig:
+    """A registered model name or ``package.module:ClassName``; other keys are its kwargs."""
+
+    name: str = "simple_mlp"
+    num_classes: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["none", "step", "multistep", "cosine", "plateau"] = "none"
+    warmup_epochs: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)
+    min_lr: float = 0.0
+    # ReduceLROnPlateau: driven by a reduced validation metric, so all ranks agree.
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 2
+    factor: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    precision: Precision = "auto"
+    grad_accum: int = 1
+    clip_grad_norm: float = 0.0  # 0 = off
+    log_every: int = 50
+    compile: bool = False
+    # Cap on optimizer steps per epoch (0 = full epoch); debug mode sets a small value.
+    max_steps_per_epoch: int = 0
+    eval_every_epochs: int = 1
+    detect_anomaly: bool = False
+    # Console: "auto" shows a progress bar on a terminal and plain lines otherwise.
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    histograms: bool = False
+    jsonl: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_epochs: int = 1
+    every_steps: int = 0
+    every_minutes: float = 0.0
+    keep_last: int = 3
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    save_best: bool = True
+    # "auto": background writes on GPU, synchronous on the CPU.
+    async_save: Literal["auto", "on", "off"] = "auto"
+    # Seconds the collectives around a save may wait for a slow or dead rank.
+    barrier_timeout: float = 300.0
+
+
+@dataclass
+class LaunchConfig:
+    gpus: str = "auto"
+    backend: Literal["torchrun", "accelerate"] = "torchrun"
+    nproc: int = 0  # CPU workers for gpus = "cpu" (0 = 1)
+    max_restarts: int = 0
+    # A GPU is free when it has no compute processes and is below both thresholds.
+    free_memory_mb: int = 1024
+    free_util_pct: int = 10
+    lock_dir: str = ""
+    hang_timeout: float = 0.0  # seconds without progress before stacks are dumped (0 = off)
+    pg_timeout: float = 600.0  # process-group collective timeout in seconds
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
+    console_ranks: str = "0"
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    nproc_per_node: int = 0
+    cpus_per_task: int = 0
+    mem: str = ""
+    time: str = ""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    job_name: str = ""
+    signal_grace: int = 120
+    max_requeues: int = 10
+    sbatch_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # Where the config was read from, for error messages and relative data paths; not serialised.
+    source: str = field(default="", compare=False, repr=False)
+
+
+# Sections whose unknown keys are collected into `kwargs` instead of being errors.
+_OPEN_SECTIONS = {"model"}
+
+
+def section_types() -> dict[str, type]:
+    return {f.name: f.type_obj for f in _fields(Config) if f.name != "source"}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    type_obj: Any
+
+
+def _fields(cls: type) -> list[_Field]:
+    hints = typing.get_type_hints(cls)
+    return [_Field(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML value against a field type; ints are accepted for floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        hint = _did_you_mean(str(value), [str(a) for a in allowed])
+        raise ConfigError(f"{where} = {value!r} is not allowed: expected {_type_name(tp)}.{hint}")
+    if origin in (types.UnionType, typing.Union):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {value!r} has the wrong type: expected {tp}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r} has the wrong type: expected a list ({_type_name(tp)}).")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r} has the wrong type: expected a table.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} = {value!r} has the wrong type: expected float, got {type(value).__name__}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r} has the wrong type: expected int, got {type(value).__name__}.")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(
+                f"{where} = {value!r} has the wrong type: expected {tp.__name__}, got {type(value).__name__}."
+            )
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover - programming error
+
+
+def _build_section(cls: type, table: Any, section: str, origin: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{origin}: [{section}] must be a table, got {table!r}.")
+    known = {f.name: f for f in _fields(cls)}
+    kwargs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known or (key == "kwargs" and section in _OPEN_SECTIONS):
+            if section in _OPEN_SECTIONS:
+                extras[key] = value
+                continue
+            hint = _did_you_mean(key, list(known))
+            raise ConfigError(
+                f"{origin}: unknown key '{key}' in [{section}].{hint} Known keys: {', '.join(known)}."
+            )
+        kwargs[key] = _coerce(value, known[key].type_obj, f"{origin}: {section}.{key}")
+    if extras:
+        kwargs["kwargs"] = {**kwargs.get("kwargs", {}), **extras}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
+    sections = {f.name: f.type_obj for f in _fields(Config) if f.name != "source"}
+    built: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in sections:
+            hint = _did_you_mean(name, list(sections))
+            raise ConfigError(f"{origin}: unknown section [{name}].{hint} Known sections: {', '.join(sections)}.")
+        built[name] = _build_section(sections[name], table, name, origin)
+    cfg = Config(**built, source=origin)
+    validate(cfg, origin)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is a TOML literal, or a bare string if it is not one."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value (for example --set train.epochs=3).")
+    dotted, literal = text.split("=", 1)
+    parts = [p.strip() for p in dotted.strip().split(".")]
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key (for example train.epochs).")
+    try:
+        value = tomllib.loads(f"v = {literal}")["v"]
+    except tomllib.TOMLDecodeError:
+        if any(c in literal for c in "[]{}\"'") or not literal.strip():
+            raise ConfigError(f"--set {text!r}: {literal!r} is not a valid TOML value.") from None
+        value = literal.strip()  # bare words such as `--set launch.gpus=cpu`
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(raw))  # deep copy of plain TOML data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a table.")
+        node[parts[-1]] = value
+    return merged
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist. Check the path, or start from configs/quickstart.toml.")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}. Fix the syntax at that line.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file; a config must be TOML text.") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(read_toml(path), overrides or [])
+    cfg = config_from_dict(raw, origin=str(path))
+    return cfg
+
+
+def validate(cfg: Config, origin: str) -> None:
+    """Cross-field checks that a type alone cannot express."""
+
+    def fail(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{origin}: {key} = {value!r} {why}")
+
+    d = cfg.data
+    for key in ("val_split", "test_split"):
+        v = getattr(d, key)
+        if not 0.0 <= v < 1.0:
+            fail(f"data.{key}", v, "must be a fraction in [0, 1).")
+    if d.val_split + d.test_split >= 1.0:
+        fail("data.val_split + data.test_split", d.val_split + d.test_split, "leaves no training data; keep the sum below 1.")
+    if d.batch_size < 1:
+        fail("data.batch_size", d.batch_size, "must be at least 1 (it is the per-process batch).")
+    if d.eval_batch_size < 0:
+        fail("data.eval_batch_size", d.eval_batch_size, "must be >= 0 (0 = same as batch_size).")
+    if d.num_workers < 0:
+        fail("data.num_workers", d.num_workers, "must be >= 0.")
+    if d.limit < 0:
+        fail("data.limit", d.limit, "must be >= 0 (0 = use every event).")
+    if d.normalize == "given" and (not d.mean or len(d.mean) != len(d.std)):
+        fail("data.mean/std", (d.mean, d.std), "must be non-empty lists of equal length when normalize = 'given'.")
+    if cfg.model.num_classes < 1:
+        fail("model.num_classes", cfg.model.num_classes, "must be at least 1.")
+    if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
+        fail("optim.lr", cfg.optim.lr, "must be a positive number.")
+    if len(cfg.optim.betas) != 2:
+        fail("optim.betas", cfg.optim.betas, "must have two values, e.g. [0.9, 0.999].")
+    t = cfg.train
+    if t.epochs < 1:
+        fail("train.epochs", t.epochs, "must be at least 1.")
+    if t.grad_accum < 1:
+        fail("train.grad_accum", t.grad_accum, "must be at least 1.")
+    if t.log_every < 1:
+        fail("train.log_every", t.log_every, "must be at least 1.")
+    if t.clip_grad_norm < 0:
+        fail("train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off).")
+    c = cfg.checkpoint
+    if c.keep_last < 1:
+        fail("checkpoint.keep_last", c.keep_last, "must be at least 1, or the resume point would be deleted.")
+    if c.every_epochs < 0 or c.every_steps < 0 or c.every_minutes < 0:
+        fail("checkpoint.every_*", (c.every_epochs, c.every_steps, c.every_minutes), "must be >= 0 (0 = off).")
+    if cfg.launch.nproc < 0:
+        fail("launch.nproc", cfg.launch.nproc, "must be >= 0.")
+    if cfg.launch.pg_timeout <= 0:
+        fail("launch.pg_timeout", cfg.launch.pg_timeout, "must be a positive number of seconds.")
+    if cfg.sched.name == "multistep" and not cfg.sched.milestones:
+        fail("sched.milestones", cfg.sched.milestones, "must list epochs when sched.name = 'multistep'.")
+
+
+# ----------------------------------------------------------------------------- serialisation
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in _fields(Config):
+        if f.name == "source":
+            continue
+        section = dataclasses.asdict(getattr(cfg, f.name))
+        if f.name in _OPEN_SECTIONS:
+            section.update(section.pop("kwargs"))
+        out[f.name] = section
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes are a subset of TOML basic-string escapes.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for section, table in data.items():
+        lines.append(f"[{_toml_key(section)}]")
+        for key, value in table.items():
+            if value is None:
+                continue
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_to_toml(cfg: Config) -> str:
+    header = "# Resolved dtrain config: every default made explicit. Loading this file reproduces the run.\n"
+    return header + dumps_toml(config_to_dict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from dist_train.fsutil import atomic_write_text
+
+    atomic_write_text(Path(path), config_to_toml(cfg))
+
+
+def resolve_data_path(cfg: Config) -> Path:
+    """Relative data paths are relative to the working directory, as in a plain ``python train.py``.
+
+    The launcher stores the absolute path in the run directory's config.toml, so workers started
+    elsewhere (SLURM nodes, restarts) read the same file.
+    """
+    return Path(cfg.data.path).expanduser().absolute()

@@ -1,0 +1,31 @@
+"""The launcher → worker contract: torchrun's variables plus the few ``DTRAIN_*`` variables below.
+
+Nothing else passes between the two. The worker reads its settings from the config file named on
+its command line (the resolved ``config.toml`` in the run directory), never from launcher flags.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Absolute path of the run directory (config.toml, checkpoints, logs live there).
+RUN_DIR = "DTRAIN_RUN_DIR"
+# "auto" (newest valid checkpoint in the run directory), "never", or a checkpoint path.
+RESUME = "DTRAIN_RESUME"
+# "1": debug mode (one CPU process, no workers, few batches, anomaly detection).
+DEBUG = "DTRAIN_DEBUG"
+# "cpu" forces CPU workers even where CUDA is visible (launch --gpus cpu).
+DEVICE = "DTRAIN_DEVICE"
+# Set by the launcher: a human-readable job id used in lock files and `dtrain gpus`.
+JOB_ID = "DTRAIN_JOB_ID"
+
+ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID)
+
+# Exit code of a worker (and of `dtrain launch`) that stopped on a preemption signal after writing
+# a checkpoint: "interrupted, resumable". 75 is EX_TEMPFAIL from sysexits.h: try again later.
+PREEMPTED_EXIT_CODE = 75
+
+
+def get(name: str, default: str = "") -> str:
+    assert name in ALL, f"{name} is not part of the launcher/worker contract"
+    return os.environ.get(name, default)
