@@ -10,12 +10,13 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+import tomllib
 
 from dist_train.errors import ConfigError
 
@@ -61,8 +62,11 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
-    synth_if_missing: Literal["", "wch5", "image", "mnist"] = ""
-    synth_events: int = 6000
+    synth_if_missing: Literal["", "wch5", "image"] = ""
+    synth_events: int = 4000
+    synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
+    # DataLoader worker start method ("" = the platform default); all three are supported.
+    start_method: Literal["", "fork", "spawn", "forkserver"] = ""
 
 
 @dataclass

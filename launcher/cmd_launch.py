@@ -1,8 +1,239 @@
-"""Placeholder for `dtrain launch`."""
+"""`dtrain launch`: validate, choose and reserve devices, plan, hand the processes to torchrun."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from pathlib import Path
+from typing import Any
 
 import click
 
+from dist_train.config import Config, load_config, resolve_data_path, save_config
+from dist_train.errors import ConfigError, LaunchError
+from launcher import plan as plans
+from launcher.run_dirs import new_run_dir, newest_resumable_run, prepare_run_dir
 
-@click.command(name="launch")
-def launch() -> None:
-    """(not implemented yet)"""
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str) -> tuple[Path, bool]:
+    """Returns (run directory, whether it is an existing run that will be resumed)."""
+    if run_dir:
+        path = Path(run_dir).expanduser()
+        return path, (path / "checkpoints" / "latest").is_file() and resume != "never"
+    if resume == "auto":
+        found = newest_resumable_run(cfg.run.output_dir, cfg.run.name)
+        if found is not None:
+            return found, True
+    return new_run_dir(cfg.run.output_dir, cfg.run.name), False
+
+
+def ensure_data(cfg: Config) -> None:
+    """Pre-flight: the dataset exists (or is generated for demo configs) and has what the config names."""
+    from dist_train.data.preflight import preflight_check
+
+    path = resolve_data_path(cfg)
+    if not cfg.data.path:
+        raise ConfigError(f"{cfg.source}: data.path is empty; set it to your HDF5 file.")
+    if not path.exists() and cfg.data.synth_if_missing:
+        from dist_train.data.synth import synth_dataset
+
+        _echo(f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = tuple(cfg.data.synth_shape) or None
+        synth_dataset(
+            path,
+            layout=cfg.data.synth_if_missing,
+            events=cfg.data.synth_events,
+            seed=cfg.run.seed,
+            shape=shape,
+            num_classes=cfg.model.num_classes,
+        )
+    cfg.data.path = str(path)
+    preflight_check(cfg)
+
+
+def _job_id() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+
+
+def _slurm_step() -> Any:
+    from launcher.slurm_env import detect_slurm_step
+
+    return detect_slurm_step(os.environ)
+
+
+def _cpu_plan_or_reserve(
+    cfg: Config, gpus: str, nproc: int | None, opts: dict[str, Any], run_dir: Path
+) -> tuple[str, int, Any]:
+    """Returns (CUDA_VISIBLE_DEVICES for workers, processes per node, reservation or None)."""
+    if gpus == "cpu":
+        return "", nproc or cfg.launch.nproc or 1, None
+    from launcher.reserve import choose_and_reserve
+
+    reservation = choose_and_reserve(
+        gpus,
+        free_memory_mb=opts["free_memory_mb"] if opts["free_memory_mb"] is not None else cfg.launch.free_memory_mb,
+        free_util_pct=opts["free_util_pct"] if opts["free_util_pct"] is not None else cfg.launch.free_util_pct,
+        lock_dir=opts["lock_dir"] or cfg.launch.lock_dir or None,
+        force=opts["force"],
+        wait=opts["wait"],
+        timeout=opts["timeout"],
+        job_id=_job_id(),
+        run_dir=str(run_dir),
+    )
+    if reservation.cpu_fallback or reservation.on_cpu:
+        if reservation.notice:
+            _echo(reservation.notice)
+        return "", nproc or cfg.launch.nproc or 1, reservation
+    picked = ", ".join(f"GPU {g.index} ({g.uuid})" for g in reservation.gpus)
+    _echo(f"dtrain: reserved {picked}")
+    return reservation.cuda_visible_devices(), len(reservation.gpus), reservation
+
+
+def build_plan(
+    cfg: Config,
+    config_path: Path,
+    run_dir: Path,
+    *,
+    debug: bool,
+    resume: str,
+    backend: str,
+    cuda_visible: str | None,
+    topology: plans.Topology,
+    max_restarts: int,
+    job_id: str,
+) -> plans.LaunchPlan:
+    if debug:
+        return plans.debug_plan(config_path, run_dir, resume=resume, job_id=job_id)
+    if backend == "accelerate":
+        port = int(topology.rdzv_endpoint.rsplit(":", 1)[1]) if topology.rdzv_endpoint else free_port()
+        return plans.accelerate_plan(
+            config_path,
+            run_dir,
+            topology,
+            resume=resume,
+            job_id=job_id,
+            cuda_visible_devices=cuda_visible,
+            precision=cfg.train.precision,
+            main_process_port=port,
+        )
+    return plans.torchrun_plan(
+        config_path,
+        run_dir,
+        topology,
+        resume=resume,
+        job_id=job_id,
+        cuda_visible_devices=cuda_visible,
+        max_restarts=max_restarts,
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@click.command(name="launch", context_settings={"show_default": True})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--gpus", default=None, help="auto | N | 0,3 | cpu  (default: [launch] gpus)")
+@click.option("--nproc", type=int, default=None, help="Workers per node for --gpus cpu (default: [launch] nproc or 1).")
+@click.option("--debug", is_flag=True, help="One process on the CPU, no workers, few batches, anomaly detection.")
+@click.option("--run-dir", default=None, help="Run directory (default: newest unfinished run of this config, or a new one).")
+@click.option("--resume", default="auto", help="auto | never | PATH to a checkpoint.")
+@click.option("--backend", type=click.Choice(["torchrun", "accelerate"]), default=None, help="Process launcher.")
+@click.option("--max-restarts", type=int, default=None, help="torchrun restarts after a failure (each resumes).")
+@click.option("--nnodes", type=int, default=None, help="Nodes in a multi-node job (inside SLURM: automatic).")
+@click.option("--node-rank", type=int, default=None, help="This node's rank in a multi-node job.")
+@click.option("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous for multi-node jobs.")
+@click.option("--wait", is_flag=True, help="Wait until enough GPUs are free.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait with --wait.")
+@click.option("--force", is_flag=True, help="Use the listed GPUs even if they look busy.")
+@click.option("--free-memory-mb", type=int, default=None, help="A GPU using less memory than this counts as free.")
+@click.option("--free-util-pct", type=int, default=None, help="A GPU below this utilisation counts as free.")
+@click.option("--lock-dir", default=None, help="Directory of the per-GPU reservation locks.")
+@click.option("--dry-run", is_flag=True, help="Print the launch plan as JSON and exit.")
+def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
+    """Train CONFIG on free GPUs (or the CPU) through torchrun; rerun the same command to resume."""
+    from launcher.execute import run_plan
+
+    cfg = load_config(config, list(overrides))
+    resume = opts["resume"]
+    if resume not in ("auto", "never") and not Path(resume).is_file():
+        raise ConfigError(f"--resume {resume!r}: no such checkpoint file. Use auto, never, or a path to a .pt file.")
+    debug = opts["debug"]
+    backend = opts["backend"] or cfg.launch.backend
+    ensure_data(cfg)
+    run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume)
+    try:
+        run_dir = prepare_run_dir(run_dir)
+    except PermissionError as exc:
+        raise LaunchError(f"cannot create the run directory {run_dir}: {exc.strerror}. Pick another --run-dir.") from None
+    resolved_config = run_dir / "config.toml"
+    save_config(cfg, resolved_config)
+    _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
+
+    step = None if debug else _slurm_step()
+    gpus = "cpu" if debug else (opts["gpus"] or cfg.launch.gpus)
+    reservation = None
+    if step is not None:
+        # Inside a SLURM job step: SLURM already gave this node its devices; no search, no locks.
+        cuda_visible: str | None = ",".join(step.gpus) if step.gpus and gpus != "cpu" else ""
+        nproc = opts["nproc"] or step.nproc_per_node or len(step.gpus) or cfg.launch.nproc or 1
+        if cuda_visible == "":
+            nproc = opts["nproc"] or cfg.launch.nproc or 1
+        topology = plans.Topology(
+            nproc_per_node=nproc,
+            nnodes=step.nnodes,
+            node_rank=step.node_rank,
+            rdzv_endpoint=step.rdzv_endpoint,
+            rdzv_id=step.job_id,
+        )
+        job_id = f"slurm-{step.job_id}"
+    else:
+        if debug:
+            cuda_visible, nproc = "", 1
+        else:
+            cuda_visible, nproc, reservation = _cpu_plan_or_reserve(cfg, gpus, opts["nproc"], opts, run_dir)
+        nnodes = opts["nnodes"] or 1
+        if nnodes > 1 and not opts["rdzv_endpoint"]:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port (the first node's address).")
+        topology = plans.Topology(
+            nproc_per_node=nproc,
+            nnodes=nnodes,
+            node_rank=opts["node_rank"] or 0,
+            rdzv_endpoint=opts["rdzv_endpoint"] or "",
+        )
+        job_id = _job_id()
+    launch_plan = build_plan(
+        cfg,
+        resolved_config,
+        run_dir,
+        debug=debug,
+        resume=resume,
+        backend=backend,
+        cuda_visible=cuda_visible,
+        topology=topology,
+        max_restarts=opts["max_restarts"] if opts["max_restarts"] is not None else cfg.launch.max_restarts,
+        job_id=job_id,
+    )
+    if opts["dry_run"]:
+        click.echo(launch_plan.to_json())
+        if reservation is not None:
+            reservation.release()
+        return
+    try:
+        outcome = run_plan(launch_plan)
+    finally:
+        if reservation is not None:
+            reservation.release()
+    if outcome.message:
+        _echo(outcome.message)
+    raise click.exceptions.Exit(outcome.exit_code)
+

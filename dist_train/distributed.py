@@ -1,0 +1,214 @@
+"""Process-group setup and the small rank helpers everything else uses.
+
+One process without torchrun's variables is a world of size 1 with no process group at all, so
+`--debug` and a plain `python -m dist_train cfg.toml` run exactly the same code as a 2-rank job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from dist_train import envvars
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def choose_device(local_rank: int) -> torch.device:
+    """Each rank takes the GPU at its LOCAL_RANK; CPU when CUDA is absent or the launcher asked for it."""
+    if envvars.get(envvars.DEVICE) == "cpu" or envvars.get(envvars.DEBUG) == "1" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def split_cpu_threads(local_world_size: int) -> None:
+    """CPU ranks on one node share its cores; oversubscription makes every rank slower than one."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user (or torchrun) decided
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+
+
+def init_distributed(pg_timeout_s: float = 600.0) -> DistInfo:
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    device = choose_device(local_rank)
+    if device.type == "cpu":
+        split_cpu_threads(local_world)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # A bounded timeout: a dead rank must end the job in minutes, not NCCL's default 30.
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Run ``fn`` on rank 0 only; other ranks get None. For side effects (files, console)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        if get_rank() == 0:
+            return fn(*args, **kwargs)
+        return None
+
+    return wrapper
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _reduction_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sync_bool(flag: bool, *, op: str = "any") -> bool:
+    """One decision all ranks agree on: ``any`` rank true, or ``all`` ranks true."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduction_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class AsyncFlags:
+    """Boolean decisions (any rank true) whose all-reduce overlaps with the next training step.
+
+    ``post(flags)`` starts the reduction; ``result()`` (one step later) waits for it. Every rank
+    posts and reads at the same steps, so all ranks act at the same step boundary while the cost
+    of the check hides behind compute.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._work: Any = None
+        self._tensor: torch.Tensor | None = None
+        self._local = [False] * size
+
+    def post(self, flags: list[bool]) -> None:
+        if not is_distributed():
+            self._local = list(flags)
+            return
+        self._tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_reduction_device())
+        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
+
+    def result(self) -> list[bool]:
+        if self._work is None:
+            out, self._local = self._local, [False] * self.size
+            return out
+        self._work.wait()
+        self._work = None
+        assert self._tensor is not None
+        return [bool(v) for v in self._tensor.tolist()]
+
+
+def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalars across ranks in one float64 all-reduce (exact for counts below 2**53)."""
+    if not values or not is_distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def all_reduce_max(values: dict[str, float]) -> dict[str, float]:
+    if not values or not is_distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def gather_objects_to_rank_zero(obj: Any, group: Any = None) -> list[Any] | None:
+    """Gather one picklable object per rank on rank 0 (None elsewhere). For small state (RNG)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)
+    return out
+
+
+def new_cpu_group(timeout_s: float) -> Any:
+    """A gloo group with its own timeout for checkpoint coordination: a dead rank fails the save
+    within ``timeout_s`` instead of hanging it, and CPU objects need no device copies."""
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def scatter_object_from_rank_zero(objs: list[Any] | None) -> Any:
+    """Rank 0 holds one object per rank; each rank receives its own."""
+    if not is_distributed():
+        assert objs is not None
+        return objs[0]
+    out: list[Any] = [None]
+    dist.scatter_object_list(out, objs if dist.get_rank() == 0 else None, src=0)
+    return out[0]
+
+
+def broadcast_object(obj: Any) -> Any:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,151 @@
+"""Logging: per-rank log files, rank-0 console, JSONL + TensorBoard metrics, a SLURM-friendly progress display.
+
+Other ranks get a :class:`NullMetricsLogger`, so the trainer calls the same methods everywhere
+instead of scattering ``if rank == 0`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("dtrain")
+
+
+def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
+    """One log file per rank in ``<run_dir>/logs``; the console shows rank 0 (or whatever `console` says)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if run_dir is not None:
+        logs = run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logs / f"rank{rank}.log", encoding="utf-8")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    if console:
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(sh)
+
+
+class MetricsLogger(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullMetricsLogger:
+    """What ranks other than 0 use: every call is a no-op."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN/Inf; write them as strings so every line stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunMetricsLogger:
+    """Writes each record to ``metrics.jsonl`` and its numeric values to TensorBoard (same names)."""
+
+    def __init__(self, run_dir: Path, *, jsonl: bool, tensorboard: bool, resume_step: int | None) -> None:
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self._jsonl = None
+        if jsonl:
+            if resume_step is not None:
+                self._truncate_after(resume_step)
+            self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after its last checkpoint.
+            self._tb = SummaryWriter(
+                log_dir=str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old records first."""
+        if not self.jsonl_path.exists():
+            return
+        kept = []
+        for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        from dist_train.fsutil import atomic_write_text
+
+        atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if "/" in key and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def add_histograms(self, model: Any, step: int) -> None:
+        if self._tb is None:
+            return
+        for name, p in model.named_parameters():
+            self._tb.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (no carriage returns in batch logs)."""
+
+    def __init__(self, mode: str, *, enabled: bool, log_every: int) -> None:
+        tty = sys.stdout.isatty()
+        self.use_bar = enabled and (mode == "bar" or (mode == "auto" and tty))
+        self.lines = enabled and not self.use_bar and mode != "off"
+        self.log_every = log_every
+        self._bar: Any = None
+        self._last = time.perf_counter()
+
+    def start_epoch(self, epoch: int, epochs: int, total_batches: int) -> None:
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+
+    def update(self, step: int, batches: int, values: dict[str, float] | None) -> None:
+        if self._bar is not None:
+            self._bar.update(batches)
+            if values:
+                self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        elif self.lines and values:
+            text = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
+            log.info("step %d  %s", step, text)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,96 @@
+"""Metrics as sums and counts, reduced exactly across ranks (never a mean of per-rank means).
+
+:class:`SumMeter` is the distributed AverageMeter: ``update(loss_sum, correct, n)`` per batch,
+``reduce()`` gives the global mean over all samples of all ranks. Accumulation happens on the
+device, so the training step never waits for a ``.item()`` host sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_train.distributed import all_reduce_max, all_reduce_sums
+
+
+class SumMeter:
+    """Running sums of per-sample loss and correct predictions plus the sample count."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        # float64 keeps sums of many float32 losses exact enough to compare with a 1-process run at 1e-6.
+        self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        correct = (logits.argmax(dim=1) == targets).sum()
+        self._sums += torch.stack([loss_sum.detach().to(torch.float64), correct.to(torch.float64)])
+        self.count += int(targets.shape[0])
+
+    def local_sums(self) -> dict[str, float]:
+        loss_sum, correct = self._sums.tolist()
+        return {"loss_sum": loss_sum, "correct": correct, "count": float(self.count)}
+
+    def reduce(self, prefix: str) -> dict[str, float]:
+        """Global mean loss and accuracy; a collective, so every rank must call it."""
+        total = all_reduce_sums(self.local_sums())
+        n = max(total["count"], 1.0)
+        return {
+            f"{prefix}/loss": total["loss_sum"] / n,
+            f"{prefix}/accuracy": total["correct"] / n,
+            f"{prefix}/samples": total["count"],
+        }
+
+
+@dataclass
+class StepTimer:
+    """Splits wall time into waiting for the loader and computing, for the data-wait fraction."""
+
+    data_wait: float = 0.0
+    total: float = 0.0
+    samples: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+    _mark: float = field(default_factory=time.perf_counter)
+
+    def start(self) -> None:
+        self.data_wait = self.total = 0.0
+        self.samples = 0
+        self._t0 = self._mark = time.perf_counter()
+
+    def batch_arrived(self) -> None:
+        now = time.perf_counter()
+        self.data_wait += now - self._mark
+        self._mark = now
+
+    def step_done(self, samples: int) -> None:
+        self._mark = time.perf_counter()
+        self.samples += samples
+
+    def reduce(self, prefix: str) -> dict[str, float]:
+        """Throughput from global samples over the slowest rank's time (ranks run in lock-step)."""
+        self.total = time.perf_counter() - self._t0
+        sums = all_reduce_sums({"samples": float(self.samples), "wait": self.data_wait, "time": self.total})
+        slowest = all_reduce_max({"time": self.total})["time"]
+        return {
+            f"{prefix}/samples_per_s": sums["samples"] / max(slowest, 1e-9),
+            f"{prefix}/data_wait_frac": sums["wait"] / max(sums["time"], 1e-9),
+            f"{prefix}/epoch_time_s": slowest,
+        }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        # ru_maxrss is KiB on Linux: the peak resident set of this process.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return 0.0

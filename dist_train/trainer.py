@@ -1,0 +1,547 @@
+"""The training loop every worker runs: the plain PyTorch loop, made distributed, exact and resumable.
+
+    for batch in loader:                      # DistributedSampler order, batched HDF5 reads
+        with autocast: loss = criterion(model(x), y)
+        scaler.scale(loss / accum).backward() # no_sync on non-final micro-steps
+        scaler.step(optimizer); scheduler.step_batch()
+        if all ranks agree a stop was requested: checkpoint and exit resumable
+
+Everything that makes up the run's position is a Stateful and goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dist_train
+from dist_train import envvars
+from dist_train.config import Config, config_to_dict
+from dist_train.distributed import (
+    AsyncFlags,
+    DistInfo,
+    all_reduce_sums,
+    barrier,
+    broadcast_object,
+    gather_objects_to_rank_zero,
+    new_cpu_group,
+)
+from dist_train.errors import CheckpointError
+from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
+from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb
+from dist_train.preempt import PreemptionHandler, parse_signals
+from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
+from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
+
+log = logging.getLogger("dtrain")
+
+CHECKPOINT_FORMAT_VERSION = 1
+# Config keys that change what a checkpoint means; anything else may change between resumes.
+INCOMPATIBLE_ON_RESUME = (
+    "model",
+    "data.x_key",
+    "data.y_key",
+    "data.val_split",
+    "data.test_split",
+    "data.split_seed",
+    "data.split_file",
+    "data.stratify",
+    "data.limit",
+    "optim.name",
+    "sched.name",
+    "run.seed",
+)
+DEBUG_MAX_STEPS = 5
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Resolved mixed precision: autocast dtype (None = fp32) and whether a GradScaler is needed."""
+
+    name: str
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    if device.type == "cuda":
+        if requested == "auto":
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if requested == "bf16":
+            return Precision("bf16", torch.bfloat16, False)
+        if requested == "fp16":
+            return Precision("fp16", torch.float16, True)
+        return Precision("fp32", None, False)
+    # On the CPU fp32 is usually fastest; bf16 autocast is honoured, fp16 (a GPU setting) maps to bf16
+    # so that one config runs on a laptop and on GPUs.
+    if requested == "bf16":
+        return Precision("bf16", torch.bfloat16, False)
+    if requested == "fp16":
+        log.info("precision fp16 needs CUDA; using bf16 autocast on the CPU instead")
+        return Precision("bf16", torch.bfloat16, False)
+    return Precision("fp32", None, False)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or key.startswith(p + ".") for p in INCOMPATIBLE_ON_RESUME) and old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+class Trainer:
+    """Builds every component from the config and runs fit(); returns the process exit code."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, dist_info: DistInfo, *, debug: bool = False) -> None:
+        from dist_train.data.loader import build_data, make_loader
+        from dist_train.models import build_model
+        from dist_train.optim import build_optimizer, build_scheduler
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.dist = dist_info
+        self.debug = debug
+        self.device = dist_info.device
+        if debug:
+            cfg.data.num_workers = 0
+            cfg.train.detect_anomaly = True
+            cfg.train.max_steps_per_epoch = cfg.train.max_steps_per_epoch or DEBUG_MAX_STEPS
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        seed_everything(cfg.run.seed)  # same model init on every rank
+        self._prepare_normalization()
+        self.data = build_data(cfg, run_dir=run_dir)
+        self.model: nn.Module = build_model(cfg.model, self.data.sample_shape).to(self.device)
+        self.train_model: nn.Module = self.model
+        if dist_info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+        if cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+
+        world, rank = dist_info.world_size, dist_info.rank
+        self.sampler = ResumableDistributedBatchSampler(
+            len(self.data.train), num_replicas=world, rank=rank, batch_size=cfg.data.batch_size, seed=cfg.run.seed
+        )
+        self.train_loader = make_loader(self.data.train, self.sampler, cfg.data, train=True, device_type=self.device.type)
+        eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
+        self.eval_loaders = {}
+        for name, split in (("val", self.data.val), ("test", self.data.test)):
+            if split is not None and len(split) > 0:
+                sampler = ShardedEvalBatchSampler(len(split), num_replicas=world, rank=rank, batch_size=eval_bs)
+                self.eval_loaders[name] = make_loader(split, sampler, cfg.data, train=False, device_type=self.device.type)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = build_scheduler(
+            cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
+        )
+        self.counters = TrainerCounters()
+        self.meter = SumMeter(self.device)
+        self.timer = StepTimer()
+        self.flags = AsyncFlags(2)  # [stop requested, time-based checkpoint due]
+        self.preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
+        self.ckpt_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
+        self.ckpt_manager = self._make_checkpoint_manager()
+        self.metrics_logger: RunMetricsLogger | NullMetricsLogger = NullMetricsLogger()
+        self.progress = Progress(cfg.train.progress, enabled=dist_info.is_main, log_every=cfg.train.log_every)
+        self._last_ckpt_time = time.monotonic()
+        self._resumed_mid_epoch = False
+
+    # ------------------------------------------------------------------ construction helpers
+    def _prepare_normalization(self) -> None:
+        """Rank 0 computes normalisation statistics once; the others read the stored file."""
+        if self.cfg.data.normalize != "auto" or self.run_dir is None:
+            return
+        from dist_train.data import ensure_normalization
+
+        if self.dist.is_main:
+            ensure_normalization(self.cfg, self.run_dir)
+        barrier()
+
+    def _steps_per_epoch(self) -> int:
+        batches = math.ceil(self.sampler._padded_total() / self.dist.world_size / self.cfg.data.batch_size)
+        steps = math.ceil(batches / self.cfg.train.grad_accum)
+        if self.cfg.train.max_steps_per_epoch:
+            steps = min(steps, self.cfg.train.max_steps_per_epoch)
+        return steps
+
+    def _make_checkpoint_manager(self) -> Any:
+        if self.run_dir is None or not self.cfg.checkpoint.enabled or not self.dist.is_main:
+            return None
+        from dist_train.checkpoint import CheckpointManager
+
+        mode = self.cfg.checkpoint.async_save
+        use_async = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        return CheckpointManager(
+            self.run_dir / "checkpoints", keep_last=self.cfg.checkpoint.keep_last, async_save=use_async
+        )
+
+    # ------------------------------------------------------------------ state
+    def stateful_components(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "sampler": self.sampler,
+            "trainer": self.counters,
+        }
+
+    def _rank_state(self) -> dict[str, Any]:
+        sums = self.meter.local_sums()
+        return {"rng": capture_rng(), "meter": sums}
+
+    def _restore_rank_state(self, rank_states: list[dict[str, Any]]) -> None:
+        if len(rank_states) == self.dist.world_size:
+            mine = rank_states[self.dist.rank]
+            restore_rng(mine["rng"])
+            self._set_meter(mine["meter"])
+            return
+        # World size changed: the sampler re-shards the rest of the epoch; partial-epoch sums move to
+        # rank 0 so the reduced epoch metrics stay exact; RNG streams cannot map 1:1, so re-seed.
+        log.warning(
+            "checkpoint was written by %d ranks, this run has %d: re-sharding the rest of the epoch; "
+            "random streams are re-seeded (augmentation/dropout will differ from an uninterrupted run)",
+            len(rank_states),
+            self.dist.world_size,
+        )
+        seed_everything(self.cfg.run.seed * 100003 + self.counters.step * 101 + self.dist.rank)
+        if self.dist.is_main:
+            total = {k: sum(s["meter"][k] for s in rank_states) for k in ("loss_sum", "correct", "count")}
+            self._set_meter(total)
+
+    def _set_meter(self, sums: dict[str, float]) -> None:
+        self.meter.reset()
+        self.meter._sums = torch.tensor([sums["loss_sum"], sums["correct"]], dtype=torch.float64, device=self.device)
+        self.meter.count = int(sums["count"])
+
+    def build_checkpoint(self, reason: str, metrics: dict[str, float], rank_states: list[Any]) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "dtrain_version": dist_train.__version__,
+            "torch_version": torch.__version__,
+            "config": config_to_dict(self.cfg),
+            "epoch": self.counters.epoch,
+            "step": self.counters.step,
+            "epoch_complete": reason in ("epoch", "final"),
+            "reason": reason,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "world_size": self.dist.world_size,
+            "rank_states": rank_states,
+        }
+        for name, component in self.stateful_components().items():
+            state[name] = component.state_dict()
+        return state
+
+    def save_checkpoint(self, reason: str, metrics: dict[str, float] | None = None, *, is_best: bool = False) -> None:
+        """All ranks call this at the same step; rank 0 writes."""
+        if self.run_dir is None or not self.cfg.checkpoint.enabled:
+            return
+        rank_states = gather_objects_to_rank_zero(self._rank_state(), group=self.ckpt_group)
+        if self.ckpt_manager is not None:
+            assert rank_states is not None
+            state = self.build_checkpoint(reason, metrics or {}, rank_states)
+            path = self.ckpt_manager.save(
+                state, epoch=self.counters.epoch, step=self.counters.step, metrics=metrics or {}, is_best=is_best
+            )
+            if reason == "preempt":
+                self.ckpt_manager.wait()
+            log.info("checkpoint (%s) -> %s", reason, path)
+        self._last_ckpt_time = time.monotonic()
+
+    def _find_resume_path(self) -> Path | None:
+        mode = envvars.get(envvars.RESUME, "auto")
+        if mode == "never" or self.run_dir is None:
+            return None
+        if mode not in ("", "auto"):
+            return Path(mode)
+        path = None
+        if self.dist.is_main:
+            from dist_train.checkpoint import CheckpointManager
+
+            directory = self.run_dir / "checkpoints"
+            if directory.is_dir():
+                probe = self.ckpt_manager or CheckpointManager(directory, keep_last=self.cfg.checkpoint.keep_last)
+                found = probe.latest_valid()
+                path = str(found) if found else None
+        found_path = broadcast_object(path)
+        return Path(found_path) if found_path else None
+
+    def maybe_resume(self) -> int | None:
+        """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
+        from dist_train.checkpoint import load_checkpoint
+
+        path = self._find_resume_path()
+        if path is None:
+            return None
+        state = load_checkpoint(path, map_location="cpu")
+        diffs = incompatible_changes(state.get("config", {}), config_to_dict(self.cfg))
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow: "
+                + "; ".join(diffs)
+                + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
+            )
+        for name, component in self.stateful_components().items():
+            try:
+                component.load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"cannot resume from {path}: restoring the {name} failed: {exc}") from None
+        self._restore_rank_state(state["rank_states"])
+        self._resumed_mid_epoch = not state["epoch_complete"]
+        log.info(
+            "resumed from %s (epoch %d, step %d, %s)",
+            path,
+            self.counters.epoch + (0 if self._resumed_mid_epoch else 0),
+            self.counters.step,
+            "mid-epoch" if self._resumed_mid_epoch else "epoch boundary",
+        )
+        return self.counters.step
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.precision.dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = self.device.type == "cuda"
+        return batch["x"].to(self.device, non_blocking=nb), batch["y"].to(self.device, non_blocking=nb)
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, accum_count: int, sync: bool) -> None:
+        no_sync = getattr(self.train_model, "no_sync", None)
+        ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
+        with ctx:
+            with self._autocast():
+                logits = self.train_model(x)
+            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = loss_sum / (y.shape[0] * accum_count)
+            self.scaler.scale(loss).backward()
+        self.meter.update(logits.detach(), y, loss_sum.detach())
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.train.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_batch()
+        self.counters.step += 1
+
+    def train_one_epoch(self, epoch: int) -> str:
+        """Returns "done", or "stop" when all ranks agreed to stop (preemption)."""
+        self.train_model.train()
+        self.sampler.set_epoch(epoch)
+        if not self._resumed_mid_epoch:
+            self.meter.reset()
+        self._resumed_mid_epoch = False
+        self.timer.start()
+        total_batches = len(self.sampler)
+        steps_done_in_epoch = self.sampler.consumed_samples // max(
+            1, self.cfg.data.batch_size * self.dist.world_size * self.cfg.train.grad_accum
+        )
+        max_steps = self.cfg.train.max_steps_per_epoch
+        if max_steps:
+            total_batches = min(total_batches, max(0, max_steps - steps_done_in_epoch) * self.cfg.train.grad_accum)
+        self.progress.start_epoch(epoch, self.cfg.train.epochs, total_batches)
+        loader_iter = iter(self.train_loader)
+        hang = self.cfg.launch.hang_timeout
+        status = "done"
+        remaining = total_batches
+        while remaining > 0:
+            window = min(self.cfg.train.grad_accum, remaining)  # the last window of an epoch may be shorter
+            for i in range(window):
+                batch = next(loader_iter)
+                self.timer.batch_arrived()
+                x, y = self._to_device(batch)
+                self._micro_step(x, y, window, sync=(i == window - 1))
+                self.sampler.record_consumed(1)
+                self.timer.step_done(int(y.shape[0]))
+            remaining -= window
+            self._optimizer_step()
+            if hang > 0:
+                faulthandler.dump_traceback_later(hang, exit=True, file=sys.stderr)
+            self._log_step(epoch, window)
+            if self._at_step_boundary():
+                status = "stop"
+                break
+        self.progress.end_epoch()
+        del loader_iter
+        return status
+
+    def _at_step_boundary(self) -> bool:
+        """Step-level decisions every rank must take together. Returns True to stop training."""
+        stop, time_due = self.flags.result()
+        every_min = self.cfg.checkpoint.every_minutes
+        due_now = every_min > 0 and self.dist.is_main and time.monotonic() - self._last_ckpt_time >= every_min * 60
+        self.flags.post([self.preemption.requested, due_now])
+        if stop:
+            return True
+        every_steps = self.cfg.checkpoint.every_steps
+        if time_due or (every_steps and self.counters.step % every_steps == 0):
+            self.save_checkpoint("steps" if not time_due else "time", {})
+        return False
+
+    def _log_step(self, epoch: int, batches: int) -> None:
+        step = self.counters.step
+        if step % self.cfg.train.log_every != 0:
+            self.progress.update(step, batches, None)
+            return
+        sums = all_reduce_sums(self.meter.local_sums())
+        n = max(sums["count"], 1.0)
+        values = {"train/loss_running": sums["loss_sum"] / n, "train/accuracy_running": sums["correct"] / n}
+        values["lr"] = self.scheduler.lr()
+        self.progress.update(step, batches, values)
+        self.metrics_logger.log({"kind": "step", "epoch": epoch, "step": step, **values})
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Exact metrics over the whole split: each sample counted once across ranks, then summed."""
+        loader = self.eval_loaders.get(split)
+        if loader is None:
+            return {}
+        self.model.eval()
+        meter = SumMeter(self.device)
+        limit = DEBUG_MAX_STEPS if self.debug else None
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            x, y = self._to_device(batch)
+            with self._autocast():
+                logits = self.model(x)
+            meter.update(logits, y, F.cross_entropy(logits.float(), y, reduction="sum"))
+        self.model.train()
+        return meter.reduce(split)
+
+    # ------------------------------------------------------------------ epochs
+    def _epoch_metrics(self, epoch: int) -> dict[str, float]:
+        metrics = self.meter.reduce("train")
+        metrics.update(self.timer.reduce("train"))
+        metrics["samples_per_s"] = metrics.pop("train/samples_per_s")
+        metrics["data_wait_frac"] = metrics.pop("train/data_wait_frac")
+        metrics["epoch_time_s"] = metrics.pop("train/epoch_time_s")
+        if (epoch + 1) % max(1, self.cfg.train.eval_every_epochs) == 0 or epoch + 1 == self.cfg.train.epochs:
+            metrics.update(self.evaluate("val"))
+        metrics["lr"] = self.scheduler.lr()
+        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        return metrics
+
+    def _is_best(self, metrics: dict[str, float]) -> bool:
+        key = self.cfg.checkpoint.monitor
+        if not self.cfg.checkpoint.save_best or key not in metrics:
+            return False
+        value = metrics[key]
+        best = self.counters.best
+        better = best is None or (value < best if self.cfg.checkpoint.mode == "min" else value > best)
+        if better:
+            self.counters.best = value
+        return better
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        resume_step = self.maybe_resume()
+        if self.dist.is_main and self.run_dir is not None:
+            self.metrics_logger = RunMetricsLogger(
+                self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, resume_step=resume_step
+            )
+        log.info(
+            "training %s: %d train / %s val / %s test samples, world size %d, device %s, precision %s, %d steps/epoch",
+            cfg.model.name,
+            len(self.data.train),
+            len(self.data.val) if self.data.val is not None else 0,
+            len(self.data.test) if self.data.test is not None else 0,
+            self.dist.world_size,
+            self.device,
+            self.precision.name,
+            self.steps_per_epoch,
+        )
+        anomaly = torch.autograd.set_detect_anomaly(True) if cfg.train.detect_anomaly else contextlib.nullcontext()
+        with self.preemption, anomaly:
+            self.flags.post([self.preemption.requested, False])
+            while self.counters.epoch < cfg.train.epochs:
+                epoch = self.counters.epoch
+                if self.train_one_epoch(epoch) == "stop":
+                    self.save_checkpoint("preempt", {})
+                    barrier()  # no rank exits (and makes torchrun kill the rest) before the write is durable
+                    self._write_marker("preempted", f"step {self.counters.step}\n")
+                    self._shutdown()
+                    return envvars.PREEMPTED_EXIT_CODE
+                metrics = self._epoch_metrics(epoch)
+                self.scheduler.step_epoch(metrics)
+                self.metrics_logger.log({"kind": "epoch", "epoch": epoch, "step": self.counters.step, **metrics})
+                if cfg.log.histograms and isinstance(self.metrics_logger, RunMetricsLogger):
+                    self.metrics_logger.add_histograms(self.model, self.counters.step)
+                self._log_epoch(epoch, metrics)
+                is_best = self._is_best(metrics)
+                self.counters.epoch += 1
+                self.sampler.set_epoch(self.counters.epoch)
+                last = self.counters.epoch == cfg.train.epochs
+                if last or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0):
+                    self.save_checkpoint("epoch", metrics, is_best=is_best)
+            self.flags.result()  # drain the outstanding reduction before other collectives
+            test = self.evaluate("test")
+            if test:
+                self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
+                log.info("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test.items() if not k.endswith("samples")))
+        self._shutdown()
+        self._write_marker("completed", f"step {self.counters.step}\n")
+        return 0
+
+    def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
+        parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}", f"step {self.counters.step}"]
+        for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+            if key in m:
+                parts.append(f"{key}={m[key]:.4f}")
+        parts.append(f"{m['samples_per_s']:.0f} samples/s")
+        parts.append(f"data wait {100 * m['data_wait_frac']:.1f}%")
+        parts.append(f"lr {m['lr']:.3g}")
+        log.info("  ".join(parts))
+
+    def _write_marker(self, name: str, text: str) -> None:
+        """Markers tell the launcher how the run ended (see launcher/run_dirs.py)."""
+        if self.dist.is_main and self.run_dir is not None:
+            from dist_train.fsutil import atomic_write_text
+
+            atomic_write_text(self.run_dir / name, text)
+
+    def _shutdown(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        if self.ckpt_manager is not None:
+            self.ckpt_manager.close()
+        self.metrics_logger.close()

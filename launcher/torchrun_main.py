@@ -1,0 +1,66 @@
+"""``python -m launcher.torchrun_main --summary FILE -- <torchrun args>``: torchrun, plus a failure record.
+
+Process management is torch's own (``torch.distributed.run.main``). This wrapper only writes
+which ranks failed, with their exit codes and exception messages from torchrun's error files,
+to a JSON file the launcher turns into a one-paragraph report. It imports torch, so it runs in
+torchrun's process, never in the launcher's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _failure_record(failures: dict[int, Any]) -> list[dict[str, Any]]:
+    out = []
+    for rank, f in sorted(failures.items()):
+        out.append(
+            {
+                "rank": rank,
+                "local_rank": f.local_rank,
+                "pid": f.pid,
+                "exitcode": f.exitcode,
+                "signal": f.signal_name() if f.exitcode is not None and f.exitcode < 0 else "",
+                "message": f.message if isinstance(f.message, str) else json.dumps(f.message),
+                "error_file": f.error_file,
+                "timestamp": f.timestamp,
+            }
+        )
+    return out
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    from dist_train.fsutil import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[0] != "--summary" or argv[2] != "--":
+        print("usage: python -m launcher.torchrun_main --summary FILE -- <torchrun args>", file=sys.stderr)
+        return 2
+    summary, torchrun_args = Path(argv[1]), argv[3:]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(torchrun_args)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        _write(summary, {"status": "failed", "failures": _failure_record(exc.failures)})
+        return 1
+    except SignalException as exc:
+        # torchrun already sent the signal on to the workers and waited for them.
+        _write(summary, {"status": "signalled", "signal": exc.sigval.name, "failures": []})
+        return 128 + int(exc.sigval)
+    _write(summary, {"status": "ok", "failures": []})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
