@@ -38,6 +38,7 @@ from dist_train.distributed import (
     new_cpu_group,
 )
 from dist_train.errors import CheckpointError
+from dist_train.evaluation import evaluate_batches
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
@@ -430,24 +431,19 @@ class Trainer:
         self.metrics_logger.log({"kind": "step", "epoch": epoch, "step": step, **values})
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         """Exact metrics over the whole split: each sample counted once across ranks, then summed."""
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}
-        self.model.eval()
-        meter = SumMeter(self.device)
-        limit = DEBUG_MAX_STEPS if self.debug else None
-        for i, batch in enumerate(loader):
-            if limit is not None and i >= limit:
-                break
-            x, y = self._to_device(batch)
-            with self._autocast():
-                logits = self.model(x)
-            meter.update(logits, y, F.cross_entropy(logits.float(), y, reduction="sum"))
-        self.model.train()
-        return meter.reduce(split)
+        return evaluate_batches(
+            self.model,
+            loader,
+            self.device,
+            autocast=self._autocast,
+            prefix=split,
+            limit=DEBUG_MAX_STEPS if self.debug else None,
+        )
 
     # ------------------------------------------------------------------ epochs
     def _epoch_metrics(self, epoch: int) -> dict[str, float]:

@@ -1,8 +1,41 @@
-"""Placeholder: replaced by the module that implements `dtrain eval`."""
+"""`dtrain eval RUN_DIR|CHECKPOINT`: metrics of a trained model on a split (torch imported lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
 
 
 @click.command(name="eval")
-def eval_cmd() -> None:
-    """(not implemented yet)"""
+@click.argument("target", type=click.Path(exists=False))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--checkpoint", "which", type=click.Choice(["latest", "best"]), default="latest", show_default=True,
+              help="For a run directory: its newest valid checkpoint or best.pt.")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None,
+              help="Write indices, labels, softmax and predictions per event to this .npz file.")
+@click.option("--batch-size", type=int, default=0, help="Evaluation batch size (0 = the run's).")
+@click.option("--data", "data_path", default=None, help="Evaluate on another HDF5 file with the same layout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_cmd(target: str, split: str, which: str, predictions: str | None, batch_size: int,
+             data_path: str | None, as_json: bool) -> None:
+    """Evaluate the checkpoint of a run (or a checkpoint file) on a data split, in one process."""
+    from dist_train.eval_run import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        Path(target),
+        split=split,
+        which=which,
+        predictions_path=Path(predictions) if predictions else None,
+        batch_size=batch_size,
+        data_path=data_path,
+    )
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    click.echo(f"{metrics['checkpoint']} (epoch {metrics['epoch']}, step {metrics['step']})")
+    for key in (f"{split}/loss", f"{split}/accuracy", f"{split}/samples"):
+        click.echo(f"  {key:<16} {metrics[key]:.6g}")
+    if predictions:
+        click.echo(f"  predictions -> {predictions}")

@@ -1,0 +1,63 @@
+"""`dtrain eval`: metrics of a checkpoint on a split, in one process, optionally with per-event predictions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.config import config_from_dict
+from dist_train.errors import ConfigError
+
+log = logging.getLogger("dtrain")
+
+
+def evaluate_checkpoint(
+    target: Path,
+    *,
+    split: str = "test",
+    which: str = "latest",
+    predictions_path: Path | None = None,
+    batch_size: int = 0,
+    data_path: str | None = None,
+) -> dict[str, Any]:
+    """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
+    from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from dist_train.data.loader import build_data, make_loader
+    from dist_train.evaluation import Predictions, evaluate_batches
+    from dist_train.models import build_model
+    from dist_train.sampler import ShardedEvalBatchSampler
+
+    target = Path(target)
+    run_dir = target if (target / "checkpoints").is_dir() else None
+    if which == "best" and run_dir is not None and (run_dir / "checkpoints" / "best.pt").is_file():
+        path = run_dir / "checkpoints" / "best.pt"
+    else:
+        path = resolve_checkpoint_path(target)
+    if run_dir is None and path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(state["config"], origin=f"{path} (embedded config)")
+    if data_path:
+        cfg.data.path = data_path
+    cfg.data.num_workers = 0
+    data = build_data(cfg, run_dir=run_dir)
+    subset = {"train": data.train, "val": data.val, "test": data.test}[split]
+    if subset is None or len(subset) == 0:
+        raise ConfigError(f"the run has no {split} split (data.{split}_split = 0?); choose --split val or train.")
+    model = build_model(cfg.model, data.sample_shape)
+    model.load_state_dict(state["model"])
+    sampler = ShardedEvalBatchSampler(
+        len(subset), num_replicas=1, rank=0, batch_size=batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+    )
+    loader = make_loader(subset, sampler, cfg.data, train=False, device_type="cpu")
+    preds = Predictions() if predictions_path is not None else None
+    metrics: dict[str, Any] = evaluate_batches(model, loader, torch.device("cpu"), prefix=split, predictions=preds)
+    if preds is not None and predictions_path is not None:
+        preds.save(predictions_path)
+    metrics["checkpoint"] = str(path)
+    metrics["epoch"] = state["epoch"]
+    metrics["step"] = state["step"]
+    return metrics

@@ -1,0 +1,1 @@
+"""Test support shared by the real-process tests (configs, launching, reading outputs)."""
