@@ -59,7 +59,8 @@ def report_error(exc: BaseException, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="dtrain", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a command's Exit.
+        code = cli.main(args=argv, prog_name="dtrain", standalone_mode=False)
     except DTrainError as exc:
         report_error(exc, verbose)
         return exc.exit_code
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

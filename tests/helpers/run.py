@@ -42,7 +42,10 @@ def write_config(path: Path, data_path: Path, **sections: dict[str, Any]) -> Pat
         "checkpoint": {"keep_last": 3},
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        if name == "model" and "name" in values:
+            base["model"] = dict(values)  # another model: the default's kwargs do not apply
+        else:
+            base.setdefault(name, {}).update(values)
     path.write_text(dumps_toml(base))
     return path
 
