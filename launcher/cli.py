@@ -56,7 +56,21 @@ def report_error(exc: BaseException, verbose: bool) -> None:
     click.echo(f"dtrain: error: {exc}", err=True)
 
 
+def _setup_cli_logging() -> None:
+    """Library warnings (e.g. a corrupt checkpoint skipped) reach the user as `dtrain: warning: ...`."""
+    import logging
+
+    logger = logging.getLogger("dtrain")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dtrain: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _setup_cli_logging()
     verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
     try:
         # Without standalone mode click returns (not raises) the code of a command's Exit.

@@ -1,0 +1,143 @@
+"""How long a checkpoint blocks training: plain torch.save vs dtrain's synchronous and async saves.
+
+A stack of nn.Linear layers (~100M parameters; ``--quick``: ~20M) plus its Adam state (about 3x the
+parameters in bytes) is saved to a directory on the real disk. "Blocked" is the time until the save
+call returns, i.e. the time the training loop cannot run:
+
+* plain    ``torch.save(state, path)`` (no fsync, no checksum: what a hand-written loop does)
+* sync     ``CheckpointManager.save`` (temp file, sha256 while writing, fsync, rename, pointer)
+* async    ``CheckpointManager(async_save=True).save``: a CPU snapshot, then a background write;
+           its total time until durable (``wait()``) is printed too. The manager keeps its
+           CPU buffers between saves, so the first save (fresh memory) is reported apart.
+
+Usage: python benchmarks/checkpoint.py [--quick] [--dir PATH] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dist_train.checkpoint import CheckpointManager  # noqa: E402
+
+TARGET_RATIO = 0.2
+
+
+def build_state(params_millions: int) -> tuple[dict, int]:
+    """Model + Adam state after one real step, shaped like the trainer's checkpoint dict."""
+    width = 2048
+    layers = max(1, round(params_millions * 1e6 / (width * width + width)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    params = sum(p.numel() for p in model.parameters())
+    state = {
+        "format_version": 1,
+        "epoch": 0,
+        "step": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": [{"torch": torch.get_rng_state()}],
+    }
+    return state, params
+
+
+def state_bytes(state: dict) -> int:
+    total = 0
+    for value in state["model"].values():
+        total += value.numel() * value.element_size()
+    for per_param in state["optimizer"]["state"].values():
+        total += sum(t.numel() * t.element_size() for t in per_param.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def measure(state: dict, workdir: Path, repeats: int) -> dict[str, list[float]]:
+    """Each method's times; the async manager lives across saves, as in training (its first save is separate)."""
+    results: dict[str, list[float]] = {"plain": [], "sync": [], "async_first": [], "async_stall": [], "async_total": []}
+    sync_manager = CheckpointManager(workdir / "sync", keep_last=1)
+    async_manager = CheckpointManager(workdir / "async", keep_last=1, async_save=True)
+    for rep in range(repeats + 1):
+        os.sync()  # each method starts without the previous one's dirty pages being written back under it
+        start = time.perf_counter()
+        async_manager.save(state, epoch=0, step=rep)
+        stall = time.perf_counter() - start
+        async_manager.wait()
+        results["async_first" if rep == 0 else "async_stall"].append(stall)
+        if rep == 0:
+            continue
+        results["async_total"].append(time.perf_counter() - start)
+
+        plain_path = workdir / f"plain-{rep}.pt"
+        results["plain"].append(timed(lambda p=plain_path: torch.save(state, p)))
+        plain_path.unlink()
+        os.sync()
+        results["sync"].append(timed(lambda r=rep: sync_manager.save(state, epoch=0, step=r)))
+    async_manager.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="~20M parameters instead of ~100M")
+    parser.add_argument("--dir", type=Path, default=REPO / ".bench_tmp", help="where to write (a real disk)")
+    parser.add_argument("--repeats", type=int, default=0, help="repetitions per method (default 3)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    repeats = args.repeats or 3
+
+    state, params = build_state(20 if args.quick else 100)
+    size = state_bytes(state)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
+    try:
+        results = measure(state, workdir, repeats)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if args.dir == REPO / ".bench_tmp" and not any(args.dir.iterdir()):
+            args.dir.rmdir()
+
+    mb = size / 1e6
+    print(f"model: {params / 1e6:.1f}M parameters; checkpoint tensors {mb:,.0f} MB (model + Adam state)")
+    print(f"directory: {args.dir} (median of {repeats})")
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    for name, label in [
+        ("plain", "plain torch.save (blocked)"),
+        ("sync", "dtrain sync save (blocked)"),
+        ("async_first", "dtrain async, 1st save (blocked)"),
+        ("async_stall", "dtrain async save (blocked)"),
+        ("async_total", "dtrain async until durable"),
+    ]:
+        runs = ", ".join(f"{v:.2f}" for v in results[name])
+        print(f"  {label:30} {medians[name]:7.3f} s  {mb / medians[name]:8.0f} MB/s   runs: {runs}")
+    ratio = medians["async_stall"] / medians["plain"]
+    print(
+        f"  async stall / dtrain sync save: {medians['async_stall'] / medians['sync']:.3f}; "
+        f"first async save (fresh buffers) / plain: {medians['async_first'] / medians['plain']:.3f}"
+    )
+    verdict = "met" if ratio <= TARGET_RATIO else "missed"
+    print(f"RESULT checkpoint_async_stall_ratio value={ratio:.3f} target=<={TARGET_RATIO} {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,751 @@
+"""Checkpoint files that survive crashes, full disks and kills: atomic writes, sha256 sidecars, safe loads.
+
+Layout of a checkpoint directory (``<run_dir>/checkpoints/``)::
+
+    ckpt-e0003-s00001200.pt              the state dict (torch.save zip format)
+    ckpt-e0003-s00001200.pt.sha256.json  its size + sha256, written atomically AFTER the data file
+    best.pt, best.pt.sha256.json         a hard link (or copy) of the best checkpoint
+    latest                               text: name of the newest complete checkpoint
+    .<name>.<random>.tmp                 a write in progress (or left by a killed writer); readers ignore it
+
+A checkpoint is valid only when its sidecar exists and the file's size and sha256 match it, so a torn
+write, a truncated file or flipped bytes are detected before anything is loaded. Files that ``latest``
+ever named are never rewritten in place: a second save at the same (epoch, step) gets a ``-1`` suffix.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from dist_train.errors import CheckpointError
+from dist_train.fsutil import atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LATEST_POINTER = "latest"
+BEST_NAME = "best.pt"
+SIDECAR_SUFFIX = ".sha256.json"
+CHECKPOINTS_SUBDIR = "checkpoints"
+# Large tensor records are written (and hashed) in slices so memory stays flat and a kill lands mid-file.
+WRITE_CHUNK_BYTES = 8 << 20
+_READ_CHUNK_BYTES = 8 << 20
+
+_CKPT_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?\.pt$")
+_PICKLED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# Exactly these leaf types load back under torch.load(weights_only=True); subclasses (numpy scalars) do not.
+_PLAIN_LEAF_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+# --------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One checkpoint file of a directory, as ``list_checkpoints`` reports it."""
+
+    path: Path
+    epoch: int
+    step: int
+    size_bytes: int
+    valid: bool
+    problem: str | None = None  # why it is invalid (None when valid)
+    is_latest: bool = False  # the ``latest`` pointer names it
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float | None = None  # unix time the sidecar recorded
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:
+    suffix = f"-{duplicate}" if duplicate else ""
+    return f"ckpt-e{epoch:04d}-s{step:08d}{suffix}.pt"
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _parse_name(name: str) -> tuple[int, int, int] | None:
+    """(epoch, step, duplicate) of a checkpoint file name; None for any other file."""
+    match = _CKPT_RE.match(name)
+    if match is None:
+        return None
+    return int(match["epoch"]), int(match["step"]), int(match["dup"] or 0)
+
+
+# --------------------------------------------------------------------------------------------- verification
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """The sidecar of ``path``; raises ValueError with a short reason when it is missing or unreadable."""
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no checksum file {side.name} (the write did not finish, or not written by dtrain)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checksum file {side.name} is unreadable ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
+        raise ValueError(f"checksum file {side.name} lacks size/sha256")
+    if meta.get("file") != path.name:
+        raise ValueError(f"checksum file {side.name} describes {meta.get('file')!r}, not {path.name}")
+    return meta
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path, *, deep: bool = True) -> str | None:
+    """None when ``path`` matches its sidecar; otherwise why not. ``deep=False`` checks the size only."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "file does not exist"
+    except OSError as exc:
+        return f"cannot stat the file ({exc.strerror})"
+    try:
+        meta = _read_sidecar(path)
+    except ValueError as exc:
+        return str(exc)
+    if size != meta["size"]:
+        return f"size is {size} bytes but {meta['size']} were written (truncated or replaced)"
+    if deep:
+        try:
+            actual = _sha256_of_file(path)
+        except OSError as exc:
+            return f"cannot read the file ({exc.strerror})"
+        if actual != meta["sha256"]:
+            return f"sha256 mismatch (file {actual[:12]}…, recorded {meta['sha256'][:12]}…): the bytes are corrupt"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ state snapshots
+
+
+def _describe_key(keypath: tuple[Any, ...]) -> str:
+    return "state" + "".join(f"[{k!r}]" for k in keypath)
+
+
+def _unsupported_leaf(value: Any, keypath: tuple[Any, ...]) -> CheckpointError:
+    return CheckpointError(
+        f"cannot checkpoint {_describe_key(keypath)}: a {type(value).__module__}.{type(value).__qualname__} is not "
+        "a plain container, number, string or tensor, so the file could not be loaded back with "
+        "torch.load(weights_only=True). Convert it in the state_dict (e.g. float(x), x.tolist(), torch.from_numpy(x))."
+    )
+
+
+def _check_tensor(value: torch.Tensor, keypath: tuple[Any, ...]) -> None:
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        raise _unsupported_leaf(value, keypath)
+
+
+class StagingArea:
+    """CPU buffers an async save copies tensors into, reused by the next save of the same shapes.
+
+    Most of a fresh copy's time is the page faults of touching new memory, so keeping the buffers
+    makes every save after the first one a plain memcpy (pinned for CUDA sources, so the
+    device-to-host copies run at full speed). Reuse is safe because a save first waits for the
+    previous write to finish. Costs one checkpoint's worth of host memory while the manager lives.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.UntypedStorage] = []
+        self._used = 0
+        self._copied: dict[tuple[str, int], torch.UntypedStorage] = {}
+        self._from_cuda = False
+
+    def begin(self) -> None:
+        self._used = 0
+        self._copied = {}
+        self._from_cuda = False
+
+    def finish(self) -> None:
+        del self._buffers[self._used :]  # shapes changed: drop what this save did not use
+        self._copied = {}
+        if self._from_cuda:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before the write
+
+    def _buffer_like(self, storage: torch.UntypedStorage, pinned: bool) -> torch.UntypedStorage:
+        index = self._used
+        self._used += 1
+        if index < len(self._buffers):
+            candidate = self._buffers[index]
+            if candidate.nbytes() == storage.nbytes() and candidate.is_pinned() == pinned:
+                return candidate
+        fresh = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        if index < len(self._buffers):
+            self._buffers[index] = fresh
+        else:
+            self._buffers.append(fresh)
+        return fresh
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU copy; views of one storage share one copied storage, as torch.save would store them."""
+        tensor = tensor.detach()
+        if tensor.layout != torch.strided or tensor.is_conj() or tensor.is_neg():
+            return tensor.to("cpu", copy=True)
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        copied = self._copied.get(key)
+        if copied is None:
+            from_cuda = tensor.device.type == "cuda"
+            self._from_cuda |= from_cuda
+            copied = self._buffer_like(storage, pinned=from_cuda)
+            copied.copy_(storage, non_blocking=from_cuda)
+            self._copied[key] = copied
+        out = torch.empty(0, dtype=tensor.dtype)
+        out.set_(copied, tensor.storage_offset(), tensor.size(), tensor.stride())
+        return out
+
+
+def _plain_leaf(obj: Any, keypath: tuple[Any, ...]) -> Any:
+    """``obj`` as a type the safe loader accepts; subclasses (torch.__version__, numpy.float64) become the base type."""
+    if type(obj) in _PLAIN_LEAF_TYPES:
+        return obj
+    for base in (bool, int, float, str):
+        if isinstance(obj, base):
+            return base(obj)
+    raise _unsupported_leaf(obj, keypath)
+
+
+def _plain_copy(obj: Any, staging: StagingArea | None, keypath: tuple[Any, ...]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        _check_tensor(obj, keypath)
+        return staging.copy(obj) if staging is not None else obj
+    if type(obj) in (dict, OrderedDict):
+        copied = type(obj)()
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise _unsupported_leaf(key, keypath)
+            copied[key] = _plain_copy(value, staging, (*keypath, key))
+        return copied
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain_copy(value, staging, (*keypath, i)) for i, value in enumerate(obj))
+    return _plain_leaf(obj, keypath)
+
+
+def snapshot_state(obj: Any, staging: StagingArea | None = None) -> Any:
+    """A copy of ``obj``'s containers holding only what ``torch.load(weights_only=True)`` reads back.
+
+    With ``staging`` every tensor is copied into CPU memory, so training may mutate the originals right
+    away (async saves); without, the tensors themselves are kept (synchronous saves). Anything the safe
+    loader would reject at resume time is refused now, naming its key.
+    """
+    if staging is None:
+        return _plain_copy(obj, None, ())
+    staging.begin()
+    try:
+        return _plain_copy(obj, staging, ())
+    finally:
+        staging.finish()
+
+
+# -------------------------------------------------------------------------------------------- atomic writing
+
+
+class _HashingWriter:
+    """File-like sink for torch.save: hashes the bytes as they go to disk, so nothing is re-read."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._digest = hashlib.sha256()
+        self.size = 0
+        # torch.save's C++ writer swallows an exception raised here and fails later with an opaque
+        # "unexpected pos"; the first real error (ENOSPC, EIO, an injected one) is kept to be re-raised.
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        view = memoryview(data).cast("B")
+        try:
+            for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                self._write_chunk(view[start : start + WRITE_CHUNK_BYTES])
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return len(view)
+
+    def _write_chunk(self, chunk: memoryview) -> None:
+        self._digest.update(chunk)
+        self._fh.write(chunk)
+        self.size += len(chunk)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _disk_full_hint(directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free on that filesystem"
+
+
+def _write_failed(path: Path, exc: OSError, previous: str | None) -> CheckpointError:
+    reason = exc.strerror or os.strerror(exc.errno or 0) or str(exc)
+    kept = (
+        f"The previous checkpoint ({previous}) and the 'latest' pointer are intact."
+        if previous
+        else ("No earlier checkpoint exists in that directory.")
+    )
+    advice = "Free disk space, lower checkpoint.keep_last, or write the run to a larger filesystem (run.output_dir)."
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        advice = "Check that the directory is writable and the filesystem healthy."
+    return CheckpointError(
+        f"could not write checkpoint {path}: {reason} (errno {exc.errno}; {_disk_full_hint(path.parent)}). "
+        f"{kept} {advice}"
+    )
+
+
+def _new_temp_file(final: Path) -> tuple[int, Path]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    return fd, Path(tmp)
+
+
+def _write_data_file(final: Path, produce: Callable[[_HashingWriter], None]) -> tuple[int, str]:
+    """Write via a temp file + fsync + rename + dir fsync; (size, sha256) of what was written."""
+    fd, tmp = _new_temp_file(final)
+    writer: _HashingWriter | None = None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer = _HashingWriter(fh)
+            try:
+                produce(writer)
+            except BaseException as exc:
+                if writer.error is not None and writer.error is not exc:
+                    raise writer.error from None
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
+        raise
+    assert writer is not None
+    fsync_dir(final.parent)
+    return writer.size, writer.hexdigest()
+
+
+def _write_sidecar(final: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(sidecar_path(final), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def _move_latest_pointer(directory: Path, name: str) -> None:
+    atomic_write_text(directory / LATEST_POINTER, name + "\n")
+
+
+def _link_or_copy_atomically(source: Path, final: Path) -> None:
+    """``final`` becomes the same bytes as ``source`` in one rename (a hard link when the filesystem allows)."""
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as src, open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, _READ_CHUNK_BYTES)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+# ------------------------------------------------------------------------------------------- safe loading
+
+
+def _torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any:
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = _PICKLED_GLOBAL_RE.search(str(exc))
+        if found:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains a pickled Python object ({found.group(1).rstrip('.')}), "
+                "and unpickling can run arbitrary code. Checkpoints written by dtrain hold only tensors and plain "
+                "containers; re-save the file with plain state_dicts, or load it yourself only if you trust its source."
+            ) from None
+        raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not written by torch.save).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        # torch's messages run to several sentences of advice; its first sentence says what broke.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = first_line.split(". ")[0].rstrip(".")
+        raise CheckpointError(
+            f"{path} is not a valid checkpoint (corrupt, truncated or not a torch.save file): {first_line}."
+        ) from None
+
+
+def _check_format(path: Path, state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dtrain checkpoint dict.")
+    version = state.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version!r}; this dtrain reads up to {FORMAT_VERSION}. "
+            "Upgrade dtrain to load it."
+        )
+    return state
+
+
+def load_checkpoint(path: Path, *, map_location: str = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint file with ``torch.load(weights_only=True)``, after checking its sha256 sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; pass a checkpoint file (ckpt-*.pt or best.pt).")
+    if verify:
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {path} failed verification: {problem}. Resume from an older checkpoint "
+                "(CheckpointManager.latest_valid() picks one), or load with verify=False if you trust the file."
+            )
+    return _check_format(path, _torch_load_safely(path, map_location))
+
+
+# --------------------------------------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Rank 0's writer of one checkpoint directory: atomic saves, retention, ``best.pt``, a ``latest`` pointer.
+
+    With ``async_save`` the state is copied to CPU memory inside ``save()`` and written by one background
+    thread; at most one save is in flight, and a background failure is raised by the next call.
+    """
+
+    def __init__(self, directory: Path, *, keep_last: int = 3, async_save: bool = False) -> None:
+        if keep_last < 0:
+            raise CheckpointError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {keep_last}.")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[Path] | None = None
+        self._staging = StagingArea() if async_save else None
+
+    # ---- writing
+
+    def save(
+        self,
+        state: dict[str, Any],
+        *,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float] | None = None,
+        is_best: bool = False,
+    ) -> Path:
+        self.wait()  # one save in flight at most; also surfaces the previous background error
+        self._ensure_directory()
+        final = self._free_name(epoch, step)
+        meta = {
+            "file": final.name,
+            "epoch": int(epoch),
+            "step": int(step),
+            "metrics": {str(k): float(v) for k, v in (metrics or {}).items()},
+            "format_version": FORMAT_VERSION,
+        }
+        snapshot = snapshot_state(state, self._staging)
+        if not self.async_save:
+            return self._write_checkpoint(snapshot, final, meta, is_best)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-ckpt")
+        self._pending = self._executor.submit(self._write_checkpoint, snapshot, final, meta, is_best)
+        return final
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the background write's CheckpointError
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_directory(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.directory}: {exc.strerror}. Pick a writable run.output_dir."
+            ) from None
+        if not os.access(self.directory, os.W_OK):
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is not writable; pick another run.output_dir."
+            )
+
+    def _free_name(self, epoch: int, step: int) -> Path:
+        """A name no earlier save used: a file ``latest`` may name must never be rewritten in place."""
+        duplicate = 0
+        while (self.directory / checkpoint_name(epoch, step, duplicate)).exists():
+            duplicate += 1
+        return self.directory / checkpoint_name(epoch, step, duplicate)
+
+    def _write_checkpoint(self, state: dict[str, Any], final: Path, meta: dict[str, Any], is_best: bool) -> Path:
+        self._remove_stale_temp_files()
+        previous = self._read_pointer()
+        try:
+            size, sha256 = _write_data_file(final, lambda sink: torch.save(state, sink))
+            try:
+                _write_sidecar(final, {**meta, "size": size, "sha256": sha256, "created": time.time()})
+            except BaseException:
+                final.unlink(missing_ok=True)  # unverifiable data is useless; never leave it to be mistaken
+                raise
+            _move_latest_pointer(self.directory, final.name)
+            if is_best:
+                self._write_best(final, meta, size, sha256)
+        except OSError as exc:
+            raise _write_failed(final, exc, previous) from None
+        self._prune(keep={final.name})
+        return final
+
+    def _write_best(self, source: Path, meta: dict[str, Any], size: int, sha256: str) -> None:
+        best = self.directory / BEST_NAME
+        # Drop the old sidecar first: a kill mid-update leaves best.pt unverified, never wrongly verified.
+        sidecar_path(best).unlink(missing_ok=True)
+        _link_or_copy_atomically(source, best)
+        _write_sidecar(
+            best,
+            {**meta, "file": BEST_NAME, "source": source.name, "size": size, "sha256": sha256, "created": time.time()},
+        )
+
+    def _remove_stale_temp_files(self) -> None:
+        for tmp in self.directory.glob(".*.tmp"):
+            try:
+                tmp.unlink()
+                log.info("removed %s, left by an interrupted checkpoint write", tmp)
+            except OSError:
+                pass
+
+    def _prune(self, keep: set[str]) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints, the one ``latest`` names, and ``keep``."""
+        pointed = self._read_pointer()
+        complete_seen = 0
+        for path in self._checkpoint_files():
+            complete = sidecar_path(path).exists()
+            if complete:
+                complete_seen += 1
+            protected = path.name in keep or path.name == pointed
+            if protected or (complete and (self.keep_last == 0 or complete_seen <= self.keep_last)):
+                continue
+            for victim in (sidecar_path(path), path):  # sidecar first: a half-pruned file reads as incomplete
+                try:
+                    victim.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not remove old checkpoint file %s: %s", victim, exc.strerror)
+
+    # ---- reading
+
+    def _checkpoint_files(self) -> list[Path]:
+        """Checkpoint data files, newest (epoch, step, duplicate) first; temp files and best.pt excluded."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            parsed = _parse_name(path.name)
+            if parsed is not None and path.is_file():
+                found.append((parsed, path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def _read_pointer(self) -> str | None:
+        try:
+            name = (self.directory / LATEST_POINTER).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name or None
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint whose bytes match its sidecar; invalid newer ones are logged and skipped."""
+        pointed = self._read_pointer()
+        for path in self._checkpoint_files():
+            problem = verify_checkpoint(path)
+            if problem is None:
+                if pointed is not None and pointed != path.name:
+                    log.info("using %s, newer than %s named by %s", path.name, pointed, LATEST_POINTER)
+                return path
+            log.warning("checkpoint %s is invalid (%s); falling back to an older checkpoint", path, problem)
+        if pointed is not None:
+            log.warning("%s names %s, but no valid checkpoint exists in %s", LATEST_POINTER, pointed, self.directory)
+        return None
+
+    def list_checkpoints(self, *, deep: bool = True) -> list[CheckpointRecord]:
+        """Every checkpoint file, newest first, with its validity (``deep`` checks sha256, else size only)."""
+        pointed = self._read_pointer()
+        records = []
+        for path in self._checkpoint_files():
+            epoch, step, _ = _parse_name(path.name) or (0, 0, 0)
+            problem = verify_checkpoint(path, deep=deep)
+            try:
+                meta = _read_sidecar(path)
+            except ValueError:
+                meta = {}
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
+            records.append(
+                CheckpointRecord(
+                    path=path,
+                    epoch=epoch,
+                    step=step,
+                    size_bytes=size,
+                    valid=problem is None,
+                    problem=problem,
+                    is_latest=path.name == pointed,
+                    metrics=dict(meta.get("metrics") or {}),
+                    created=meta.get("created"),
+                )
+            )
+        return records
+
+
+# ------------------------------------------------------------------------------------------ inspection
+
+
+def resolve_checkpoint_path(path: Path) -> Path:
+    """A checkpoint file from a file, a checkpoints directory, or a run directory holding ``checkpoints/``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} does not exist; pass a checkpoint file, a checkpoints directory or a run directory."
+        )
+    directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
+    latest = CheckpointManager(directory).latest_valid()
+    if latest is None:
+        raise CheckpointError(
+            f"no valid checkpoint in {directory} (expected ckpt-e*-s*.pt files with .sha256.json sidecars)."
+        )
+    return latest
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes on disk: every storage once, however many views share it."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _element_count(tensors: list[torch.Tensor]) -> int:
+    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() for t in tensors}
+    return sum(unique.values())
+
+
+_CONFIG_SUMMARY_KEYS = [
+    ("run", "name"),
+    ("data", "path"),
+    ("data", "batch_size"),
+    ("model", "name"),
+    ("optim", "name"),
+    ("optim", "lr"),
+    ("sched", "name"),
+    ("train", "epochs"),
+    ("train", "precision"),
+]
+
+
+def _config_summary(config: Any) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {}
+    summary = {}
+    for section, key in _CONFIG_SUMMARY_KEYS:
+        table = config.get(section)
+        if isinstance(table, dict) and key in table:
+            summary[f"{section}.{key}"] = table[key]
+    return summary
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    """What ``dtrain ckpt inspect`` shows: progress, metrics, versions, sizes, config and validity."""
+    path = resolve_checkpoint_path(path)
+    problem = verify_checkpoint(path)
+    try:
+        meta = _read_sidecar(path)
+    except ValueError:
+        meta = {}
+    try:
+        state = _check_format(path, _torch_load_safely(path, "cpu", mmap=True))
+    except CheckpointError as exc:
+        if problem is not None:
+            raise CheckpointError(f"{exc} Its checksum check also failed: {problem}.") from None
+        raise
+    sections = {name: _storage_bytes(_tensors(value)) for name, value in state.items() if _tensors(value)}
+    model_tensors = _tensors(state.get("model", {}))
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "valid": problem is None,
+        "problem": problem,
+        "sha256": meta.get("sha256"),
+        "format_version": state.get("format_version"),
+        "epoch": state.get("epoch", meta.get("epoch")),
+        "step": state.get("step", meta.get("step")),
+        "epoch_complete": state.get("epoch_complete"),
+        "reason": state.get("reason"),
+        "metrics": state.get("metrics", meta.get("metrics", {})),
+        "world_size": state.get("world_size"),
+        "dtrain_version": state.get("dtrain_version"),
+        "torch_version": state.get("torch_version"),
+        "model_elements": _element_count(model_tensors),
+        "model_tensors": len(model_tensors),
+        "tensor_bytes": {**sections, "total": _storage_bytes(_tensors(state))},
+        "config_summary": _config_summary(state.get("config")),
+        "config": state.get("config"),
+    }

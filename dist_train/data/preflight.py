@@ -1,0 +1,296 @@
+"""Torch-free checks of the configured dataset and the normalisation statistics.
+
+The launcher calls :func:`preflight_check` before it starts any worker (so a wrong key or label
+range is reported once, in one paragraph, instead of by every rank after torch has loaded) and
+:func:`ensure_normalization` to compute ``normalization.json`` once per run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_train.config import Config, resolve_data_path
+from dist_train.data.h5io import RowReader, Storage, file_size, get_dataset, open_h5, storage_of
+from dist_train.data.splits import SplitRows, make_splits
+from dist_train.data.transform_spec import parse_transforms
+from dist_train.errors import DataError
+
+NORMALIZATION_FILE = "normalization.json"
+# "auto" statistics use at most this many training samples (a seeded subset beyond it): enough
+# for per-channel mean/std to 3-4 digits without reading a terabyte file end to end.
+MAX_STATS_SAMPLES = 200_000
+_STATS_BLOCK_BYTES = 32 << 20
+_LABEL_BLOCK_ROWS = 1 << 20
+
+
+@dataclass
+class DatasetInfo:
+    """What the preflight check found; everything here is plain data (JSON-able via ``to_dict``)."""
+
+    path: Path
+    num_rows: int
+    x_key: str
+    y_key: str
+    sample_shape: tuple[int, ...]
+    x_dtype: str
+    y_dtype: str
+    num_channels: int
+    class_counts: list[int]
+    x_storage: Storage
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def fast_path(self) -> bool:
+        return self.x_storage.fast_path
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["fast_path"] = self.fast_path
+        return d
+
+
+def channels_of(sample_shape: tuple[int, ...]) -> int:
+    """Channels for normalisation: axis 0 of a sample (C of C×H×W), the features of a 1-D sample."""
+    return int(sample_shape[0]) if sample_shape else 1
+
+
+def preflight_check(cfg: Config) -> DatasetInfo:
+    """Open the file and check keys, dtypes, lengths and the label range; DataError on problems."""
+    info, _labels = inspect_config_data(cfg)
+    return info
+
+
+def inspect_config_data(cfg: Config) -> tuple[DatasetInfo, np.ndarray]:
+    """:func:`preflight_check` plus the labels it read (int64, one per row)."""
+    d = cfg.data
+    path = resolve_data_path(cfg)
+    if not d.path:
+        raise DataError("data.path is empty: set it to an HDF5 file, e.g. data.path = \"data/events.h5\".")
+    parse_transforms(d.train_transforms, "data.train_transforms")
+    parse_transforms(d.eval_transforms, "data.eval_transforms")
+    with open_h5(path) as f:
+        x = get_dataset(f, d.x_key, path, "x_key")
+        y = get_dataset(f, d.y_key, path, "y_key")
+        _check_x(x, path, d.x_key)
+        num_rows = int(x.shape[0])
+        _check_y_shape(y, path, d.y_key, d.x_key, num_rows)
+        extra = {}
+        for key in d.extra_keys:
+            e = get_dataset(f, key, path, "extra_keys")
+            if e.ndim == 0 or e.shape[0] != num_rows:
+                raise DataError(
+                    f"{str(path)!r}: extra key {key!r} has shape {e.shape} but {d.x_key!r} has {num_rows} rows; "
+                    "every extra key needs one row per sample."
+                )
+            if e.dtype.kind not in "biuf":
+                raise DataError(f"{str(path)!r}: extra key {key!r} has non-numeric dtype {e.dtype}.")
+            extra[key] = {"shape": list(e.shape[1:]), "dtype": str(e.dtype)}
+        storage = storage_of(x)
+        _check_not_truncated(x, storage, path, d.x_key)
+        labels = read_labels(y, path, d.y_key)
+        y_dtype = str(y.dtype)
+        sample_shape = tuple(int(s) for s in x.shape[1:])
+        x_dtype = str(x.dtype)
+    counts = _check_label_range(labels, cfg.model.num_classes, path, d.y_key)
+    info = DatasetInfo(
+        path=path,
+        num_rows=num_rows,
+        x_key=d.x_key,
+        y_key=d.y_key,
+        sample_shape=sample_shape,
+        x_dtype=x_dtype,
+        y_dtype=y_dtype,
+        num_channels=channels_of(sample_shape),
+        class_counts=counts,
+        x_storage=storage,
+        extra=extra,
+    )
+    if d.normalize == "given":
+        _check_given_stats(d.mean, d.std, info.num_channels)
+    return info, labels
+
+
+def _check_x(x: Any, path: Path, key: str) -> None:
+    if x.dtype.kind not in "biuf" or x.dtype.fields is not None:
+        raise DataError(
+            f"{str(path)!r}: {key!r} has dtype {x.dtype}, which is not numeric; data.x_key must name a "
+            "dataset of numbers (float or int)."
+        )
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{str(path)!r}: {key!r} has shape {x.shape}; it needs at least one sample (axis 0).")
+
+
+def _check_y_shape(y: Any, path: Path, y_key: str, x_key: str, num_rows: int) -> None:
+    if y.ndim == 0 or not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        raise DataError(f"{str(path)!r}: labels {y_key!r} have shape {y.shape}; expected (N,) or (N, 1).")
+    if y.shape[0] != num_rows:
+        raise DataError(
+            f"{str(path)!r}: {y_key!r} has {y.shape[0]} labels but {x_key!r} has {num_rows} samples; "
+            "the two must have the same length (axis 0)."
+        )
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{str(path)!r}: labels {y_key!r} have dtype {y.dtype}; expected integer class ids.")
+
+
+def _check_not_truncated(x: Any, storage: Storage, path: Path, key: str) -> None:
+    if storage.offset is not None and storage.offset + x.id.get_storage_size() > file_size(path):
+        raise DataError(
+            f"{str(path)!r} is truncated: {key!r} should end at byte {storage.offset + x.id.get_storage_size()} "
+            f"but the file has {file_size(path)} bytes. The copy is incomplete; copy the file again."
+        )
+    try:
+        x[0:1]
+        x[x.shape[0] - 1 : x.shape[0]]
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{str(path)!r}: reading {key!r} failed ({exc}); the file is corrupt or truncated.") from None
+
+
+def read_labels(y: Any, path: Path | str, key: str) -> np.ndarray:
+    """All labels as int64, read in blocks; float labels must hold whole numbers."""
+    n = int(y.shape[0])
+    out = np.empty(n, dtype=np.int64)
+    try:
+        for lo in range(0, n, _LABEL_BLOCK_ROWS):
+            block = np.asarray(y[lo : lo + _LABEL_BLOCK_ROWS]).reshape(-1)
+            if block.dtype.kind == "f" and not np.all(np.isfinite(block) & (np.mod(block, 1) == 0)):
+                raise DataError(
+                    f"{str(path)!r}: labels {key!r} are floats that are not whole numbers; labels must be class ids."
+                )
+            out[lo : lo + len(block)] = block
+    except OSError as exc:
+        raise DataError(f"{str(path)!r}: reading labels {key!r} failed ({exc}); the file is corrupt or truncated.") from None
+    return out
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, path: Path, key: str) -> list[int]:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(
+            f"{str(path)!r}: labels {key!r} range from {lo} to {hi}, but model.num_classes = {num_classes} allows "
+            f"0..{num_classes - 1}. Set model.num_classes = {hi + 1}" + (" and remap negative labels." if lo < 0 else ".")
+        )
+    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def _check_given_stats(mean: list[float], std: list[float], channels: int) -> None:
+    if len(mean) not in (1, channels):
+        raise DataError(
+            f"data.mean has {len(mean)} values but the samples have {channels} channels (axis 1 of the data); "
+            f"give 1 or {channels} values, or use normalize = \"auto\"."
+        )
+    if any(s <= 0 for s in std):
+        raise DataError(f"data.std = {std} must be positive.")
+
+
+# ----------------------------------------------------------------------------- splits and statistics
+
+
+def prepare_splits(cfg: Config) -> tuple[DatasetInfo, SplitRows]:
+    info, labels = inspect_config_data(cfg)
+    return info, make_splits(info.num_rows, labels, cfg.data, info.path)
+
+
+def compute_channel_stats(
+    path: Path | str, x_key: str, rows: np.ndarray, *, max_samples: int = MAX_STATS_SAMPLES, seed: int = 0
+) -> tuple[list[float], list[float], int]:
+    """Per-channel mean and std (population) over ``rows``; a seeded subset if there are more than ``max_samples``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > max_samples:
+        rows = np.sort(np.random.default_rng([seed, 4]).choice(rows, size=max_samples, replace=False))
+    reader = RowReader(path, x_key)
+    sample_shape = reader.sample_shape()
+    row_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * 8)
+    block_rows = max(1, _STATS_BLOCK_BYTES // row_bytes)
+    channels = channels_of(sample_shape)
+    count = 0.0
+    mean = np.zeros(channels)
+    m2 = np.zeros(channels)
+    try:
+        for lo in range(0, len(rows), block_rows):
+            block = reader.read(rows[lo : lo + block_rows]).astype(np.float64, copy=False)
+            block = block.reshape(len(block), channels, -1)
+            n_b = float(block.shape[0] * block.shape[2])
+            mean_b = block.mean(axis=(0, 2))
+            m2_b = ((block - mean_b[None, :, None]) ** 2).sum(axis=(0, 2))
+            # Chan et al.'s pairwise update: stable for any number of blocks.
+            delta = mean_b - mean
+            total = count + n_b
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + m2_b + delta**2 * (count * n_b / total)
+            count = total
+    finally:
+        reader.close()
+    std = np.sqrt(m2 / max(count, 1.0))
+    # A constant channel would divide by zero; leaving it unscaled is the useful choice.
+    std = np.where(std > 0, std, 1.0)
+    return mean.tolist(), std.tolist(), len(rows)
+
+
+def rows_fingerprint(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def ensure_normalization(cfg: Config, run_dir: Path) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) to apply, or None for ``normalize = "none"``; idempotent, numpy-only.
+
+    For ``"auto"`` the statistics of the training split are computed once and stored in
+    ``run_dir/normalization.json``; later calls (other ranks, restarts, resume) read that file.
+    """
+    info, splits = prepare_splits(cfg)
+    return normalization_for(cfg, info, splits, run_dir)
+
+
+def normalization_for(
+    cfg: Config, info: DatasetInfo, splits: SplitRows, run_dir: Path | None
+) -> tuple[list[float], list[float]] | None:
+    d = cfg.data
+    if d.normalize == "none":
+        return None
+    if d.normalize == "given":
+        _check_given_stats(d.mean, d.std, info.num_channels)
+        return list(d.mean), list(d.std)
+    fingerprint = rows_fingerprint(splits.train)
+    target = Path(run_dir) / NORMALIZATION_FILE if run_dir is not None else None
+    if target is not None and target.is_file():
+        return _load_stats(target, info, fingerprint)
+    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed)
+    if target is not None:
+        from dist_train.fsutil import atomic_write_text
+
+        record = {
+            "version": 1,
+            "data_path": str(info.path),
+            "x_key": d.x_key,
+            "channels": info.num_channels,
+            "mean": mean,
+            "std": std,
+            "train_rows": int(len(splits.train)),
+            "train_rows_sha256": fingerprint,
+            "samples_used": used,
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, json.dumps(record, indent=2) + "\n")
+    return mean, std
+
+
+def _load_stats(target: Path, info: DatasetInfo, fingerprint: str) -> tuple[list[float], list[float]]:
+    try:
+        record = json.loads(target.read_text())
+        mean, std = list(map(float, record["mean"])), list(map(float, record["std"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{target} is not a valid normalization file ({exc}); delete it to recompute.") from None
+    if record.get("train_rows_sha256") != fingerprint or len(mean) != info.num_channels:
+        raise DataError(
+            f"{target} was computed for a different training split or data layout (the data file or the split "
+            "settings changed since this run started). Resuming would normalise differently; use a new run "
+            f"directory, or delete {target.name} to recompute on purpose."
+        )
+    return mean, std
+
