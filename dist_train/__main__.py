@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from dist_train import envvars
+from dist_train.config import Config
 from dist_train.errors import DTrainError
 
 
@@ -25,11 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_run_dir(cfg_path: str) -> Path | None:
+def resolve_run_dir(cfg: Config) -> Path:
+    """The launcher names the run directory; a worker started by hand (or by a bare torchrun) uses
+    ``<output_dir>/<name>/direct``, the same on every rank, so re-running the command resumes."""
     run_dir = envvars.get(envvars.RUN_DIR)
     if run_dir:
         return Path(run_dir)
-    return None
+    return Path(cfg.run.output_dir).expanduser().absolute() / cfg.run.name / "direct"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -45,21 +48,42 @@ def _run(args: argparse.Namespace) -> int:
     from dist_train.config import load_config, resolve_data_path, save_config
     from dist_train.distributed import destroy_distributed, init_distributed
     from dist_train.logs import setup_logging
+    from dist_train.preempt import PreemptionHandler, parse_signals
     from dist_train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    # Before the slow start-up (process group, data, model): a stop request from now on is kept
+    # and honoured at the first step boundary instead of killing the worker.
+    preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals)).install()
     cfg.data.path = str(resolve_data_path(cfg))
     debug = envvars.get(envvars.DEBUG) == "1"
-    run_dir = resolve_run_dir(args.config)
+    run_dir = resolve_run_dir(cfg)
     info = init_distributed(cfg.launch.pg_timeout)
+    log = logging.getLogger("dtrain")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        console = str(info.rank) in cfg.launch.console_ranks.split(",") or cfg.launch.console_ranks == "all"
+        console = cfg.launch.console_ranks == "all" or str(info.rank) in cfg.launch.console_ranks.split(",")
         setup_logging(run_dir, info.rank, console=console)
-        if run_dir is not None and info.is_main and not (run_dir / "config.toml").exists():
+        if info.distributed:
+            log.info(
+                "rank %d/%d (local %d), rendezvous %s:%s",
+                info.rank, info.world_size, info.local_rank,
+                os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"),
+            )
+        if info.is_main and not (run_dir / "config.toml").exists():
             save_config(cfg, run_dir / "config.toml")
-        trainer = Trainer(cfg, run_dir, info, debug=debug)
-        return trainer.fit()
+        try:
+            trainer = Trainer(cfg, run_dir, info, debug=debug, preemption=preemption)
+            return trainer.fit()
+        except DTrainError:
+            raise
+        except Exception:
+            # The rank's own log keeps the traceback; torchrun's error file only has the last one.
+            log.exception("rank %d failed", info.rank)
+            raise
     finally:
+        preemption.uninstall()
         destroy_distributed()
 
 

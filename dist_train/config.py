@@ -156,6 +156,8 @@ class LaunchConfig:
     lock_dir: str = ""
     hang_timeout: float = 0.0  # seconds without progress before stacks are dumped (0 = off)
     pg_timeout: float = 600.0  # process-group collective timeout in seconds
+    # Seconds torchrun waits after SIGTERM (a stop request) before SIGKILL: time for the checkpoint.
+    shutdown_timeout: int = 120
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     console_ranks: str = "0"
 
@@ -399,6 +401,8 @@ def validate(cfg: Config, origin: str) -> None:
         fail("checkpoint.every_*", (c.every_epochs, c.every_steps, c.every_minutes), "must be >= 0 (0 = off).")
     if cfg.launch.nproc < 0:
         fail("launch.nproc", cfg.launch.nproc, "must be >= 0.")
+    if cfg.launch.shutdown_timeout < 1:
+        fail("launch.shutdown_timeout", cfg.launch.shutdown_timeout, "must be at least 1 second (time to checkpoint on a stop).")
     if cfg.launch.pg_timeout <= 0:
         fail("launch.pg_timeout", cfg.launch.pg_timeout, "must be a positive number of seconds.")
     if cfg.sched.name == "multistep" and not cfg.sched.milestones:

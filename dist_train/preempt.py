@@ -50,6 +50,8 @@ class PreemptionHandler:
             log.warning("received %s again: already stopping, the checkpoint in progress is kept", signal.Signals(signum).name)
 
     def install(self) -> PreemptionHandler:
+        if self._previous:
+            return self  # already installed (idempotent)
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread (e.g. inside some test runners)
         for sig in self.signals:

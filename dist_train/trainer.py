@@ -12,10 +12,8 @@ Everything that makes up the run's position is a Stateful and goes into the chec
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
+from dist_train.watchdog import HangWatchdog
 
 log = logging.getLogger("dtrain")
 
@@ -117,7 +116,15 @@ def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list
 class Trainer:
     """Builds every component from the config and runs fit(); returns the process exit code."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None, dist_info: DistInfo, *, debug: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path | None,
+        dist_info: DistInfo,
+        *,
+        debug: bool = False,
+        preemption: PreemptionHandler | None = None,
+    ) -> None:
         from dist_train.data.loader import build_data, make_loader
         from dist_train.models import build_model
         from dist_train.optim import build_optimizer, build_scheduler
@@ -174,7 +181,10 @@ class Trainer:
         self.meter = SumMeter(self.device)
         self.timer = StepTimer()
         self.flags = AsyncFlags(2)  # [stop requested, time-based checkpoint due]
-        self.preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
+        # Installed by the entry point before any slow start-up work, so an early signal is not lost.
+        self.preemption = preemption or PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
+        stacks = run_dir / "logs" / f"rank{dist_info.rank}.stacks" if run_dir is not None else None
+        self.watchdog = HangWatchdog(cfg.launch.hang_timeout, stacks)
         self.ckpt_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
         self.ckpt_manager = self._make_checkpoint_manager()
         self.metrics_logger: RunMetricsLogger | NullMetricsLogger = NullMetricsLogger()
@@ -380,8 +390,8 @@ class Trainer:
         if max_steps:
             total_batches = min(total_batches, max(0, max_steps - steps_done_in_epoch) * self.cfg.train.grad_accum)
         self.progress.start_epoch(epoch, self.cfg.train.epochs, total_batches)
+        self.watchdog.kick()
         loader_iter = iter(self.train_loader)
-        hang = self.cfg.launch.hang_timeout
         status = "done"
         remaining = total_batches
         while remaining > 0:
@@ -395,13 +405,14 @@ class Trainer:
                 self.timer.step_done(int(y.shape[0]))
             remaining -= window
             self._optimizer_step()
-            if hang > 0:
-                faulthandler.dump_traceback_later(hang, exit=True, file=sys.stderr)
+            self.watchdog.kick()
             self._log_step(epoch, window)
             if self._at_step_boundary():
                 status = "stop"
                 break
         self.progress.end_epoch()
+        # Evaluation and checkpoints take their own time: the step-level limit does not apply there.
+        self.watchdog.pause()
         del loader_iter
         return status
 
@@ -488,7 +499,8 @@ class Trainer:
             self.steps_per_epoch,
         )
         anomaly = torch.autograd.set_detect_anomaly(True) if cfg.train.detect_anomaly else contextlib.nullcontext()
-        with self.preemption, anomaly:
+        self.preemption.install()
+        with anomaly:
             self.flags.post([self.preemption.requested, False])
             while self.counters.epoch < cfg.train.epochs:
                 epoch = self.counters.epoch
@@ -537,7 +549,8 @@ class Trainer:
             atomic_write_text(self.run_dir / name, text)
 
     def _shutdown(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
+        self.watchdog.close()
+        self.preemption.uninstall()
         if self.ckpt_manager is not None:
             self.ckpt_manager.close()
         self.metrics_logger.close()

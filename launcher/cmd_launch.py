@@ -5,6 +5,8 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,17 @@ def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str) -> tuple[Path
     return new_run_dir(cfg.run.output_dir, cfg.run.name), False
 
 
-def ensure_data(cfg: Config) -> None:
+def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
     """Pre-flight: the dataset exists (or is generated for demo configs) and has what the config names."""
     from dist_train.data.preflight import preflight_check
 
     path = resolve_data_path(cfg)
     if not cfg.data.path:
         raise ConfigError(f"{cfg.source}: data.path is empty; set it to your HDF5 file.")
+    if not path.exists() and cfg.data.synth_if_missing and dry_run:
+        _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
+        cfg.data.path = str(path)
+        return
     if not path.exists() and cfg.data.synth_if_missing:
         from dist_train.data.synth import synth_dataset
 
@@ -130,6 +136,9 @@ def build_plan(
         job_id=job_id,
         cuda_visible_devices=cuda_visible,
         max_restarts=max_restarts,
+        shutdown_timeout=cfg.launch.shutdown_timeout,
+        console_ranks=cfg.launch.console_ranks,
+        hang_timeout=cfg.launch.hang_timeout,
     )
 
 
@@ -137,6 +146,91 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """Pre-flight, before anything is created or reserved: the run directory can be made and written."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable by you"
+        raise LaunchError(
+            f"cannot create the run directory {run_dir}: {existing} {what}. "
+            "Pick another --run-dir or set run.output_dir."
+        )
+
+
+def create_run_dir(run_dir: Path, *, lock: bool) -> tuple[Path, int | None]:
+    try:
+        return prepare_run_dir(run_dir, lock=lock)
+    except OSError as exc:
+        raise LaunchError(
+            f"cannot create the run directory {run_dir}: {exc.strerror or exc}. Pick another --run-dir or set run.output_dir."
+        ) from None
+
+
+@dataclass
+class Devices:
+    """Where the workers run: the plan's topology, their CUDA_VISIBLE_DEVICES, and the GPU locks held."""
+
+    topology: plans.Topology
+    cuda_visible: str | None
+    job_id: str
+    reservation: Any = None
+
+
+def choose_devices(cfg: Config, opts: dict[str, Any], run_dir: Path) -> Devices:
+    if opts["debug"]:
+        return Devices(plans.Topology(nproc_per_node=1), "", _job_id())
+    gpus = opts["gpus"] or cfg.launch.gpus
+    step = _slurm_step()
+    if step is not None:
+        return _slurm_devices(cfg, opts, step, gpus)
+    topology_args = _multi_node_args(opts)
+    cuda_visible, nproc, reservation = _cpu_plan_or_reserve(cfg, gpus, opts["nproc"], opts, run_dir)
+    return Devices(plans.Topology(nproc_per_node=nproc, **topology_args), cuda_visible, _job_id(), reservation)
+
+
+def _multi_node_args(opts: dict[str, Any]) -> dict[str, Any]:
+    nnodes = opts["nnodes"] or 1
+    node_rank = opts["node_rank"] or 0
+    if nnodes > 1 and not opts["rdzv_endpoint"]:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port (the first node's address).")
+    if nnodes > 1 and not opts["run_dir"]:
+        raise ConfigError(
+            "--nnodes > 1 needs --run-dir on a shared filesystem: every node must use the same run directory "
+            "(a new one is named by the launch time, which differs between nodes)."
+        )
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank} must be between 0 and --nnodes - 1 ({nnodes - 1}).")
+    endpoint = opts["rdzv_endpoint"] or ""
+    if endpoint and not _valid_endpoint(endpoint):
+        raise ConfigError(f"--rdzv-endpoint {endpoint!r}: expected host:port, e.g. node001:29400.")
+    return {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": endpoint}
+
+
+def _valid_endpoint(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _slurm_devices(cfg: Config, opts: dict[str, Any], step: Any, gpus: str) -> Devices:
+    """Inside a SLURM job step: SLURM already gave this node its devices; no search, no locks."""
+    on_gpus = bool(step.gpus) and gpus != "cpu"
+    cuda_visible = ",".join(step.gpus) if on_gpus else ""
+    if on_gpus:
+        nproc = opts["nproc"] or step.nproc_per_node or len(step.gpus)
+    else:
+        nproc = opts["nproc"] or cfg.launch.nproc or 1
+    topology = plans.Topology(
+        nproc_per_node=nproc,
+        nnodes=step.nnodes,
+        node_rank=step.node_rank,
+        rdzv_endpoint=step.rdzv_endpoint,
+        rdzv_id=step.job_id,
+    )
+    return Devices(topology, cuda_visible, f"slurm-{step.job_id}")
 
 
 @click.command(name="launch", context_settings={"show_default": True})
@@ -161,79 +255,53 @@ def free_port() -> int:
 @click.option("--dry-run", is_flag=True, help="Print the launch plan as JSON and exit.")
 def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     """Train CONFIG on free GPUs (or the CPU) through torchrun; rerun the same command to resume."""
-    from launcher.execute import run_plan
-
     cfg = load_config(config, list(overrides))
     resume = opts["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_file():
         raise ConfigError(f"--resume {resume!r}: no such checkpoint file. Use auto, never, or a path to a .pt file.")
-    debug = opts["debug"]
     backend = opts["backend"] or cfg.launch.backend
-    ensure_data(cfg)
+    ensure_data(cfg, dry_run=opts["dry_run"])
     run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume)
+    run_dir = run_dir.absolute()
+    check_run_dir_writable(run_dir)
+    devices = choose_devices(cfg, opts, run_dir)
+    run_lock: int | None = None
     try:
-        run_dir = prepare_run_dir(run_dir)
-    except PermissionError as exc:
-        raise LaunchError(f"cannot create the run directory {run_dir}: {exc.strerror}. Pick another --run-dir.") from None
-    resolved_config = run_dir / "config.toml"
-    save_config(cfg, resolved_config)
-    _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
-
-    step = None if debug else _slurm_step()
-    gpus = "cpu" if debug else (opts["gpus"] or cfg.launch.gpus)
-    reservation = None
-    if step is not None:
-        # Inside a SLURM job step: SLURM already gave this node its devices; no search, no locks.
-        cuda_visible: str | None = ",".join(step.gpus) if step.gpus and gpus != "cpu" else ""
-        nproc = opts["nproc"] or step.nproc_per_node or len(step.gpus) or cfg.launch.nproc or 1
-        if cuda_visible == "":
-            nproc = opts["nproc"] or cfg.launch.nproc or 1
-        topology = plans.Topology(
-            nproc_per_node=nproc,
-            nnodes=step.nnodes,
-            node_rank=step.node_rank,
-            rdzv_endpoint=step.rdzv_endpoint,
-            rdzv_id=step.job_id,
+        launch_plan = build_plan(
+            cfg,
+            run_dir / "config.toml",
+            run_dir,
+            debug=opts["debug"],
+            resume=resume,
+            backend=backend,
+            cuda_visible=devices.cuda_visible,
+            topology=devices.topology,
+            max_restarts=opts["max_restarts"] if opts["max_restarts"] is not None else cfg.launch.max_restarts,
+            job_id=devices.job_id,
         )
-        job_id = f"slurm-{step.job_id}"
-    else:
-        if debug:
-            cuda_visible, nproc = "", 1
-        else:
-            cuda_visible, nproc, reservation = _cpu_plan_or_reserve(cfg, gpus, opts["nproc"], opts, run_dir)
-        nnodes = opts["nnodes"] or 1
-        if nnodes > 1 and not opts["rdzv_endpoint"]:
-            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port (the first node's address).")
-        topology = plans.Topology(
-            nproc_per_node=nproc,
-            nnodes=nnodes,
-            node_rank=opts["node_rank"] or 0,
-            rdzv_endpoint=opts["rdzv_endpoint"] or "",
-        )
-        job_id = _job_id()
-    launch_plan = build_plan(
-        cfg,
-        resolved_config,
-        run_dir,
-        debug=debug,
-        resume=resume,
-        backend=backend,
-        cuda_visible=cuda_visible,
-        topology=topology,
-        max_restarts=opts["max_restarts"] if opts["max_restarts"] is not None else cfg.launch.max_restarts,
-        job_id=job_id,
-    )
-    if opts["dry_run"]:
-        click.echo(launch_plan.to_json())
-        if reservation is not None:
-            reservation.release()
-        return
-    try:
+        if opts["dry_run"]:
+            # Nothing is created or started: the plan names the run directory a real launch would use.
+            click.echo(launch_plan.to_json())
+            return
+        # Node 0 alone locks a multi-node job's shared run directory.
+        run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0)
+        save_config(cfg, run_dir / "config.toml")
+        _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
         outcome = run_plan(launch_plan)
     finally:
-        if reservation is not None:
-            reservation.release()
+        if devices.reservation is not None:
+            devices.reservation.release()
+        if run_lock is not None:
+            os.close(run_lock)
     if outcome.message:
         _echo(outcome.message)
-    raise click.exceptions.Exit(outcome.exit_code)
+    if outcome.exit_code:
+        # SystemExit, not click's Exit: click returns Exit's code from main(standalone_mode=False),
+        # and launcher.cli.main drops that return value.
+        sys.exit(outcome.exit_code)
 
+
+def run_plan(launch_plan: plans.LaunchPlan) -> Any:
+    from launcher.execute import run_plan as execute
+
+    return execute(launch_plan)

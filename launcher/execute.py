@@ -4,6 +4,8 @@ The processes themselves are torch's business; this module only makes sure that
 - a stop request (Ctrl-C, SIGTERM, SLURM's SIGUSR1) reaches the workers exactly once, as SIGTERM,
   which torchrun passes on to every worker (older torchrun versions forward nothing else);
 - the launcher dying, even by SIGKILL, takes torchrun down gracefully (PR_SET_PDEATHSIG);
+- workers orphaned by a killed torchrun are re-parented to the launcher (a child subreaper), which
+  stops them (SIGTERM, so they can still checkpoint, then SIGKILL): no job process outlives it;
 - the exit code says success (0), preempted and resumable (75), bad input (2) or failure (1),
   with the failing rank, its exception and its log file named.
 """
@@ -16,11 +18,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dist_train import envvars
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import USAGE_EXIT_CODE
 from launcher.plan import LaunchPlan
@@ -28,15 +32,25 @@ from launcher.run_dirs import PREEMPTED_MARKER
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# Seconds orphaned workers get to checkpoint after torchrun died, unless the plan says otherwise.
+LEFTOVER_GRACE_S = 30.0
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the launcher dies, the kernel sends torchrun SIGTERM."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # pragma: no cover - not Linux
-        pass
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A pre-exec hook: if the launcher dies, even by SIGKILL, the kernel sends torchrun SIGTERM."""
+
+    def hook() -> None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:  # pragma: no cover - not Linux
+            return
+        # The launcher may have died between fork and prctl; then no death signal would ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 @dataclass
@@ -46,10 +60,11 @@ class Outcome:
 
 
 class SignalForwarder:
-    """Turns the first stop signal into one SIGTERM for the child; a third one kills its group."""
+    """Turns the first stop signal into one SIGTERM for the child; a third one kills the whole job."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], run_dir: str) -> None:
         self.proc = proc
+        self.run_dir = run_dir
         self.received: list[signal.Signals] = []
         self._previous: dict[int, Any] = {}
 
@@ -66,10 +81,12 @@ class SignalForwarder:
             self._send(signal.SIGTERM)
         elif len(self.received) >= 3:
             print("dtrain: killing the workers now", file=sys.stderr, flush=True)
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # torchrun starts every worker in a session of its own: killing torchrun's process
+            # group would leave them running, so each process of the job is killed by pid.
+            kill_processes(self.job_processes(), signal.SIGKILL)
+
+    def job_processes(self) -> list[Any]:
+        return job_processes(self.run_dir)
 
     def _send(self, sig: signal.Signals) -> None:
         try:
@@ -94,20 +111,82 @@ def start(plan: LaunchPlan) -> subprocess.Popen[bytes]:
         list(plan.argv),
         env=plan.full_env(os.environ),
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent(os.getpid()),
     )
 
 
 def run_plan(plan: LaunchPlan) -> Outcome:
+    # Workers orphaned by a dying torchrun (OOM killer, SIGKILL) are re-parented to us, not to
+    # init, so they can still be found and stopped below.
+    _become_subreaper()
     proc = start(plan)
-    with SignalForwarder(proc) as forwarder:
+    with SignalForwarder(proc, plan.run_dir) as forwarder:
         while True:
             try:
                 code = proc.wait()
                 break
             except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
                 continue
+        stop_leftovers(plan, code)
     return interpret(plan, code, stop_requested=bool(forwarder.received))
+
+
+def _become_subreaper() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def job_processes(run_dir: str) -> list[Any]:
+    """Our descendants that belong to this job (torchrun, workers, data loaders): they carry its run dir."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.environ().get(envvars.RUN_DIR) == run_dir:
+                found.append(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_processes(procs: list[Any], sig: signal.Signals) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def stop_leftovers(plan: LaunchPlan, code: int) -> None:
+    """torchrun is gone; any worker still running (torchrun was killed) is stopped: SIGTERM, then SIGKILL.
+
+    SIGTERM first, so the workers can still agree on a step, checkpoint and mark the run preempted.
+    """
+    import psutil
+
+    leftovers = job_processes(plan.run_dir)
+    if not leftovers:
+        return
+    print(
+        f"dtrain: torchrun exited ({_exit_text(code)}) but {len(leftovers)} of its processes were still running; "
+        "asking them to checkpoint and stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    kill_processes(leftovers, signal.SIGTERM)
+    grace = float(plan.env_dict().get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", LEFTOVER_GRACE_S))
+    _, still_running = psutil.wait_procs(leftovers, timeout=grace)
+    kill_processes(still_running, signal.SIGKILL)
+    psutil.wait_procs(still_running, timeout=10)
+
+
+def _exit_text(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
@@ -132,8 +211,9 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
 
 
 def _failure_code(plan: LaunchPlan) -> int:
+    """2 when the first failing rank rejected its input (a DTrainError), else 1."""
     failures = _read_failures(plan)
-    if failures and all(_is_usage_error(f) for f in failures):
+    if failures and _is_usage_error(_root_cause(failures)):
         return USAGE_EXIT_CODE
     return 1
 
@@ -143,7 +223,7 @@ def _read_failures(plan: LaunchPlan) -> list[dict[str, Any]]:
         return []
     try:
         return list(json.loads(Path(plan.summary_file).read_text())["failures"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
@@ -151,32 +231,122 @@ def _is_usage_error(failure: dict[str, Any]) -> bool:
     return failure.get("exitcode") == USAGE_EXIT_CODE
 
 
+def _was_torn_down(failure: dict[str, Any]) -> bool:
+    # torchrun stops the surviving ranks with SIGTERM once one has failed.
+    return failure.get("signal") == "SIGTERM"
+
+
+def _ordered(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The likely cause first: ranks that failed on their own, earliest first, before torn-down ones."""
+    return sorted(failures, key=lambda f: (_was_torn_down(f), f.get("timestamp") or 0, f.get("rank", 0)))
+
+
+def _root_cause(failures: list[dict[str, Any]]) -> dict[str, Any]:
+    return _ordered(failures)[0]
+
+
 def _first_line_of_error(failure: dict[str, Any]) -> str:
     message = failure.get("message") or ""
     if message.startswith("{"):
         try:
             message = json.loads(message).get("message", message)
-        except ValueError:
+        except (ValueError, AttributeError):
             pass
     # torchrun's message holds the full traceback; the exception line is the last non-empty one.
     lines = [ln for ln in str(message).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
+    last = lines[-1].strip() if lines else ""
+    # Without an error file torchrun says only "To enable traceback see: ..."; that is no exception.
+    return "" if last.startswith("To enable traceback") else last
+
+
+def _stderr_tail(failure: dict[str, Any], limit: int = 64 * 1024) -> str:
+    path = failure.get("stderr_file") or ""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _stacks_file(plan: LaunchPlan, failure: dict[str, Any]) -> Path:
+    """Where the worker's hang watchdog (dist_train/watchdog.py) dumps its stacks."""
+    return Path(plan.run_dir) / "logs" / f"rank{failure.get('rank', 0)}.stacks"
+
+
+def _dumped_stacks_on_timeout(plan: LaunchPlan, failure: dict[str, Any]) -> bool:
+    # faulthandler.dump_traceback_later writes "Timeout (0:00:05)!" before the stacks.
+    try:
+        dumped = "Timeout (" in _stacks_file(plan, failure).read_text(errors="replace")
+    except OSError:
+        dumped = False
+    return dumped or "Timeout (" in _stderr_tail(failure)
+
+
+def _looks_hung(plan: LaunchPlan, failure: dict[str, Any]) -> bool:
+    """The worker's hang watchdog ends the process with exit code 1 and no Python exception."""
+    if plan.hang_timeout <= 0 or failure.get("exitcode") != 1 or failure.get("signal"):
+        return False
+    return _dumped_stacks_on_timeout(plan, failure) or not _first_line_of_error(failure)
+
+
+def _describe(failure: dict[str, Any]) -> str:
+    if failure.get("signal"):
+        return f"was killed by {failure['signal']}"
+    err = _first_line_of_error(failure)
+    return f"exited with code {failure.get('exitcode')}" + (f": {err}" if err else "")
+
+
+def _where(plan: LaunchPlan, failure: dict[str, Any]) -> str:
+    rank = failure.get("rank", 0)
+    text = f"Its log: {Path(plan.run_dir) / 'logs' / f'rank{rank}.log'}"
+    if failure.get("stderr_file"):
+        text += f"; its stdout/stderr (tracebacks, stack dumps): {failure['stderr_file']}"
+    return text + "."
+
+
+def _others(failures: list[dict[str, Any]]) -> str:
+    if not failures:
+        return ""
+    ranks = ", ".join(str(f.get("rank")) for f in failures)
+    if len(failures) == 1:
+        return f" Rank {ranks} was stopped after it."
+    return f" Ranks {ranks} were stopped after it."
+
+
+def _ranks_text(failures: list[dict[str, Any]]) -> str:
+    ranks = [str(f.get("rank")) for f in failures]
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(ranks)}"
+
+
+def hang_report(plan: LaunchPlan, hung: list[dict[str, Any]]) -> str:
+    """Every rank's watchdog fires (the healthy ones wait in a collective), so name them all."""
+    stacks = "; ".join(
+        f"rank {f.get('rank')}: {_stacks_file(plan, f)}" for f in sorted(hung, key=lambda f: f.get("rank", 0))
+    )
+    return (
+        f"dtrain: {_ranks_text(hung)} made no progress for {plan.hang_timeout:g} s (launch.hang_timeout), "
+        "dumped the stack of every thread and exited. The rank whose stack is not waiting in a collective "
+        f"(all_reduce, barrier, broadcast) is the one that hung. Stack dumps: {stacks}. "
+        f"Logs: {Path(plan.run_dir) / 'logs'}."
+    )
 
 
 def failure_report(plan: LaunchPlan, code: int) -> str:
-    failures = _read_failures(plan)
+    failures = _ordered(_read_failures(plan))
     logs = Path(plan.run_dir) / "logs"
+    if not failures and code < 0:
+        return (
+            f"dtrain: torchrun, which supervises the workers, was {_exit_text(code)}; the workers were stopped. "
+            f"See the logs in {logs}; a relaunch resumes from the newest checkpoint."
+        )
     if not failures:
         return f"dtrain: the job failed (exit code {code}); see the logs in {logs}."
-    # The earliest failure is the cause; the others are usually ranks torn down after it.
-    failures.sort(key=lambda f: f.get("timestamp") or 0)
-    first = failures[0]
-    rank = first["rank"]
-    if first.get("signal"):
-        what = f"was killed by {first['signal']}"
-    else:
-        err = _first_line_of_error(first)
-        what = f"exited with code {first['exitcode']}" + (f": {err}" if err else "")
-    others = [str(f["rank"]) for f in failures[1:]]
-    tail = f" Ranks {', '.join(others)} were stopped after it." if others else ""
-    return f"dtrain: rank {rank} {what}. Its log: {logs / f'rank{rank}.log'}.{tail}"
+    first, rest = failures[0], failures[1:]
+    if _looks_hung(plan, first):
+        return hang_report(plan, [f for f in failures if _looks_hung(plan, f)])
+    rank = first.get("rank", 0)
+    return f"dtrain: rank {rank} {_describe(first)}. {_where(plan, first)}{_others(rest)}"

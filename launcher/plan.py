@@ -43,6 +43,7 @@ class LaunchPlan:
     topology: Topology
     cuda_visible_devices: str | None
     summary_file: str = ""  # where the torchrun wrapper writes which ranks failed
+    hang_timeout: float = 0.0  # launch.hang_timeout the workers run with, for the failure report
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def env_dict(self) -> dict[str, str]:
@@ -69,6 +70,9 @@ def base_env(run_dir: Path, *, resume: str, job_id: str, cpu: bool, debug: bool 
         envvars.JOB_ID: job_id,
         # One line per print: worker output interleaves sanely and reaches batch logs promptly.
         "PYTHONUNBUFFERED": "1",
+        # Read-only datasets: several jobs (and a user's own h5py.File in the worker) may open the
+        # same file; HDF5's lock would refuse the second open with other locking settings.
+        "HDF5_USE_FILE_LOCKING": "FALSE",
     }
     if cpu:
         env[envvars.DEVICE] = "cpu"
@@ -101,12 +105,17 @@ def torchrun_plan(
     cuda_visible_devices: str | None,
     max_restarts: int = 0,
     shutdown_timeout: int = 120,
+    console_ranks: str = "0",
+    hang_timeout: float = 0.0,
     python: str = sys.executable,
 ) -> LaunchPlan:
     """torch.distributed.run through dtrain's thin wrapper (which only records failures)."""
     summary = run_dir / "launcher" / "failures.json"
     argv: list[str] = [python, "-m", "launcher.torchrun_main", "--summary", str(summary), "--"]
     argv += [f"--nproc-per-node={topology.nproc_per_node}", f"--max-restarts={max_restarts}"]
+    redirects = redirect_spec(topology.nproc_per_node, console_ranks)
+    if redirects:
+        argv.append(f"--redirects={redirects}")
     if topology.standalone:
         # c10d rendezvous on a port the OS picks for this job: no clash on 29500 between jobs.
         argv.append("--standalone")
@@ -126,6 +135,12 @@ def torchrun_plan(
     # Newer torch honours this for the grace period between SIGTERM and SIGKILL to workers; a
     # preempted worker needs it to finish its checkpoint.
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
+    if max_restarts > 0:
+        # Workers sharing the rendezvous TCPStore read the previous attempt's addresses after a
+        # restart (gloo: "connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).
+        # A store of their own per attempt fixes that; single attempts keep the shared store, whose
+        # port is the one already known to be reachable between nodes.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if cuda_visible_devices == "":
         env["OMP_NUM_THREADS"] = str(_threads_per_cpu_worker(topology.nproc_per_node))
     return LaunchPlan(
@@ -136,7 +151,28 @@ def torchrun_plan(
         topology=topology,
         cuda_visible_devices=cuda_visible_devices,
         summary_file=str(summary),
+        hang_timeout=hang_timeout,
     )
+
+
+def console_local_ranks(console_ranks: str, nproc_per_node: int) -> set[int]:
+    """Local ranks whose output reaches the console: "all", or a comma list ("0", "0,3")."""
+    if console_ranks.strip() == "all":
+        return set(range(nproc_per_node))
+    wanted = {int(r) for r in console_ranks.split(",") if r.strip().isdigit()}
+    return {r for r in range(nproc_per_node) if r in wanted}
+
+
+def redirect_spec(nproc_per_node: int, console_ranks: str) -> str:
+    """torchrun ``--redirects`` mapping that sends the other ranks' stdout+stderr to files.
+
+    The console ranks stay attached to the terminal (tqdm bar, no line prefixes); the others'
+    output (warnings, tracebacks, faulthandler stack dumps) lands in torchrun's per-rank
+    ``stdout.log``/``stderr.log`` under ``--log-dir``, where failure reports point.
+    """
+    shown = console_local_ranks(console_ranks, nproc_per_node)
+    hidden = [r for r in range(nproc_per_node) if r not in shown]
+    return ",".join(f"{r}:3" for r in hidden)
 
 
 def _threads_per_cpu_worker(nproc: int) -> int:
@@ -144,6 +180,10 @@ def _threads_per_cpu_worker(nproc: int) -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, nproc))
+
+
+# dtrain's train.precision -> accelerate's --mixed_precision ("auto" means bf16 on GPUs).
+ACCELERATE_MIXED_PRECISION = {"fp16": "fp16", "bf16": "bf16", "fp32": "no", "auto": "bf16"}
 
 
 def accelerate_plan(
@@ -162,23 +202,30 @@ def accelerate_plan(
 
     Only process count, mixed precision and rendezvous are set from dtrain's config, as flags,
     which accelerate lets override its config file.
+
+    CPU jobs of several processes are started with ``--multi_gpu`` and *without* ``--cpu``:
+    accelerate 1.x turns ``--cpu`` into its single-process launcher (``--num_processes`` is then
+    ignored unless MPI is configured), while ``--multi_gpu`` runs torch.distributed.run, which
+    needs no GPU; the workers stay on the CPU because ``DTRAIN_DEVICE=cpu`` tells them to.
     """
     cpu = cuda_visible_devices == ""
-    mixed = {"fp16": "fp16", "bf16": "bf16", "fp32": "no", "auto": "no" if cpu else "bf16"}[precision]
+    mixed = ACCELERATE_MIXED_PRECISION[precision] if not (cpu and precision == "auto") else "no"
     total = topology.nproc_per_node * topology.nnodes
     argv = [python, "-m", "accelerate.commands.launch", f"--num_processes={total}", f"--num_machines={topology.nnodes}"]
-    argv += [f"--mixed_precision={mixed}", f"--main_process_port={main_process_port}"]
+    argv += [f"--mixed_precision={mixed}", "--dynamo_backend=no", f"--main_process_port={main_process_port}"]
     if topology.nnodes > 1:
         host = topology.rdzv_endpoint.rsplit(":", 1)[0]
         argv += [f"--machine_rank={topology.node_rank}", f"--main_process_ip={host}"]
-    if cpu:
-        argv.append("--cpu")
     if total > 1:
         argv.append("--multi_gpu")
+    elif cpu:
+        argv.append("--cpu")
     argv += ["--module", "dist_train", str(config_path)]
     env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cpu)
     if cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    if cpu:
+        env["OMP_NUM_THREADS"] = str(_threads_per_cpu_worker(topology.nproc_per_node))
     return LaunchPlan(
         argv=tuple(argv),
         env=tuple(sorted(env.items())),

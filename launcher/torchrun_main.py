@@ -9,12 +9,13 @@ torchrun's process, never in the launcher's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 
-def _failure_record(failures: dict[int, Any]) -> list[dict[str, Any]]:
+def _failure_record(failures: dict[int, Any], log_dir: str) -> list[dict[str, Any]]:
     out = []
     for rank, f in sorted(failures.items()):
         out.append(
@@ -26,10 +27,30 @@ def _failure_record(failures: dict[int, Any]) -> list[dict[str, Any]]:
                 "signal": f.signal_name() if f.exitcode is not None and f.exitcode < 0 else "",
                 "message": f.message if isinstance(f.message, str) else json.dumps(f.message),
                 "error_file": f.error_file,
+                "stderr_file": _stderr_file(log_dir, f.local_rank, f.error_file),
                 "timestamp": f.timestamp,
             }
         )
     return out
+
+
+def _stderr_file(log_dir: str, local_rank: int, error_file: str) -> str:
+    """The failed rank's redirected stderr.log ("" when its output was not redirected).
+
+    torchrun writes ``<log_dir>/<run id>_<random>/attempt_<n>/<local rank>/stderr.log``; error.json,
+    when the rank wrote one, sits next to it. A rank that died without an error file (a signal, the
+    hang watchdog) is found in the newest run's last attempt: the run lock gives one torchrun per
+    run directory at a time.
+    """
+    candidates = []
+    if error_file and os.path.isfile(error_file):
+        candidates.append(Path(error_file).parent / "stderr.log")
+    if log_dir:
+        runs = sorted(Path(log_dir).glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+        attempts = sorted(runs[0].glob("attempt_*"), key=lambda p: int(p.name.split("_")[1])) if runs else []
+        if attempts:
+            candidates.append(attempts[-1] / str(local_rank) / "stderr.log")
+    return next((str(c) for c in candidates if c.is_file()), "")
 
 
 def _write(path: Path, payload: dict[str, Any]) -> None:
@@ -52,7 +73,7 @@ def main(argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        _write(summary, {"status": "failed", "failures": _failure_record(exc.failures)})
+        _write(summary, {"status": "failed", "failures": _failure_record(exc.failures, args.log_dir or "")})
         return 1
     except SignalException as exc:
         # torchrun already sent the signal on to the workers and waited for them.

@@ -1,0 +1,238 @@
+"""Launch plans (argv + env, no process started), run-directory locks and failure reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_train.envvars import PREEMPTED_EXIT_CODE
+from dist_train.errors import LaunchError
+from launcher import plan as plans
+from launcher.execute import interpret
+from launcher.run_dirs import lock_run_dir, newest_resumable_run, prepare_run_dir
+from tests.helpers.run import REPO, dtrain, make_image_h5, write_config
+
+CFG = Path("/runs/t/1/config.toml")
+RUN = Path("/runs/t/1")
+UUIDS = "GPU-aaaa,GPU-bbbb"
+
+
+def torchrun(topology: plans.Topology, cuda: str | None = "", **kw: Any) -> plans.LaunchPlan:
+    return plans.torchrun_plan(CFG, RUN, topology, resume="auto", job_id="u@h:1", cuda_visible_devices=cuda, **kw)
+
+
+def accelerate(topology: plans.Topology, cuda: str | None, precision: str = "auto") -> plans.LaunchPlan:
+    return plans.accelerate_plan(
+        CFG, RUN, topology, resume="auto", job_id="u@h:1", cuda_visible_devices=cuda, precision=precision,
+        main_process_port=29555,
+    )
+
+
+def torchrun_args(plan: plans.LaunchPlan) -> list[str]:
+    argv = list(plan.argv)
+    return argv[argv.index("--") + 1 :]
+
+
+# ----------------------------------------------------------------------------------- torchrun
+
+
+def test_cpu_single_node_plan_is_standalone_and_runs_the_worker_module() -> None:
+    plan = torchrun(plans.Topology(nproc_per_node=2))
+    assert plan.argv[1:5] == ("-m", "launcher.torchrun_main", "--summary", str(RUN / "launcher" / "failures.json"))
+    args = torchrun_args(plan)
+    assert "--standalone" in args and "--nproc-per-node=2" in args and "--max-restarts=0" in args
+    assert not any(a.startswith(("--rdzv", "--nnodes")) for a in args)
+    assert args[-3:] == ["-m", "dist_train", str(CFG)]
+    env = plan.env_dict()
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["DTRAIN_DEVICE"] == "cpu"
+    assert env["DTRAIN_RUN_DIR"] == str(RUN) and env["DTRAIN_RESUME"] == "auto" and env["DTRAIN_JOB_ID"] == "u@h:1"
+    assert int(env["OMP_NUM_THREADS"]) >= 1
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
+
+
+def test_gpu_plan_pins_the_reserved_uuids_and_leaves_threads_to_torch() -> None:
+    plan = torchrun(plans.Topology(nproc_per_node=2), cuda=UUIDS)
+    env = plan.env_dict()
+    assert env["CUDA_VISIBLE_DEVICES"] == UUIDS
+    assert "DTRAIN_DEVICE" not in env and "OMP_NUM_THREADS" not in env
+    assert plan.cuda_visible_devices == UUIDS
+
+
+def test_multi_node_plan_uses_c10d_rendezvous() -> None:
+    topo = plans.Topology(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node001:29400", rdzv_id="job7")
+    args = torchrun_args(torchrun(topo, cuda=None))
+    assert "--standalone" not in args
+    for expected in ("--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:29400",
+                     "--rdzv-id=job7", "--nproc-per-node=4"):
+        assert expected in args
+    assert "CUDA_VISIBLE_DEVICES" not in torchrun(topo, cuda=None).env_dict(), "SLURM's own devices are inherited"
+
+
+def test_restarts_are_passed_through_with_a_fresh_store_per_attempt() -> None:
+    plan = torchrun(plans.Topology(nproc_per_node=2), max_restarts=3)
+    assert "--max-restarts=3" in torchrun_args(plan)
+    assert plan.env_dict()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("nproc", "console", "expected"),
+    [(2, "0", "--redirects=1:3"), (4, "0,2", "--redirects=1:3,3:3"), (4, "all", None), (1, "0", None)],
+)
+def test_only_console_ranks_stay_on_the_terminal(nproc: int, console: str, expected: str | None) -> None:
+    args = torchrun_args(torchrun(plans.Topology(nproc_per_node=nproc), console_ranks=console))
+    redirects = [a for a in args if a.startswith("--redirects")]
+    assert redirects == ([expected] if expected else [])
+
+
+def test_debug_plan_is_one_plain_process() -> None:
+    plan = plans.debug_plan(CFG, RUN, resume="never", job_id="j")
+    assert plan.argv[1:] == ("-m", "dist_train", str(CFG), "--verbose")
+    env = plan.env_dict()
+    assert env["DTRAIN_DEBUG"] == "1" and env["DTRAIN_DEVICE"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert plan.backend == "debug" and not plan.summary_file
+
+
+def test_inherited_rank_variables_are_scrubbed() -> None:
+    plan = torchrun(plans.Topology(nproc_per_node=2))
+    base = {"PATH": "/bin", "RANK": "3", "WORLD_SIZE": "9", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x",
+            "CUDA_VISIBLE_DEVICES": "5"}
+    env = plan.full_env(base)
+    assert env["PATH"] == "/bin" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(env)
+
+
+def test_plan_json_round_trips() -> None:
+    plan = torchrun(plans.Topology(nproc_per_node=2), hang_timeout=30)
+    data = json.loads(plan.to_json())
+    assert data["argv"] == list(plan.argv) and dict(data["env"]) == plan.env_dict()
+    assert data["hang_timeout"] == 30 and data["topology"]["nproc_per_node"] == 2
+
+
+# ----------------------------------------------------------------------------------- accelerate
+
+
+def test_accelerate_cpu_with_two_processes_uses_the_multi_process_launcher() -> None:
+    plan = accelerate(plans.Topology(nproc_per_node=2), cuda="")
+    argv = list(plan.argv)
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--num_processes=2" in argv and "--multi_gpu" in argv and "--mixed_precision=no" in argv
+    assert "--cpu" not in argv, "accelerate's --cpu would start one process only"
+    assert argv[-3:] == ["--module", "dist_train", str(CFG)]
+    assert plan.env_dict()["DTRAIN_DEVICE"] == "cpu"
+
+
+def test_accelerate_single_cpu_process_and_gpu_multi_node_mapping() -> None:
+    assert "--cpu" in accelerate(plans.Topology(nproc_per_node=1), cuda="").argv
+    topo = plans.Topology(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node001:29400")
+    argv = accelerate(topo, cuda=None, precision="fp16").argv
+    for expected in ("--num_processes=8", "--num_machines=2", "--machine_rank=1", "--main_process_ip=node001",
+                     "--main_process_port=29555", "--mixed_precision=fp16", "--multi_gpu"):
+        assert expected in argv
+    assert "--mixed_precision=bf16" in accelerate(plans.Topology(nproc_per_node=2), cuda=UUIDS).argv
+
+
+def test_launcher_modules_do_not_import_torch() -> None:
+    code = ("import sys, launcher.cli, launcher.plan, launcher.execute, launcher.run_dirs, launcher.cmd_launch; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ----------------------------------------------------------------------------------- run directories
+
+
+def test_a_run_in_use_is_locked_and_skipped_by_automatic_resume(tmp_path: Path) -> None:
+    older, newer = tmp_path / "t" / "20250101-000000", tmp_path / "t" / "20250102-000000"
+    for run in (older, newer):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "latest").write_text("ckpt.pt")
+    assert newest_resumable_run(str(tmp_path), "t") == newer
+    _, fd = prepare_run_dir(newer)
+    try:
+        assert newest_resumable_run(str(tmp_path), "t") == older, "a running job's directory is not resumed twice"
+        with pytest.raises(LaunchError, match="in use by another running dtrain launch"):
+            lock_run_dir(newer)
+    finally:
+        assert fd is not None
+        os.close(fd)
+    assert newest_resumable_run(str(tmp_path), "t") == newer
+    (newer / "completed").write_text("step 9\n")
+    assert newest_resumable_run(str(tmp_path), "t") == older
+
+
+# ----------------------------------------------------------------------------------- outcomes
+
+
+def _plan_with_failures(tmp_path: Path, failures: list[dict[str, Any]], hang_timeout: float = 0) -> plans.LaunchPlan:
+    plan = plans.torchrun_plan(CFG, tmp_path, plans.Topology(nproc_per_node=2), resume="auto", job_id="j",
+                               cuda_visible_devices="", hang_timeout=hang_timeout)
+    Path(plan.summary_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(plan.summary_file).write_text(json.dumps({"status": "failed", "failures": failures}))
+    return plan
+
+
+def _failure(rank: int, exitcode: int, *, signal: str = "", message: str = "", ts: int = 100, stderr: str = "") -> dict[str, Any]:
+    return {"rank": rank, "exitcode": exitcode, "signal": signal, "message": message, "timestamp": ts,
+            "stderr_file": stderr}
+
+
+def test_the_rank_that_failed_on_its_own_is_reported_before_torn_down_ranks(tmp_path: Path) -> None:
+    msg = json.dumps({"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback ..."}})
+    plan = _plan_with_failures(tmp_path, [_failure(0, -15, signal="SIGTERM", ts=99), _failure(1, 1, message=msg)])
+    outcome = interpret(plan, 1, stop_requested=False)
+    assert outcome.exit_code == 1
+    assert outcome.message.startswith("dtrain: rank 1 exited with code 1: RuntimeError: boom. Its log: ")
+    assert str(tmp_path / "logs" / "rank1.log") in outcome.message
+    assert outcome.message.endswith("Rank 0 was stopped after it.")
+
+
+def test_a_config_error_in_the_worker_exits_2(tmp_path: Path) -> None:
+    msg = json.dumps({"message": "ConfigError: model 'x' could not be built"})
+    plan = _plan_with_failures(tmp_path, [_failure(0, 2, message=msg), _failure(1, -15, signal="SIGTERM")])
+    outcome = interpret(plan, 1, stop_requested=False)
+    assert outcome.exit_code == 2 and "ConfigError: model 'x'" in outcome.message
+
+
+def test_hung_ranks_are_reported_together_with_their_stack_dumps(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    dump = tmp_path / "logs" / "rank1.stacks"  # where dist_train/watchdog.py writes
+    dump.write_text("Timeout (0:00:05)!\nThread 0x1 (most recent call first):\n  File \"m.py\", line 3 in forward\n")
+    plan = _plan_with_failures(tmp_path, [_failure(0, 1), _failure(1, 1)], hang_timeout=5)
+    outcome = interpret(plan, 1, stop_requested=False)
+    assert outcome.exit_code == 1
+    assert outcome.message.startswith("dtrain: ranks 0, 1 made no progress for 5 s (launch.hang_timeout)")
+    assert f"rank 1: {dump}" in outcome.message
+
+
+def test_preempted_marker_means_resumable(tmp_path: Path) -> None:
+    plan = _plan_with_failures(tmp_path, [])
+    (tmp_path / "preempted").write_text("step 7\n")
+    outcome = interpret(plan, 143, stop_requested=True)
+    assert outcome.exit_code == PREEMPTED_EXIT_CODE and "step 7" in outcome.message
+
+
+# ----------------------------------------------------------------------------------- CLI dry runs
+
+
+def test_multi_node_flags_reach_the_plan_and_are_validated(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", make_image_h5(tmp_path / "d.h5", events=50))
+    run_dir = tmp_path / "shared" / "run"
+    proc = dtrain("launch", str(cfg), "--gpus", "cpu", "--nproc", "3", "--nnodes", "2", "--node-rank", "1",
+                  "--rdzv-endpoint", "node001:29400", "--run-dir", str(run_dir), "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert "--nnodes=2" in plan["argv"] and "--node-rank=1" in plan["argv"] and "--nproc-per-node=3" in plan["argv"]
+    assert "--rdzv-endpoint=node001:29400" in plan["argv"] and "--standalone" not in plan["argv"]
+    assert not run_dir.exists() and not (tmp_path / "runs").exists(), "a dry run creates nothing"
+
+    missing = dtrain("launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--run-dir", str(run_dir), "--dry-run",
+                     cwd=tmp_path)
+    assert missing.returncode == 2 and "--rdzv-endpoint" in missing.stderr
+    no_dir = dtrain("launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run",
+                    cwd=tmp_path)
+    assert no_dir.returncode == 2 and "--run-dir" in no_dir.stderr
