@@ -38,9 +38,18 @@ LEFTOVER_GRACE_S = 30.0
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A pre-exec hook: if the launcher dies, even by SIGKILL, the kernel sends torchrun SIGTERM."""
+    """A pre-exec hook: if the launcher dies, even by SIGKILL, the kernel sends torchrun SIGTERM.
+
+    It also makes torchrun ignore SIGUSR1/SIGUSR2. srun delivers a forwarded signal to every
+    process of the job step, and torchrun has no handler for those: it would die at once and leave
+    the launcher reporting before the workers finished their checkpoint. The launcher turns them
+    into SIGTERM for torchrun instead; the workers install their own handlers over the inherited
+    SIG_IGN as they start.
+    """
 
     def hook() -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
