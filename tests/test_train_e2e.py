@@ -146,3 +146,31 @@ def test_debug_mode_runs_one_cpu_process_with_few_batches(tmp_path: Path) -> Non
     assert [r["step"] for r in records(run_dir, "epoch")] == [5, 10]
     assert not (run_dir / "logs" / "rank1.log").exists()
     assert "world size 1" in (run_dir / "logs" / "rank0.log").read_text()
+
+
+def test_bf16_histograms_and_time_based_checkpoints(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_train.checkpoint import CheckpointManager
+
+    data = make_image_h5(tmp_path / "d.h5", events=300)
+    cfg = write_config(
+        tmp_path / "c.toml", data,
+        train={"epochs": 1, "precision": "bf16", "max_steps_per_epoch": 6},
+        log={"histograms": True},
+        checkpoint={"every_minutes": 0.0001, "keep_last": 10},
+    )
+    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), cwd=tmp_path))
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert "precision bf16" in (run_dir / "logs" / "rank0.log").read_text()
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert any(tag.startswith("weights/") for tag in acc.Tags()["histograms"])
+    reasons = [load_checkpoint_reason(p) for p in CheckpointManager(run_dir / "checkpoints").list_checkpoints()]
+    assert "time" in reasons and "epoch" in reasons
+
+
+def load_checkpoint_reason(record) -> str:
+    from dist_train.checkpoint import load_checkpoint
+
+    return load_checkpoint(record.path)["reason"]
