@@ -134,11 +134,14 @@ class AsyncFlags:
 
     ``post(flags)`` starts the reduction; ``result()`` (one step later) waits for it. Every rank
     posts and reads at the same steps, so all ranks act at the same step boundary while the cost
-    of the check hides behind compute.
+    of the check hides behind compute. With a CPU (gloo) ``group`` the flags never touch the GPU,
+    so reading them forces no device synchronisation, and they do not queue behind the gradient
+    all-reduces of the main group.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, group: Any = None) -> None:
         self.size = size
+        self.group = group
         self._work: Any = None
         self._tensor: torch.Tensor | None = None
         self._local = [False] * size
@@ -147,8 +150,9 @@ class AsyncFlags:
         if not is_distributed():
             self._local = list(flags)
             return
-        self._tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_reduction_device())
-        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
+        device = torch.device("cpu") if self.group is not None else _reduction_device()
+        self._tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
     def result(self) -> list[bool]:
         if self._work is None:
@@ -160,23 +164,22 @@ class AsyncFlags:
         return [bool(v) for v in self._tensor.tolist()]
 
 
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum scalars across ranks in one float64 all-reduce (exact for counts below 2**53)."""
+def _all_reduce_scalars(values: dict[str, float], op: Any) -> dict[str, float]:
     if not values or not is_distributed():
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalars across ranks in one float64 all-reduce (exact for counts below 2**53)."""
+    return _all_reduce_scalars(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: dict[str, float]) -> dict[str, float]:
-    if not values or not is_distributed():
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist(), strict=True))
+    return _all_reduce_scalars(values, dist.ReduceOp.MAX)
 
 
 def gather_objects_to_rank_zero(obj: Any, group: Any = None) -> list[Any] | None:
@@ -189,8 +192,9 @@ def gather_objects_to_rank_zero(obj: Any, group: Any = None) -> list[Any] | None
 
 
 def new_cpu_group(timeout_s: float) -> Any:
-    """A gloo group with its own timeout for checkpoint coordination: a dead rank fails the save
-    within ``timeout_s`` instead of hanging it, and CPU objects need no device copies."""
+    """A gloo group with its own timeout for control traffic (stop flags, checkpoint gathers): a
+    dead rank fails a save within ``timeout_s`` instead of hanging it, and CPU objects need no
+    device copies."""
     if not is_distributed():
         return None
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

@@ -63,37 +63,60 @@ def _finite(value: Any) -> Any:
 class RunMetricsLogger:
     """Writes each record to ``metrics.jsonl`` and its numeric values to TensorBoard (same names)."""
 
-    def __init__(self, run_dir: Path, *, jsonl: bool, tensorboard: bool, resume_step: int | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        jsonl: bool,
+        tensorboard: bool,
+        resume_step: int | None,
+        resume_epoch: int | None = None,
+    ) -> None:
+        """``resume_step``/``resume_epoch``: the checkpoint's position (None for a fresh run)."""
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._jsonl = None
+        purge_step = None
+        if resume_step is not None:
+            redone = self._truncate_after(resume_step, resume_epoch) if jsonl else True
+            # purge_step drops events a killed run wrote after its last checkpoint; when the epoch's
+            # summary at the checkpoint's own step will be written again, that step goes too.
+            purge_step = resume_step if redone else resume_step + 1
         if jsonl:
-            if resume_step is not None:
-                self._truncate_after(resume_step)
             self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote after its last checkpoint.
-            self._tb = SummaryWriter(
-                log_dir=str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
-            )
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop their old records first."""
+    @staticmethod
+    def _repeated(record: dict[str, Any], step: int, epoch: int | None) -> bool:
+        """Will the resumed run write this record again? Everything after the checkpoint's step,
+        and epoch/test summaries of epochs the checkpoint had not finished (a checkpoint taken at
+        an epoch's last step, before its summary became part of a completed-epoch checkpoint)."""
+        if record.get("step", 0) > step or record.get("kind") == "test":
+            return True  # the test evaluation always runs again at the end of a resumed run
+        return epoch is not None and record.get("kind") == "epoch" and record.get("epoch", -1) >= epoch
+
+    def _truncate_after(self, step: int, epoch: int | None) -> bool:
+        """Drop the records the resumed run repeats; True if one at the checkpoint's step was dropped."""
         if not self.jsonl_path.exists():
-            return
+            return False
         kept = []
+        redone_at_step = False
         for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
-            if record.get("step", 0) <= step:
+            if not self._repeated(record, step, epoch):
                 kept.append(line)
+            elif record.get("step", 0) == step:
+                redone_at_step = True
         from dist_train.fsutil import atomic_write_text
 
         atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
+        return redone_at_step
 
     def log(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:

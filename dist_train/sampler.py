@@ -77,7 +77,7 @@ class ResumableDistributedBatchSampler(Sampler[IndexBatch]):
     @property
     def consumed_samples(self) -> int:
         """Global samples consumed in this epoch (all ranks together, padding included)."""
-        return min(self._start + self.consumed_batches * self.batch_size * self.num_replicas, self._padded_total())
+        return min(self._start + self.consumed_batches * self.batch_size * self.num_replicas, self.padded_total())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -108,14 +108,15 @@ class ResumableDistributedBatchSampler(Sampler[IndexBatch]):
         g.manual_seed(self.seed + self.epoch)  # the same seeding as DistributedSampler
         return torch.randperm(self.num_samples, generator=g).tolist()
 
-    def _padded_total(self) -> int:
+    def padded_total(self) -> int:
+        """Samples in one full epoch over all ranks, DistributedSampler's padding included."""
         if self.drop_last:
             return (self.num_samples // self.num_replicas) * self.num_replicas
         return math.ceil(self.num_samples / self.num_replicas) * self.num_replicas
 
     def _remaining_for_rank(self) -> list[int]:
         order = self._permutation()
-        total = self._padded_total()
+        total = self.padded_total()
         if not self.drop_last and total > len(order):
             pad = total - len(order)
             order = order + (order * math.ceil(pad / len(order)))[:pad]
@@ -137,7 +138,7 @@ class ResumableDistributedBatchSampler(Sampler[IndexBatch]):
             yield IndexBatch(mine[lo : lo + self.batch_size], seed)
 
     def __len__(self) -> int:
-        per_rank = len(self._remaining_for_rank()) if self._start else self._padded_total() // self.num_replicas
+        per_rank = len(self._remaining_for_rank()) if self._start else self.padded_total() // self.num_replicas
         return math.ceil(per_rank / self.batch_size)
 
 

@@ -180,12 +180,12 @@ class Trainer:
         self.counters = TrainerCounters()
         self.meter = SumMeter(self.device)
         self.timer = StepTimer()
-        self.flags = AsyncFlags(2)  # [stop requested, time-based checkpoint due]
+        self.control_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
+        self.flags = AsyncFlags(2, group=self.control_group)  # [stop requested, time-based checkpoint due]
         # Installed by the entry point before any slow start-up work, so an early signal is not lost.
         self.preemption = preemption or PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
         stacks = run_dir / "logs" / f"rank{dist_info.rank}.stacks" if run_dir is not None else None
         self.watchdog = HangWatchdog(cfg.launch.hang_timeout, stacks)
-        self.ckpt_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
         self.ckpt_manager = self._make_checkpoint_manager()
         self.metrics_logger: RunMetricsLogger | NullMetricsLogger = NullMetricsLogger()
         self.progress = Progress(cfg.train.progress, enabled=dist_info.is_main, log_every=cfg.train.log_every)
@@ -204,7 +204,7 @@ class Trainer:
         barrier()
 
     def _steps_per_epoch(self) -> int:
-        batches = math.ceil(self.sampler._padded_total() / self.dist.world_size / self.cfg.data.batch_size)
+        batches = math.ceil(self.sampler.padded_total() / self.dist.world_size / self.cfg.data.batch_size)
         steps = math.ceil(batches / self.cfg.train.grad_accum)
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
@@ -257,8 +257,7 @@ class Trainer:
 
     def _set_meter(self, sums: dict[str, float]) -> None:
         self.meter.reset()
-        self.meter._sums = torch.tensor([sums["loss_sum"], sums["correct"]], dtype=torch.float64, device=self.device)
-        self.meter.count = int(sums["count"])
+        self.meter.load_sums(sums)
 
     def build_checkpoint(self, reason: str, metrics: dict[str, float], rank_states: list[Any]) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -282,7 +281,7 @@ class Trainer:
         """All ranks call this at the same step; rank 0 writes."""
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return
-        rank_states = gather_objects_to_rank_zero(self._rank_state(), group=self.ckpt_group)
+        rank_states = gather_objects_to_rank_zero(self._rank_state(), group=self.control_group)
         if self.ckpt_manager is not None:
             assert rank_states is not None
             state = self.build_checkpoint(reason, metrics or {}, rank_states)
@@ -337,7 +336,7 @@ class Trainer:
         log.info(
             "resumed from %s (epoch %d, step %d, %s)",
             path,
-            self.counters.epoch + (0 if self._resumed_mid_epoch else 0),
+            self.counters.epoch,
             self.counters.step,
             "mid-epoch" if self._resumed_mid_epoch else "epoch boundary",
         )
@@ -397,6 +396,7 @@ class Trainer:
         while remaining > 0:
             window = min(self.cfg.train.grad_accum, remaining)  # the last window of an epoch may be shorter
             for i in range(window):
+                self.timer.fetching()
                 batch = next(loader_iter)
                 self.timer.batch_arrived()
                 x, y = self._to_device(batch)
@@ -485,7 +485,11 @@ class Trainer:
         resume_step = self.maybe_resume()
         if self.dist.is_main and self.run_dir is not None:
             self.metrics_logger = RunMetricsLogger(
-                self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, resume_step=resume_step
+                self.run_dir,
+                jsonl=cfg.log.jsonl,
+                tensorboard=cfg.log.tensorboard,
+                resume_step=resume_step,
+                resume_epoch=None if resume_step is None else self.counters.epoch,
             )
         log.info(
             "training %s: %d train / %s val / %s test samples, world size %d, device %s, precision %s, %d steps/epoch",

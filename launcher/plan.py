@@ -81,6 +81,19 @@ def base_env(run_dir: Path, *, resume: str, job_id: str, cpu: bool, debug: bool 
     return env
 
 
+def worker_env(
+    run_dir: Path, *, resume: str, job_id: str, cuda_visible_devices: str | None, nproc: int
+) -> dict[str, str]:
+    """base_env plus the devices: the chosen GPUs, or CPU workers that split the cores between them."""
+    cpu = cuda_visible_devices == ""
+    env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cpu)
+    if cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    if cpu:
+        env["OMP_NUM_THREADS"] = str(_threads_per_cpu_worker(nproc))
+    return env
+
+
 def debug_plan(config_path: Path, run_dir: Path, *, resume: str, job_id: str, python: str = sys.executable) -> LaunchPlan:
     """One process on the CPU, no torchrun, no process group: the laptop path."""
     env = base_env(run_dir, resume=resume, job_id=job_id, cpu=True, debug=True)
@@ -129,9 +142,7 @@ def torchrun_plan(
         ]
     argv += [f"--log-dir={run_dir / 'launcher' / 'torchrun'}"]
     argv += worker_command(config_path)
-    env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cuda_visible_devices == "")
-    if cuda_visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    env = worker_env(run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node)
     # Newer torch honours this for the grace period between SIGTERM and SIGKILL to workers; a
     # preempted worker needs it to finish its checkpoint.
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
@@ -141,8 +152,6 @@ def torchrun_plan(
         # A store of their own per attempt fixes that; single attempts keep the shared store, whose
         # port is the one already known to be reachable between nodes.
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    if cuda_visible_devices == "":
-        env["OMP_NUM_THREADS"] = str(_threads_per_cpu_worker(topology.nproc_per_node))
     return LaunchPlan(
         argv=tuple(argv),
         env=tuple(sorted(env.items())),
@@ -221,11 +230,7 @@ def accelerate_plan(
     elif cpu:
         argv.append("--cpu")
     argv += ["--module", "dist_train", str(config_path)]
-    env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cpu)
-    if cuda_visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-    if cpu:
-        env["OMP_NUM_THREADS"] = str(_threads_per_cpu_worker(topology.nproc_per_node))
+    env = worker_env(run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node)
     return LaunchPlan(
         argv=tuple(argv),
         env=tuple(sorted(env.items())),

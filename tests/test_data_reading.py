@@ -118,7 +118,7 @@ def test_batches_match_naive_reader_in_sampler_order(contiguous: Path, compresse
             np.testing.assert_array_equal(batch["energies"].numpy(), ref["energies"])
             assert batch["x"].dtype == torch.float32 and batch["y"].dtype == torch.int64
             seen += len(rows)
-        assert seen == sampler._padded_total() // 2
+        assert seen == sampler.padded_total() // 2
 
 
 def test_contiguous_and_compressed_give_identical_batches(contiguous: Path, compressed: Path) -> None:

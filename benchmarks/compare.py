@@ -1,0 +1,697 @@
+"""dtrain against its peers on the same model, HDF5 file, global batch, fp32, Adam and steps (issue 7).
+
+Contenders (each a fresh set of processes; all but dtrain started by torchrun running this file
+with ``--worker``; P = 1 and 2 processes, gloo on the CPU, nccl with ``--device cuda``):
+
+* ``dtrain``         ``dtrain launch CFG --gpus cpu --nproc P`` (its own launcher, batched HDF5 loader);
+                     numbers from its ``metrics.jsonl`` epoch record.
+* ``ddp``            the plain PyTorch DDP loop of the DDP tutorial: DistributedSampler + DataLoader,
+                     ``DistributedDataParallel``, zero_grad / backward / step.
+* ``accelerate``     ``Accelerator().prepare(model, optimizer, loader)`` + ``accelerator.backward``.
+* ``fabric``         ``Fabric(accelerator, devices=P, strategy="ddp")``, ``setup`` / ``setup_dataloaders``
+                     / ``fabric.backward``.
+
+Peers read data two ways: ``h5`` = the map-style Dataset their users write (h5py opened lazily in
+each process, one sample per ``__getitem__``, default_collate) -- like for like with dtrain, which
+reads the same file; ``mem`` = the whole file in a TensorDataset (isolates the training-loop cost;
+dtrain still reads the HDF5 file there, from the page cache). Every contender keeps its loss and
+accuracy sums on the device (no per-step ``.item()``), as dtrain does.
+
+Measurement: 2 epochs of ``steps`` optimizer steps; epoch 1 is warm-up, epoch 2 is timed (from
+creating the loader iterator to the last step, the slowest rank's time). Contenders run interleaved
+(A B C D A B C D ...), ``repeats`` times; medians are reported. Data-wait fraction = time blocked
+in ``next(loader)`` / epoch time. Peak memory = ru_maxrss of rank 0 (loader workers excluded).
+
+Further sections: strong scaling (dtrain and DDP, 2 processes x 1 thread vs 1 process x 2 threads,
+same global batch; DDP gradient all-reduce cost from a ``no_sync`` run), cost growth (epoch time and
+memory for 10^4..10^6 samples; checkpoint time and size for 10^5..10^8 parameters) and start-up
+(``dtrain launch`` to the first training step vs ``torchrun`` started directly on the same worker).
+
+Usage: python benchmarks/compare.py [--quick] [--json OUT.json] [--plot OUT.png] [--device cpu|cuda]
+           [--workloads mlp,cnn,simple_mlp] [--nprocs 1,2] [--repeats N] [--sections ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BENCH_DIR,
+    REPO,
+    WORKLOADS,
+    LazyH5Dataset,
+    Workload,
+    build_workload_model,
+    dtrain_config,
+    ensure_data,
+    in_memory_dataset,
+    load_average,
+    machine_summary,
+    median,
+    peak_rss_mb,
+    result_line,
+)
+
+PEERS = ("ddp", "accelerate", "fabric")
+GLOBAL_BATCH = {"mlp": 64, "cnn": 64, "simple_mlp": 64, "resnet18": 128}
+STEPS = {"mlp": 400, "cnn": 30, "simple_mlp": 60, "resnet18": 5}
+QUICK_STEPS = {"mlp": 200, "cnn": 10, "simple_mlp": 20, "resnet18": 3}
+PEER_TARGET = 1.0  # dtrain / each peer, like-for-like HDF5 data
+PLAIN_TARGET = 0.98  # dtrain / the plain DDP loop with in-memory data (the strongest plain loop)
+STARTUP_TARGET_S = 1.0
+PY = sys.executable
+THIS = Path(__file__).resolve()
+
+
+# ============================================================================ worker side (torchrun)
+def _device_for(spec: dict[str, Any], local_rank: int) -> Any:
+    import torch
+
+    if spec["device"] == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _dataset(spec: dict[str, Any]) -> Any:
+    path = Path(spec["data"])
+    return LazyH5Dataset(path) if spec["variant"] == "h5" else in_memory_dataset(path)
+
+
+def _loader_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_workers": spec["num_workers"], "pin_memory": spec["device"] == "cuda"}
+    if spec["num_workers"] > 0:
+        kwargs["persistent_workers"] = True
+    return kwargs
+
+
+def _timed_epochs(
+    loader: Any, step: Callable[[Any, Any], int], steps: int, set_epoch: Callable[[int], None], sync: Callable[[], None]
+) -> dict[str, float]:
+    """Epoch 0 warms up; epoch 1 is timed: wall time from iterator creation, and time inside next()."""
+    import time as _time
+
+    stats: dict[str, float] = {}
+    for epoch in range(2):
+        set_epoch(epoch)
+        start = _time.perf_counter()
+        wait, samples = 0.0, 0
+        batches = iter(loader)
+        for _ in range(steps):
+            t0 = _time.perf_counter()
+            x, y = next(batches)
+            wait += _time.perf_counter() - t0
+            samples += step(x, y)
+        sync()
+        del batches
+        stats = {"time": _time.perf_counter() - start, "wait": wait, "samples": float(samples)}
+    return stats
+
+
+def _reduce_and_write(spec: dict[str, Any], stats: dict[str, float], rank: int) -> None:
+    """Global samples over the slowest rank's time, as dtrain's StepTimer reports it."""
+    import torch
+    import torch.distributed as dist
+
+    times = torch.tensor([stats["time"]], dtype=torch.float64)
+    sums = torch.tensor([stats["samples"], stats["wait"], stats["time"]], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        times, sums = times.to(device), sums.to(device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    if rank == 0:
+        slowest = float(times[0])
+        result = {
+            "samples_per_s": float(sums[0]) / slowest,
+            "data_wait_frac": float(sums[1]) / float(sums[2]),
+            "epoch_time_s": slowest,
+            "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads(),
+        }
+        Path(spec["out"]).write_text(json.dumps(result))
+
+
+def _loss_step(model: Any, criterion: Any, optimizer: Any, device: Any, backward: Callable[[Any], None], sums: Any):  # type: ignore[no-untyped-def]
+    """forward, loss, zero_grad, backward, step; loss and accuracy sums stay on the device."""
+    import torch
+
+    def step(x: Any, y: Any) -> int:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        output = model(x)
+        loss = criterion(output, y)
+        optimizer.zero_grad()
+        backward(loss)
+        optimizer.step()
+        with torch.no_grad():
+            sums.add_(torch.stack([loss.detach() * y.shape[0], (output.argmax(dim=1) == y).sum().to(sums.dtype)]))
+        return int(y.shape[0])
+
+    return step
+
+
+def worker_ddp(spec: dict[str, Any]) -> None:
+    """The DDP tutorial's loop (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK)."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dist.init_process_group("nccl" if spec["device"] == "cuda" else "gloo")
+    rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
+    device = _device_for(spec, local_rank)
+    dataset = _dataset(spec)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=spec["batch"], sampler=sampler, **_loader_kwargs(spec))
+    torch.manual_seed(0)
+    model = build_workload_model(WORKLOADS[spec["workload"]]).to(device)
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sums = torch.zeros(2, device=device)
+
+    def backward(loss: Any) -> None:
+        # no_sync = compute only: the difference to a normal run is the gradient all-reduce's cost.
+        with model.no_sync() if spec.get("no_sync") else contextlib.nullcontext():
+            loss.backward()
+
+    step = _loss_step(model, torch.nn.CrossEntropyLoss(), optimizer, device, backward, sums)
+    stats = _timed_epochs(loader, step, spec["steps"], sampler.set_epoch, _sync_fn(device))
+    _reduce_and_write(spec, stats, rank)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts the peer)
+    dist.destroy_process_group()
+
+
+def worker_accelerate(spec: dict[str, Any]) -> None:
+    """Accelerate's quick-tour loop."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    accelerator = Accelerator(cpu=spec["device"] == "cpu")
+    dataset = _dataset(spec)
+    loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, **_loader_kwargs(spec))
+    torch.manual_seed(0)
+    model = build_workload_model(WORKLOADS[spec["workload"]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    sums = torch.zeros(2, device=accelerator.device)
+    step = _loss_step(model, torch.nn.CrossEntropyLoss(), optimizer, accelerator.device, accelerator.backward, sums)
+    stats = _timed_epochs(loader, step, spec["steps"], loader.set_epoch, _sync_fn(accelerator.device))
+    _reduce_and_write(spec, stats, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def worker_fabric(spec: dict[str, Any]) -> None:
+    """Lightning Fabric's loop; under torchrun Fabric joins the existing processes instead of spawning."""
+    import torch
+    from lightning.fabric import Fabric
+    from torch.utils.data import DataLoader
+
+    nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    accelerator = "cuda" if spec["device"] == "cuda" else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=nproc, strategy="ddp" if nproc > 1 else "auto", precision="32-true")
+    fabric.launch()
+    dataset = _dataset(spec)
+    loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, **_loader_kwargs(spec))
+    torch.manual_seed(0)
+    model = build_workload_model(WORKLOADS[spec["workload"]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, optimizer = fabric.setup(model, optimizer)
+    loader = fabric.setup_dataloaders(loader)
+    sums = torch.zeros(2, device=fabric.device)
+    step = _loss_step(model, torch.nn.CrossEntropyLoss(), optimizer, fabric.device, fabric.backward, sums)
+
+    def set_epoch(epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    stats = _timed_epochs(loader, step, spec["steps"], set_epoch, _sync_fn(fabric.device))
+    _reduce_and_write(spec, stats, fabric.global_rank)
+    fabric.barrier()
+
+
+def _sync_fn(device: Any) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+WORKERS = {"ddp": worker_ddp, "accelerate": worker_accelerate, "fabric": worker_fabric}
+
+
+# ============================================================================ driver side
+@dataclass
+class Run:
+    """One measured run of one contender."""
+
+    workload: str
+    contender: str  # dtrain | ddp | accelerate | fabric (| ddp-nosync)
+    variant: str  # h5 | mem
+    nproc: int
+    samples_per_s: float = float("nan")
+    data_wait_frac: float = float("nan")
+    peak_rss_mb: float = float("nan")
+    epoch_time_s: float = float("nan")
+    wall_s: float = float("nan")
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}/{self.contender}-{self.variant}/P{self.nproc}"
+
+
+@dataclass
+class Settings:
+    device: str
+    num_workers: int
+    quick: bool
+    workdir: Path
+    steps: dict[str, int] = field(default_factory=dict)
+    verbose: bool = False
+    threads: int = 0  # per process; 0 = cores // P, what dtrain launch gives CPU workers
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_env(nproc: int, settings: Settings, threads: int | None = None) -> dict[str, str]:
+    """What dtrain's launcher gives its CPU workers: cores // nproc threads each, no stray rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = str(threads or max(1, cores() // nproc))
+    env["PYTHONWARNINGS"] = "ignore"
+    if settings.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _run_process(argv: list[str], env: dict[str, str], timeout: float, verbose: bool) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return wall, (proc.stderr or proc.stdout)[-2000:]
+    if verbose:
+        print(proc.stderr[-1000:])
+    return wall, ""
+
+
+def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: bool = False, threads: int | None = None) -> Run:
+    out = Path(tempfile.mkstemp(prefix="peer-", suffix=".json", dir=settings.workdir)[1])
+    spec = {
+        "workload": run.workload, "data": str(data), "variant": run.variant, "device": settings.device,
+        "batch": GLOBAL_BATCH[run.workload] // run.nproc, "steps": steps, "num_workers": settings.num_workers,
+        "out": str(out), "no_sync": no_sync,
+    }
+    kind = run.contender.removesuffix("-nosync")
+    argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.nproc}",
+            str(THIS), "--worker", kind, "--spec", json.dumps(spec)]
+    env = worker_env(run.nproc, settings, threads or settings.threads or None)
+    run.wall_s, run.error = _run_process(argv, env, 900, settings.verbose)
+    if not run.error:
+        result = json.loads(out.read_text())
+        run.samples_per_s, run.data_wait_frac = result["samples_per_s"], result["data_wait_frac"]
+        run.peak_rss_mb, run.epoch_time_s = result["peak_rss_mb"], result["epoch_time_s"]
+    out.unlink(missing_ok=True)
+    return run
+
+
+def dtrain_command(cfg: Path, run_dir: Path, nproc: int, device: str) -> list[str]:
+    gpus = ["--gpus", "cpu", "--nproc", str(nproc)] if device == "cpu" else ["--gpus", str(nproc)]
+    return [PY, "-m", "launcher.cli", "launch", str(cfg), *gpus, "--run-dir", str(run_dir), "--resume", "never"]
+
+
+def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in (json.loads(line) for line in lines if line.strip()) if r.get("kind") == "epoch"]
+
+
+def direct_torchrun(cfg: Path, run_dir: Path, nproc: int, settings: Settings, threads: int | None) -> tuple[list[str], dict[str, str]]:
+    """What the launcher's plan runs, minus the launcher: torchrun straight on the worker module, with the
+    same DTRAIN_* variables (and ``threads`` per process, which ``dtrain launch`` would set to cores // P)."""
+    shutil.copy(cfg, run_dir / "config.toml")
+    env = worker_env(nproc, settings, threads)
+    env.update({"DTRAIN_RUN_DIR": str(run_dir), "DTRAIN_RESUME": "never", "PYTHONUNBUFFERED": "1"})
+    if settings.device == "cpu":
+        env["DTRAIN_DEVICE"] = "cpu"
+    argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "dist_train",
+            str(run_dir / "config.toml")]
+    return argv, env
+
+
+def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads: int | None = None) -> Run:
+    """Through ``dtrain launch``; through torchrun directly when a thread count is forced (the launcher
+    always gives CPU workers cores // P threads)."""
+    workload = WORKLOADS[run.workload]
+    run_dir = Path(tempfile.mkdtemp(prefix="dtrain-run-", dir=settings.workdir))
+    cfg = dtrain_config(
+        settings.workdir / f"dtrain-{run.workload}.toml", workload, data,
+        batch_size=GLOBAL_BATCH[run.workload] // run.nproc, steps_per_epoch=steps, epochs=2,
+        num_workers=settings.num_workers, output_dir=settings.workdir / "runs",
+    )
+    threads = threads or settings.threads
+    if threads:
+        argv, env = direct_torchrun(cfg, run_dir, run.nproc, settings, threads)
+    else:
+        argv, env = dtrain_command(cfg, run_dir, run.nproc, settings.device), worker_env(run.nproc, settings)
+    run.wall_s, run.error = _run_process(argv, env, 900, settings.verbose)
+    if not run.error:
+        last = epoch_records(run_dir)[-1]  # epoch 1 warms up, the last one is timed
+        run.samples_per_s, run.data_wait_frac = last["samples_per_s"], last["data_wait_frac"]
+        run.peak_rss_mb, run.epoch_time_s = last["peak_memory_mb"], last["epoch_time_s"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run
+
+
+# ---------------------------------------------------------------------------- throughput
+def contender_list(variants: list[str]) -> list[tuple[str, str]]:
+    """dtrain (always its HDF5 loader), then each peer with each data variant; the in-memory plain DDP
+    loop is always there, since the plain-loop target compares against it."""
+    pairs = [("dtrain", "h5")] + [(peer, variant) for peer in PEERS for variant in variants]
+    return pairs if ("ddp", "mem") in pairs else [*pairs[:2], ("ddp", "mem"), *pairs[2:]]
+
+
+def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[str, str]], repeats: int,
+               settings: Settings) -> list[Run]:
+    """All contenders interleaved: for each repeat, every (workload, P, contender) once."""
+    runs: list[Run] = []
+    plan = [(name, who, variant, nproc) for name in workloads for nproc in nprocs for who, variant in contenders]
+    for rep in range(repeats):
+        for name, contender, variant, nproc in plan:
+            steps = settings.steps[name]
+            data = ensure_data(WORKLOADS[name], steps * GLOBAL_BATCH[name])
+            run = Run(name, contender, variant, nproc)
+            (run_dtrain if contender == "dtrain" else run_peer)(run, data, steps, settings)
+            runs.append(run)
+            status = f"ERROR {run.error.strip().splitlines()[-1] if run.error else ''}" if run.error else (
+                f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB")
+            print(f"  [{rep + 1}/{repeats}] {run.key:32} {status}  ({run.wall_s:.1f} s wall)", flush=True)
+            if run.error and settings.verbose:
+                print(run.error)
+    return runs
+
+
+def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if not run.error:
+            groups.setdefault(run.key, []).append(run)
+    return {
+        key: {
+            "samples_per_s": median([r.samples_per_s for r in group]),
+            "data_wait_frac": median([r.data_wait_frac for r in group]),
+            "peak_rss_mb": median([r.peak_rss_mb for r in group]),
+            "runs": len(group),
+            "all_samples_per_s": [r.samples_per_s for r in group],  # type: ignore[dict-item]
+        }
+        for key, group in groups.items()
+    }
+
+
+def print_throughput(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int]) -> None:
+    print(f"\n{'workload/contender/P':34} {'samples/s':>10} {'dtrain/x':>9} {'wait':>7} {'rss MB':>7}  runs")
+    for name in workloads:
+        for nproc in nprocs:
+            ref = summary.get(f"{name}/dtrain-h5/P{nproc}", {}).get("samples_per_s", float("nan"))
+            for key, s in summary.items():
+                if key.startswith(f"{name}/") and key.endswith(f"/P{nproc}"):
+                    runs = " ".join(f"{v:.0f}" for v in s["all_samples_per_s"])  # type: ignore[attr-defined]
+                    print(f"{key:34} {s['samples_per_s']:10.0f} {ref / s['samples_per_s']:9.3f} "
+                          f"{s['data_wait_frac']:7.1%} {s['peak_rss_mb']:7.0f}  {runs}")
+
+
+def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int]) -> list[str]:
+    """One RESULT per target: the worst ratio over P for each workload and peer."""
+    lines = []
+    targets = [(peer, "h5", PEER_TARGET) for peer in PEERS] + [("ddp", "mem", PLAIN_TARGET)]
+    for name in workloads:
+        for peer, variant, target in targets:
+            ratios = []
+            for nproc in nprocs:
+                mine = summary.get(f"{name}/dtrain-h5/P{nproc}")
+                theirs = summary.get(f"{name}/{peer}-{variant}/P{nproc}")
+                if mine and theirs:
+                    ratios.append(mine["samples_per_s"] / theirs["samples_per_s"])
+            if ratios:
+                lines.append(result_line(f"compare_{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target))
+    return lines
+
+
+# ---------------------------------------------------------------------------- scaling
+def scaling(workload: str, repeats: int, settings: Settings) -> dict[str, Any]:
+    """Same global batch: 1 process x 2 threads vs 2 processes x 1 thread (dtrain through torchrun, and the
+    in-memory DDP loop), plus the DDP loop without its gradient all-reduce (``no_sync``); interleaved."""
+    steps = settings.steps[workload]
+    data = ensure_data(WORKLOADS[workload], steps * GLOBAL_BATCH[workload])
+    cases = [("dtrain", 1, 2, False), ("dtrain", 2, 1, False), ("ddp", 1, 2, False), ("ddp", 2, 1, False),
+             ("ddp", 2, 1, True)]
+    rates: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for contender, nproc, threads, no_sync in cases:
+            label = f"{contender}{' no_sync' if no_sync else ''} {nproc}proc x {threads}thr"
+            run = Run(workload, contender, "h5" if contender == "dtrain" else "mem", nproc)
+            if contender == "dtrain":
+                run_dtrain(run, data, steps, settings, threads=threads)
+            else:
+                run_peer(run, data, steps, settings, no_sync=no_sync, threads=threads)
+            if run.error:
+                print(f"  {label}: ERROR {run.error.strip().splitlines()[-1]}")
+                continue
+            rates.setdefault(label, []).append(run.samples_per_s)
+            print(f"  {label:28} {run.samples_per_s:9.0f} samples/s", flush=True)
+    out: dict[str, Any] = {label: median(values) for label, values in rates.items()}
+    print(f"strong scaling, {workload}, global batch {GLOBAL_BATCH[workload]} (medians of {repeats}):")
+    for label, value in list(out.items()):
+        print(f"  {label:28} {value:9.0f} samples/s")
+    for contender in ("dtrain", "ddp"):
+        one, two = out.get(f"{contender} 1proc x 2thr"), out.get(f"{contender} 2proc x 1thr")
+        if one and two:
+            out[f"{contender}_speedup_2proc_vs_1proc"] = two / one
+            print(f"  {contender}: 2 processes x 1 thread / 1 process x 2 threads = {two / one:.2f}x")
+    sync, nosync = out.get("ddp 2proc x 1thr"), out.get("ddp no_sync 2proc x 1thr")
+    if sync and nosync:
+        out["ddp_allreduce_overhead_frac"] = 1 - sync / nosync
+        print(f"  DDP gradient all-reduce cost (1 - with / without all-reduce): {1 - sync / nosync:.1%}")
+    return out
+
+
+# ---------------------------------------------------------------------------- cost growth
+GROWTH_WORKLOAD = Workload("growth", {"name": "mlp", "hidden": [16], "num_classes": 10}, "image", (1, 4, 4), 10)
+
+
+def dataset_growth(sizes: list[int], settings: Settings) -> list[dict[str, float]]:
+    """One full epoch of a tiny MLP on 16-float samples: time should grow linearly, memory stay flat."""
+    rows = []
+    for events in sizes:
+        data = ensure_data(GROWTH_WORKLOAD, events)
+        run = Run("growth", "dtrain", "h5", 1)
+        run_dtrain_full_epoch(run, data, settings)
+        row = {"samples": events, "epoch_time_s": run.epoch_time_s, "peak_rss_mb": run.peak_rss_mb,
+               "file_mb": data.stat().st_size / 1e6, "samples_per_s": run.samples_per_s}
+        rows.append(row)
+        print(f"  {events:>9} samples ({row['file_mb']:6.1f} MB file): epoch {run.epoch_time_s:7.2f} s, "
+              f"{run.samples_per_s:8.0f} samples/s, peak RSS {run.peak_rss_mb:6.0f} MB {run.error[-200:]}", flush=True)
+    return rows
+
+
+def run_dtrain_full_epoch(run: Run, data: Path, settings: Settings) -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="dtrain-growth-", dir=settings.workdir))
+    cfg = dtrain_config(settings.workdir / "growth.toml", GROWTH_WORKLOAD, data, batch_size=256, steps_per_epoch=0,
+                        epochs=1, num_workers=settings.num_workers, output_dir=settings.workdir / "runs")
+    run.wall_s, run.error = _run_process(dtrain_command(cfg, run_dir, 1, settings.device), worker_env(1, settings), 1800, False)
+    if not run.error:
+        last = epoch_records(run_dir)[-1]
+        run.samples_per_s, run.epoch_time_s, run.peak_rss_mb = last["samples_per_s"], last["epoch_time_s"], last["peak_memory_mb"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def model_growth(param_counts: list[int], settings: Settings) -> list[dict[str, float]]:
+    """Checkpoint (model + Adam state, CheckpointManager.save: sha256 + fsync + rename) time and size."""
+    import torch
+
+    from dist_train.checkpoint import CheckpointManager
+
+    rows = []
+    for target in param_counts:
+        width = min(4000, max(100, int((target / 4) ** 0.5)))  # about 4 square layers, at most 4000 wide
+        layers = max(1, round(target / (width * width + width)))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model(torch.randn(2, width)).sum().backward()
+        optimizer.step()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0, "step": 1}
+        directory = Path(tempfile.mkdtemp(prefix="ckpt-growth-", dir=settings.workdir))
+        manager = CheckpointManager(directory, keep_last=1)
+        start = time.perf_counter()
+        path = manager.save(state, epoch=0, step=1)
+        seconds = time.perf_counter() - start
+        params = sum(p.numel() for p in model.parameters())
+        row = {"params": params, "checkpoint_s": seconds, "checkpoint_mb": Path(path).stat().st_size / 1e6}
+        rows.append(row)
+        print(f"  {params:>11,} params: checkpoint {row['checkpoint_mb']:8.1f} MB in {seconds:6.2f} s "
+              f"({row['checkpoint_mb'] / max(seconds, 1e-9):6.0f} MB/s)", flush=True)
+        manager.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        del model, optimizer, state
+    return rows
+
+
+# ---------------------------------------------------------------------------- start-up
+def wait_for_first_step(proc: subprocess.Popen[bytes], metrics: Path, start: float, timeout: float = 300) -> float:
+    """Seconds from ``start`` until metrics.jsonl holds the step-1 record (log_every = 1)."""
+    while time.perf_counter() - start < timeout:
+        if metrics.exists() and '"step": 1' in metrics.read_text():
+            return time.perf_counter() - start
+        if proc.poll() is not None and not (metrics.exists() and '"step": 1' in metrics.read_text()):
+            raise RuntimeError(f"the run ended (exit {proc.returncode}) before its first step")
+        time.sleep(0.005)
+    raise TimeoutError("no first step")
+
+
+def startup(repeats: int, settings: Settings) -> dict[str, Any]:
+    """``dtrain launch`` vs ``torchrun -m dist_train`` on the same resolved config, to the first step record."""
+    workload = WORKLOADS["mlp"]
+    data = ensure_data(workload, 2000)
+    cfg = dtrain_config(settings.workdir / "startup.toml", workload, data, batch_size=32, steps_per_epoch=3, epochs=1,
+                        num_workers=0, output_dir=settings.workdir / "runs", log_every=1)
+    times: dict[str, list[float]] = {"dtrain launch": [], "torchrun": []}
+    for _ in range(repeats):
+        for how in times:
+            run_dir = Path(tempfile.mkdtemp(prefix="startup-", dir=settings.workdir))
+            if how == "dtrain launch":
+                argv, env = dtrain_command(cfg, run_dir, 1, settings.device), worker_env(1, settings)
+            else:
+                argv, env = direct_torchrun(cfg, run_dir, 1, settings, None)
+            start = time.perf_counter()
+            proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                times[how].append(wait_for_first_step(proc, run_dir / "metrics.jsonl", start))
+            finally:
+                proc.wait(timeout=300)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    out = {how: median(values) for how, values in times.items()}
+    out["extra_s"] = out["dtrain launch"] - out["torchrun"]
+    for how, values in times.items():
+        print(f"  {how:14} median {median(values):6.2f} s to the first step   runs: "
+              + " ".join(f"{v:.2f}" for v in values))
+    print(f"  dtrain launch - torchrun: {out['extra_s']:+.2f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------- plot
+def plot(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], workloads, strict=True):
+        labels = sorted({key.split("/")[1] for key in summary if key.startswith(f"{name}/")},
+                        key=lambda c: (not c.startswith("dtrain"), c))
+        width = 0.8 / max(1, len(nprocs))
+        for i, nproc in enumerate(nprocs):
+            values = [summary.get(f"{name}/{label}/P{nproc}", {}).get("samples_per_s", 0.0) for label in labels]
+            ax.bar([x + i * width for x in range(len(labels))], values, width, label=f"{nproc} process(es)")
+        ax.set_xticks([x + width * (len(nprocs) - 1) / 2 for x in range(len(labels))], labels, rotation=35, ha="right")
+        ax.set_title(name)
+        ax.set_ylabel("samples/s (median)")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced everything (a few minutes on 2 cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--workloads", default="", help="default mlp,cnn,simple_mlp (quick: mlp); resnet18 is opt-in on the CPU")
+    p.add_argument("--nprocs", default="1,2")
+    p.add_argument("--variants", default="", help="peers' data: h5,mem (quick: h5; the in-memory DDP loop always runs)")
+    p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 3; quick 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process for every contender (0 = cores // P, as dtrain launch sets; "
+                        "1 avoids OpenMP oversubscription on a loaded shared machine; dtrain then runs via torchrun)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process (0 on a 2-core CPU)")
+    p.add_argument("--sections", default="throughput,scaling,growth,startup")
+    p.add_argument("--json", type=Path, default=None, help="write all numbers to this file")
+    p.add_argument("--plot", type=Path, default=BENCH_DIR / "compare.png")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        WORKERS[args.worker](json.loads(args.spec))
+        return 0
+    workloads = (args.workloads or ("mlp" if args.quick else "mlp,cnn,simple_mlp")).split(",")
+    nprocs = [int(n) for n in args.nprocs.split(",")]
+    contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","))
+    repeats = args.repeats or (2 if args.quick else 3)
+    sections = args.sections.split(",")
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": machine_summary(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                              "command": " ".join([Path(PY).name, *sys.argv]), "device": args.device}
+    print(report["machine"])
+    results: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="compare-", dir=BENCH_DIR) as tmp:
+        settings = Settings(args.device, args.num_workers, args.quick, Path(tmp),
+                            steps=QUICK_STEPS if args.quick else STEPS, verbose=args.verbose,
+                            threads=args.threads)
+        if "throughput" in sections:
+            print(f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {GLOBAL_BATCH}")
+            runs = throughput(workloads, nprocs, contenders, repeats, settings)
+            summary = summarize(runs)
+            print_throughput(summary, workloads, nprocs)
+            report["throughput"] = {"runs": [asdict(r) for r in runs], "summary": summary}
+            results += ratio_results(summary, workloads, nprocs)
+            plot(summary, workloads, nprocs, args.plot)
+        if "scaling" in sections:
+            print("\nstrong scaling")
+            report["scaling"] = scaling(workloads[-1], repeats, settings)
+        if "growth" in sections:
+            print("\ncost growth: dataset size (dtrain, 1 process, one full epoch, batch 256, 16-float samples)")
+            report["dataset_growth"] = dataset_growth([10**4, 10**5] if args.quick else [10**4, 10**5, 10**6], settings)
+            print("cost growth: model size (checkpoint of model + Adam state)")
+            report["model_growth"] = model_growth([10**5, 10**6, 10**7] if args.quick else [10**5, 10**6, 10**7, 10**8], settings)
+        if "startup" in sections:
+            print(f"\nstart-up to the first training step ({2 if args.quick else 5} interleaved repeats)")
+            report["startup"] = startup(2 if args.quick else 5, settings)
+            results.append(result_line("startup_extra_s", report["startup"]["extra_s"], "<=", STARTUP_TARGET_S, fmt=".2f"))
+    report["load_average_after"] = load_average()
+    report["results"] = results
+    print(f"\nload average after the run: {report['load_average_after']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    for line in results:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
