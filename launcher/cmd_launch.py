@@ -26,7 +26,15 @@ def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str) -> tuple[Path
     """Returns (run directory, whether it is an existing run that will be resumed)."""
     if run_dir:
         path = Path(run_dir).expanduser()
-        return path, (path / "checkpoints" / "latest").is_file() and resume != "never"
+        has_checkpoints = any((path / "checkpoints").glob("ckpt-*.pt"))
+        if resume == "never" and has_checkpoints:
+            # A fresh run's checkpoints would sit beside the old run's, and a later `--resume auto`
+            # would pick whichever has the higher step: two runs mixed into one.
+            raise ConfigError(
+                f"--resume never with --run-dir {path}: that directory already holds checkpoints of another run. "
+                "Use a new --run-dir, resume it (--resume auto), or delete its checkpoints/ folder first."
+            )
+        return path, has_checkpoints and resume != "never"
     if resume == "auto":
         found = newest_resumable_run(cfg.run.output_dir, cfg.run.name)
         if found is not None:

@@ -126,3 +126,14 @@ def test_incompatible_config_change_on_resume_is_refused_and_checkpoint_kept(tmp
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir),
                      "--set", "train.epochs=2", cwd=tmp_path))
     assert [r["epoch"] for r in records(run_dir, "epoch")] == [0, 1]
+
+
+def test_resume_never_into_a_run_dir_with_checkpoints_is_refused(tmp_path: Path) -> None:
+    data = make_image_h5(tmp_path / "d.h5", events=200)
+    cfg = write_config(tmp_path / "c.toml", data, train={"epochs": 1, "precision": "fp32"})
+    run_dir = tmp_path / "r"
+    assert_ok(dtrain("launch", "--debug", str(cfg), "--run-dir", str(run_dir), cwd=tmp_path))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = dtrain("launch", "--debug", str(cfg), "--run-dir", str(run_dir), "--resume", "never", cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
