@@ -93,7 +93,11 @@ class LazyH5Dataset:
         import h5py
 
         self.path, self.x_key, self.y_key = str(path), x_key, y_key
-        with h5py.File(self.path, "r") as f:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError:  # see __getitem__
+            f = h5py.File(self.path, "r", locking=False)
+        with f:
             self.length = int(f[y_key].shape[0])
         self._file: Any = None
 

@@ -4,11 +4,17 @@ Two contiguous files, read in random order (the training sampler's shuffled batc
   small: 784 float32 per sample (MNIST-sized); large: 16x40x38 float32 (water-Cherenkov events).
 Readers:
   memmap     raw ``mm[idx]`` fancy-index gather per batch: the bandwidth limit of the page cache;
-  dtrain-w0  dtrain's DataLoader (IndexBatch -> one gather per batch), no workers;
-  dtrain-w2  the same with 2 fork workers (persistent; the first pass warms them up, not timed);
+  dtrain-w0  dtrain's loader (``make_loader``, default ``data.worker_mode = "auto"``), num_workers 0:
+             IndexBatch -> one gather per batch, in the calling thread;
+  dtrain-w2  the same with num_workers 2: on these contiguous files "auto" reads with threads
+             (as many as there are other CPUs, so 1 here), up to prefetch_factor x 2 batches ahead;
+  proc-w2    dtrain with ``worker_mode = "process"``: 2 fork DataLoader workers (persistent; the
+             first pass warms them up, not timed): the loader dtrain used before threads;
   ipc-w2     2 workers that only return a fresh batch-sized tensor: the floor any worker-based
              loader pays to move batches between processes on this machine;
   h5py-1x1   the tutorial Dataset: one open handle, ``dset[i]`` per sample, default collate.
+The consumer does nothing with a batch but take its length: the loader's own cost, the worst case
+for prefetching (with a real training step the reads overlap the step).
 The files are freshly written, so they are in the page cache: this measures CPU cost, not disk.
 
     python benchmarks/h5_loader.py [--quick] [--dir DIR]
@@ -20,6 +26,7 @@ dtrain >= 10x the per-sample h5py reader for small samples.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -108,6 +115,17 @@ def consume(batches: Iterable[Any]) -> int:
     return n
 
 
+STEP_WEIGHT = torch.randn(784, 512)
+
+
+def consume_with_step(xs: Iterable[torch.Tensor]) -> int:
+    n = 0
+    for x in xs:
+        (x.reshape(len(x), -1)[:, :784] @ STEP_WEIGHT).relu_()
+        n += len(x)
+    return n
+
+
 def measure(path: Path, batch: int, samples: int, repeats: int, slow_samples: int) -> dict[str, float]:
     """Best samples/s of each reader; the readers take turns so load bursts hit them alike."""
     with h5py.File(path, "r", locking=False) as f:
@@ -117,9 +135,11 @@ def measure(path: Path, batch: int, samples: int, repeats: int, slow_samples: in
     batches = fixed_batches(len(mm), batch, samples)
     split = H5Split(path, np.arange(len(mm)))
     loader0 = make_loader(split, batches, DataConfig(num_workers=0), train=False, device_type="cpu")
-    cfg2 = DataConfig(num_workers=2, persistent_workers=True, prefetch_factor=4, start_method="fork")
-    loader2 = make_loader(split, batches, cfg2, train=False, device_type="cpu")
-    consume(loader2)  # start the workers and open the file in them (not timed)
+    loader2 = make_loader(split, batches, data_config(2, "auto"), train=False, device_type="cpu")
+    proc2 = make_loader(split, batches, data_config(2, "process"), train=False, device_type="cpu")
+    consume(loader0)  # warm the buffers (not timed)
+    consume(loader2)
+    consume(proc2)  # start the workers and open the file in them (not timed)
     floor2 = DataLoader(FreshTensors((batch, *mm.shape[1:]), len(batches)), batch_size=None, num_workers=2,
                         persistent_workers=True, prefetch_factor=4, multiprocessing_context="fork")
     consume(floor2)
@@ -127,7 +147,13 @@ def measure(path: Path, batch: int, samples: int, repeats: int, slow_samples: in
         "memmap": lambda: sum(len(mm[np.asarray(b)]) for b in batches),
         "dtrain-w0": lambda: consume(loader0),
         "dtrain-w2": lambda: consume(loader2),
+        "proc-w2": lambda: consume(proc2),
         "ipc-w2": lambda: consume(floor2),
+        # With a stand-in training step (a GIL-releasing matmul) after each batch: can the reads hide
+        # behind it? (information only, no target)
+        "memmap+step": lambda: consume_with_step(torch.from_numpy(mm[np.asarray(b)]) for b in batches),
+        "dtrain-w0+step": lambda: consume_with_step(b["x"] for b in loader0),
+        "dtrain-w2+step": lambda: consume_with_step(b["x"] for b in loader2),
     }
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
@@ -145,6 +171,16 @@ def measure(path: Path, batch: int, samples: int, repeats: int, slow_samples: in
     return best
 
 
+def data_config(workers: int, mode: str) -> DataConfig:
+    cfg = DataConfig(num_workers=workers, persistent_workers=True, prefetch_factor=4, start_method="fork")
+    cfg.worker_mode = mode  # type: ignore[assignment]
+    return cfg
+
+
+def load_average() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller files and fewer samples (under ~2 minutes)")
@@ -158,14 +194,16 @@ def main() -> None:
     ratios_w0: list[float] = []
     ratios_w2: list[float] = []
     ratios_h5: list[float] = []
+    steps: list[str] = []
+    print(f"load average at start: {load_average()} ({len(os.sched_getaffinity(0))} CPUs)")
     args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for name, shape in SHAPES.items():
             path = write_file(Path(tmp) / f"{name}.h5", sizes[name], shape)
             print(f"\n{name}: {sizes[name]} samples of {shape} float32 ({path.stat().st_size / 1e6:.0f} MB), "
                   "random order, samples/s (best of 5; w0/mm, w2/mm: median of per-round ratios)")
-            print(f"  {'batch':>5}  {'memmap':>10}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'ipc-w2':>10}  "
-                  f"{'h5py-1x1':>10}   w0/mm  w2/mm  w2/ipc  w0/h5py")
+            print(f"  {'batch':>5}  {'memmap':>10}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'proc-w2':>10}  "
+                  f"{'ipc-w2':>10}  {'h5py-1x1':>10}   w0/mm  w2/mm  p2/ipc  w0/h5py  load")
             for batch in BATCHES:
                 r = measure(path, batch, samples[name], repeats, slow_samples[name])
                 w0, w2 = r["dtrain-w0/memmap"], r["dtrain-w2/memmap"]
@@ -175,9 +213,14 @@ def main() -> None:
                 if name == "small":
                     ratios_h5.append(vs_h5)
                 print(f"  {batch:>5}  {r['memmap']:>10.0f}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  "
-                      f"{r['ipc-w2']:>10.0f}  {r['h5py-1x1']:>10.0f}   {w0:5.2f}  {w2:5.2f}  "
-                      f"{r['dtrain-w2'] / r['ipc-w2']:6.2f}  {vs_h5:7.1f}")
-    print()
+                      f"{r['proc-w2']:>10.0f}  {r['ipc-w2']:>10.0f}  {r['h5py-1x1']:>10.0f}   {w0:5.2f}  {w2:5.2f}  "
+                      f"{r['proc-w2'] / r['ipc-w2']:6.2f}  {vs_h5:7.1f}  {os.getloadavg()[0]:.1f}")
+                steps.append(f"  {name:>5} {batch:>5}  {r['memmap+step']:>12.0f}  {r['dtrain-w0+step']:>13.0f}  "
+                             f"{r['dtrain-w2+step']:>13.0f}   {r['dtrain-w2+step'] / r['dtrain-w0+step']:5.2f}")
+    print("\nwith a stand-in training step after each batch (784x512 matmul + relu), samples/s (best of 5):")
+    print(f"  {'file':>5} {'batch':>5}  {'memmap+step':>12}  {'dtrain-w0+st':>13}  {'dtrain-w2+st':>13}   w2/w0")
+    print("\n".join(steps))
+    print(f"\nload average at end: {load_average()}")
     for name, values, target in (
         ("dtrain_w0_vs_memmap_min", ratios_w0, 0.7),
         ("dtrain_w2_vs_memmap_min", ratios_w2, 0.7),

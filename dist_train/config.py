@@ -67,6 +67,10 @@ class DataConfig:
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
     # DataLoader worker start method ("" = the platform default); all three are supported.
     start_method: Literal["", "fork", "spawn", "forkserver"] = ""
+    # How num_workers read ahead: "thread" (prefetch threads, no inter-process copies: best for
+    # contiguous uncompressed files), "process" (DataLoader worker processes: decompression,
+    # heavy transforms), "auto" (threads on the memory-map fast path, processes otherwise).
+    worker_mode: Literal["auto", "process", "thread"] = "auto"
 
 
 @dataclass

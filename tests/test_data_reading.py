@@ -157,6 +157,7 @@ def test_labels_cast_to_int64(tmp_path: Path) -> None:
 def test_workers_with_each_start_method(contiguous: Path, compressed: Path, method: str) -> None:
     path = compressed if method == "spawn" else contiguous
     cfg = config_for(path, num_workers=2, start_method=method, persistent_workers=True, prefetch_factor=2)
+    cfg.data.worker_mode = "process"  # "auto" reads contiguous files with threads
     bundle = build_data(cfg, run_dir=None)
     assert bundle.val is not None
     sampler = ShardedEvalBatchSampler(len(bundle.val), num_replicas=1, rank=0, batch_size=8)
@@ -175,6 +176,7 @@ def test_workers_with_each_start_method(contiguous: Path, compressed: Path, meth
 
 def test_worker_batches_arrive_in_shared_memory(contiguous: Path) -> None:
     cfg = config_for(contiguous, num_workers=1, persistent_workers=False, start_method="fork")
+    cfg.data.worker_mode = "process"
     bundle = build_data(cfg, run_dir=None)
     sampler = ShardedEvalBatchSampler(len(bundle.train), num_replicas=1, rank=0, batch_size=32)
     batch = next(iter(make_loader(bundle.train, sampler, cfg.data, train=False, device_type="cpu")))
@@ -184,6 +186,7 @@ def test_worker_batches_arrive_in_shared_memory(contiguous: Path) -> None:
 
 def test_make_loader_options(contiguous: Path) -> None:
     cfg = config_for(contiguous, num_workers=0)
+    cfg.data.worker_mode = "process"  # the DataLoader path
     split = build_data(cfg, run_dir=None).train
     sampler = ShardedEvalBatchSampler(len(split), num_replicas=1, rank=0, batch_size=8)
     loader = make_loader(split, sampler, cfg.data, train=True, device_type="cpu")

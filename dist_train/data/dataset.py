@@ -87,24 +87,98 @@ class H5Split(Dataset):  # type: ignore[type-arg]
             one = self[[int(batch)]]
             assert isinstance(one, dict)
             return {k: v[0] for k, v in one.items()}
-        positions = np.asarray(batch, dtype=np.int64).reshape(-1)
+        if self.pack_in_workers and get_worker_info() is not None:
+            positions = _positions(batch)
+            # Fancy indexing raises IndexError past the end; samplers never produce negative positions.
+            rows = self.rows[positions]
+            try:
+                return self._read_packed(positions, rows, int(getattr(batch, "seed", 0)))
+            except OSError as exc:
+                raise self._read_error(exc) from None
+        return self.finish_in_consumer(self.gather(self.plan(batch)), batch)
+
+    def _read_error(self, exc: OSError) -> DataError:
+        return DataError(
+            f"reading rows of {self.path!r} failed ({exc}); the file is corrupt, truncated or was replaced "
+            "while training."
+        )
+
+    # ------------------------------------------------------------------ in-process prefetch
+    def on_fast_path(self) -> bool:
+        """Whether every per-batch read (x and the extra keys) is a memmap gather (no HDF5 call)."""
+        return all(reader.uses_memmap for reader in (self._x, *self._extra.values()))
+
+    def prepare_in_this_process(self) -> None:
+        """Open the files and build the caches now, before reader threads share this object."""
+        self._sample_specs()
+        self._split_labels()
+        self._x.sample_shape()
+
+    @property
+    def defers_random_transforms(self) -> bool:
+        return self.transforms.is_random
+
+    def raw_x_shape(self, batch: Any) -> tuple[int, ...]:
+        """Shape of the float32 buffer :meth:`gather` reads ``batch``'s samples into."""
+        return (len(batch), *self._x.sample_shape())
+
+    def plan(self, batch: Any, raw: np.ndarray | None = None) -> PlannedBatch:
+        """Everything about a batch but the sample reads: positions, rows, labels, buffers.
+
+        The in-process loader calls this in the consuming thread and :meth:`gather` in a reader
+        thread, so the reader thread holds the GIL only briefly (the gather itself releases it).
+        ``raw`` is the float32 buffer for the samples (shape :meth:`raw_x_shape`); None: a new one.
+        """
+        positions = _positions(batch)
         # Fancy indexing raises IndexError past the end; samplers never produce negative positions.
         rows = self.rows[positions]
-        seed = int(getattr(batch, "seed", 0))
-        pack = self.pack_in_workers and get_worker_info() is not None
-        try:
-            return self._read_batch(positions, rows, seed, pack)
-        except OSError as exc:
-            raise DataError(
-                f"reading rows of {self.path!r} failed ({exc}); the file is corrupt, truncated or was replaced "
-                "while training."
-            ) from None
+        if raw is None:
+            raw = np.empty((len(rows), *self._x.sample_shape()), dtype=np.float32)
+        out: dict[str, torch.Tensor | None] = {
+            "x": None,  # filled by gather()
+            "y": torch.from_numpy(self._split_labels()[positions]),  # fancy indexing: a new array
+            "index": torch.from_numpy(rows),  # also a new array, made just above
+        }
+        if self._extra:
+            for key, dtype, shape in self._sample_specs()[3:]:
+                out[key] = _empty((len(rows), *shape), dtype)
+        return PlannedBatch(out, rows, raw, int(getattr(batch, "seed", 0)))
 
-    def _read_batch(self, positions: np.ndarray, rows: np.ndarray, seed: int, pack: bool) -> dict[str, torch.Tensor] | PackedBatch:
+    def gather(self, job: PlannedBatch) -> dict[str, torch.Tensor]:
+        """Read the samples of a planned batch and apply the deterministic transforms and the
+        normalisation (random transforms, if any, are left to :meth:`finish_in_consumer`: they
+        must run in the consuming thread, see ``dist_train.data.prefetch``). Thread-safe."""
+        try:
+            x = torch.from_numpy(self._x.read(job.rows, out=job.raw))
+            for key, reader in self._extra.items():
+                reader.read(job.rows, out=job.out[key].numpy())  # type: ignore[union-attr]
+        except OSError as exc:
+            raise self._read_error(exc) from None
+        if not self.transforms.is_random:
+            x = self._transform_and_normalize(x, job.seed)
+        job.out["x"] = x
+        return job.out  # type: ignore[return-value]
+
+    def finish_in_consumer(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        """Apply what :meth:`gather` left out (random transforms, then normalisation)."""
+        if self.transforms.is_random:
+            out["x"] = self._transform_and_normalize(out["x"], int(getattr(batch, "seed", 0)))
+        return out
+
+    def _transform_and_normalize(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
+        """Transforms, then per-channel normalisation; ``raw`` belongs to this batch and may be reused."""
+        x = self.transforms(raw, seed).contiguous() if self.transforms else raw
+        if self.mean is not None and self.std is not None:
+            mean, std = self._norm_tensors(x.ndim)
+            x.sub_(mean).div_(std)  # in place: on the batch's own memory (raw or the transforms' output)
+        return x
+
+    def _read_packed(self, positions: np.ndarray, rows: np.ndarray, seed: int) -> PackedBatch:
+        """The batch written into one shared-memory buffer (in a DataLoader worker process)."""
         b = len(rows)
         specs = [(key, dtype, (b, *shape)) for key, dtype, shape in self._sample_specs()]
-        packed = PackedBatch.allocate(specs) if pack else None
-        out = packed.unpack() if packed is not None else {k: _empty(shape, dt) for k, dt, shape in specs}
+        packed = PackedBatch.allocate(specs)
+        out = packed.unpack()
         x = out["x"]
         if self.transforms:
             raw = _empty((b, *self._x.sample_shape()), torch.float32)
@@ -115,11 +189,11 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         if self.mean is not None and self.std is not None:
             mean, std = self._norm_tensors(x.ndim)
             x.sub_(mean).div_(std)  # after the transforms, in place on memory this batch owns
-        out["y"].numpy()[:] = self._split_labels()[positions]
+        np.take(self._split_labels(), positions, out=out["y"].numpy(), mode="clip")  # positions checked above
         out["index"].numpy()[:] = rows
         for key, reader in self._extra.items():
             reader.read(rows, out=out[key].numpy())
-        return packed if packed is not None else out
+        return packed
 
     def _sample_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(key, dtype, per-sample shape) of each batch entry; worked out once per process."""
@@ -155,6 +229,18 @@ class H5Split(Dataset):  # type: ignore[type-arg]
     def close(self) -> None:
         for reader in (self._x, self._y, *self._extra.values()):
             reader.close()
+
+
+class PlannedBatch:
+    """A batch between :meth:`H5Split.plan` and :meth:`H5Split.gather`."""
+
+    __slots__ = ("out", "rows", "raw", "seed")
+
+    def __init__(self, out: dict[str, torch.Tensor | None], rows: np.ndarray, raw: np.ndarray, seed: int) -> None:
+        self.out = out
+        self.rows = rows
+        self.raw = raw
+        self.seed = seed
 
 
 class PackedBatch:
@@ -201,6 +287,12 @@ class PackedBatch:
 
 
 _ALIGN = 64
+
+
+def _positions(batch: Any) -> np.ndarray:
+    if isinstance(batch, list):  # IndexBatch: fromiter skips asarray's type inference (~1 us per batch)
+        return np.fromiter(batch, dtype=np.int64, count=len(batch))
+    return np.asarray(batch, dtype=np.int64).reshape(-1)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""In-process loading (dist_train.data.prefetch): order, determinism, errors, thread clean-up."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dist_train.config import Config
+from dist_train.data.loader import build_data, make_loader, use_threads
+from dist_train.data.prefetch import PrefetchLoader, RecycledBuffers
+from dist_train.errors import ConfigError, DataError
+from dist_train.sampler import ResumableDistributedBatchSampler
+
+N = 203  # not a multiple of the batch size: the last batch is short
+
+
+def make_images(path: Path, *, compression: str | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        chunks = (16, 2, 10, 10) if compression else None
+        f.create_dataset("event_data", data=rng.uniform(0, 255, (N, 2, 10, 10)).astype(np.float32),
+                         chunks=chunks, compression=compression)
+        f["labels"] = rng.integers(0, 4, N)
+        f["energies"] = rng.uniform(0, 100, (N, 1)).astype(np.float32)
+    return path
+
+
+def config(path: Path, *, mode: str, workers: int, transforms: list[str] | None = None) -> Config:
+    cfg = Config()
+    cfg.data.path = str(path)
+    cfg.data.extra_keys = ["energies"]
+    cfg.data.normalize = "auto"
+    cfg.data.train_transforms = list(transforms or [])
+    cfg.data.eval_transforms = ["CenterCrop(8)"] if transforms else []
+    cfg.data.num_workers = workers
+    cfg.data.prefetch_factor = 2
+    cfg.data.persistent_workers = False
+    cfg.data.start_method = "fork"
+    cfg.data.worker_mode = mode  # type: ignore[assignment]  # a str (the tests also try an invalid one)
+    cfg.model.num_classes = 4
+    return cfg
+
+
+def epoch(cfg: Config, tmp_path: Path, *, seed_epoch: int = 0) -> list[dict[str, torch.Tensor]]:
+    bundle = build_data(cfg, run_dir=tmp_path / "run")
+    sampler = ResumableDistributedBatchSampler(len(bundle.train), num_replicas=1, rank=0, batch_size=16, seed=5)
+    sampler.set_epoch(seed_epoch)
+    # All batches are kept alive until compared: recycled buffers must not overwrite held batches.
+    return list(make_loader(bundle.train, sampler, cfg.data, train=True, device_type="cpu"))
+
+
+def assert_same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b) and len(a) > 3
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("transforms", [[], ["RandomCrop(8)", "RandomHorizontalFlip()"]])
+def test_threads_give_the_dataloader_batches_in_order(tmp_path: Path, transforms: list[str]) -> None:
+    path = make_images(tmp_path / "img.h5")
+    reference = epoch(config(path, mode="process", workers=0, transforms=transforms), tmp_path, seed_epoch=1)
+    for mode, workers in (("thread", 0), ("thread", 2), ("auto", 0), ("auto", 2)):
+        got = epoch(config(path, mode=mode, workers=workers, transforms=transforms), tmp_path, seed_epoch=1)
+        assert_same_batches(reference, got)
+    # The batches really are in the sampler's (shuffled) order, not sorted.
+    rows = torch.cat([b["index"] for b in reference]).tolist()
+    assert rows != sorted(rows) and sorted(rows) == sorted(set(rows))
+
+
+def test_random_transforms_leave_the_training_rng_alone(tmp_path: Path) -> None:
+    """Threads must not seed torch's global generator under the training thread's feet."""
+    path = make_images(tmp_path / "img.h5")
+    cfg = config(path, mode="thread", workers=2, transforms=["RandomCrop(8)"])
+    bundle = build_data(cfg, run_dir=tmp_path / "run")
+    sampler = ResumableDistributedBatchSampler(len(bundle.train), num_replicas=1, rank=0, batch_size=16, seed=5)
+    loader = make_loader(bundle.train, sampler, cfg.data, train=True, device_type="cpu")
+    torch.manual_seed(123)
+    expected = [torch.rand(3) for _ in range(len(sampler))]
+    torch.manual_seed(123)
+    drawn = []
+    for _batch in loader:
+        drawn.append(torch.rand(3))  # what dropout would draw between batches
+    assert all(torch.equal(a, b) for a, b in zip(expected, drawn, strict=True))
+
+
+def test_many_threads_keep_the_order() -> None:
+    """More threads than cores (bypassing make_loader's cap): slots still come back in order."""
+    batches = [[i] * (1 + i % 3) for i in range(57)]
+
+    def plan(index_batch: list[int], buffers: RecycledBuffers) -> list[int]:
+        return index_batch
+
+    def gather(job: list[int]) -> dict[str, torch.Tensor]:
+        return {"x": torch.tensor(job)}
+
+    loader = PrefetchLoader(plan, gather, None, batches, num_threads=4, depth=6, pin_memory=False)
+    for _ in range(2):
+        assert [b["x"].tolist() for b in loader] == batches
+
+
+def test_read_error_surfaces_at_its_batch(tmp_path: Path) -> None:
+    path = make_images(tmp_path / "img.h5")
+    cfg = config(path, mode="thread", workers=2)
+    bundle = build_data(cfg, run_dir=tmp_path / "run")
+    sampler = ResumableDistributedBatchSampler(len(bundle.train), num_replicas=1, rank=0, batch_size=16, seed=5)
+    loader = make_loader(bundle.train, sampler, cfg.data, train=True, device_type="cpu")
+    bad_rows = set(bundle.train.rows[list(sampler)[3]].tolist())
+    real_read = loader.gather.__self__._x.read  # type: ignore[attr-defined]
+
+    def failing_read(rows: np.ndarray, out: Any = None) -> np.ndarray:
+        if set(rows.tolist()) == bad_rows:
+            raise OSError("simulated I/O error")
+        return real_read(rows, out=out)
+
+    loader.gather.__self__._x.read = failing_read  # type: ignore[attr-defined]
+    before = threading.active_count()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    with pytest.raises(DataError, match="simulated I/O error"):
+        next(it)
+    assert threading.active_count() == before  # the failure closed the iterator's threads
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dropping_an_iterator_stops_its_threads(tmp_path: Path, workers: int) -> None:
+    path = make_images(tmp_path / "img.h5")
+    cfg = config(path, mode="thread", workers=workers)
+    bundle = build_data(cfg, run_dir=tmp_path / "run")
+    sampler = ResumableDistributedBatchSampler(len(bundle.train), num_replicas=1, rank=0, batch_size=16, seed=5)
+    loader = make_loader(bundle.train, sampler, cfg.data, train=True, device_type="cpu")
+    before = threading.active_count()
+    it = iter(loader)
+    next(it)
+    assert threading.active_count() > before  # it really uses threads
+    del it  # what the trainer does at the end of an epoch, mid-epoch when it stops early
+    gc.collect()
+    assert threading.active_count() == before
+    assert len(list(loader)) == len(sampler)  # exhausting an iterator also ends its threads
+    assert threading.active_count() == before
+
+
+def test_recycled_buffers_never_overwrite_a_held_batch() -> None:
+    pool = RecycledBuffers(limit=2)
+    a = pool.get((4, 3))
+    a[:] = 1
+    view = torch.from_numpy(a)[1:]  # the consumer keeps only a view of a tensor of it
+    del a
+    b = pool.get((4, 3))
+    b[:] = 2
+    assert torch.all(view == 1)
+    del b
+    c = pool.get((4, 3))  # b's memory is free again: reused, not a third block
+    assert len(pool._blocks) == 2 and c.ctypes.data in {blk.ctypes.data for blk in pool._blocks}
+
+
+def test_auto_mode_picks_threads_only_for_the_fast_path(tmp_path: Path) -> None:
+    contiguous = make_images(tmp_path / "c.h5")
+    compressed = make_images(tmp_path / "z.h5", compression="gzip")
+    for path, threads in ((contiguous, True), (compressed, False)):
+        cfg = config(path, mode="auto", workers=2)
+        split = build_data(cfg, run_dir=tmp_path / path.stem).train
+        assert use_threads(split, cfg.data) is threads
+        sampler = ResumableDistributedBatchSampler(len(split), num_replicas=1, rank=0, batch_size=16, seed=5)
+        loader = make_loader(split, sampler, cfg.data, train=True, device_type="cpu")
+        assert isinstance(loader, PrefetchLoader if threads else DataLoader)
+    cfg = config(contiguous, mode="auto", workers=2, transforms=["RandomCrop(8)"])
+    # Random per-sample transforms are Python loops: worker processes, not threads.
+    assert not use_threads(build_data(cfg, run_dir=tmp_path / "t").train.with_transforms(["RandomCrop(8)"]), cfg.data)
+
+
+def test_unknown_worker_mode_is_a_config_error(tmp_path: Path) -> None:
+    cfg = config(make_images(tmp_path / "img.h5"), mode="fibers", workers=2)
+    split = build_data(cfg, run_dir=tmp_path / "run").train
+    sampler = ResumableDistributedBatchSampler(len(split), num_replicas=1, rank=0, batch_size=16, seed=5)
+    with pytest.raises(ConfigError, match="data.worker_mode"):
+        make_loader(split, sampler, cfg.data, train=True, device_type="cpu")
