@@ -120,6 +120,9 @@ class TrainConfig:
     # Cap on optimizer steps per epoch (0 = full epoch); debug mode sets a small value.
     max_steps_per_epoch: int = 0
     eval_every_epochs: int = 1
+    # Optimizer steps between the ranks' agreement on stop requests and time-based checkpoints
+    # (one tiny all-reduce); a signal is acted on within this many steps, at the same step everywhere.
+    stop_check_every: int = 10
     detect_anomaly: bool = False
     # Console: "auto" shows a progress bar on a terminal and plain lines otherwise.
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
@@ -394,6 +397,8 @@ def validate(cfg: Config, origin: str) -> None:
         fail("train.epochs", t.epochs, "must be at least 1.")
     if t.grad_accum < 1:
         fail("train.grad_accum", t.grad_accum, "must be at least 1.")
+    if t.stop_check_every < 1:
+        fail("train.stop_check_every", t.stop_check_every, "must be at least 1 (optimizer steps).")
     if t.log_every < 1:
         fail("train.log_every", t.log_every, "must be at least 1.")
     if t.clip_grad_norm < 0:

@@ -181,7 +181,10 @@ class Trainer:
         self.meter = SumMeter(self.device)
         self.timer = StepTimer()
         self.control_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
-        self.flags = AsyncFlags(2, group=self.control_group)  # [stop requested, time-based checkpoint due]
+        # On NCCL the flags travel over the CPU group, so reading them never waits for the GPU; on
+        # gloo a second group would only compete with the gradient all-reduce for the same cores.
+        flag_group = self.control_group if self.device.type == "cuda" else None
+        self.flags = AsyncFlags(2, group=flag_group)  # [stop requested, time-based checkpoint due]
         # Installed by the entry point before any slow start-up work, so an early signal is not lost.
         self.preemption = preemption or PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
         stacks = run_dir / "logs" / f"rank{dist_info.rank}.stacks" if run_dir is not None else None
@@ -417,11 +420,18 @@ class Trainer:
         return status
 
     def _at_step_boundary(self) -> bool:
-        """Step-level decisions every rank must take together. Returns True to stop training."""
-        stop, time_due = self.flags.result()
-        every_min = self.cfg.checkpoint.every_minutes
-        due_now = every_min > 0 and self.dist.is_main and time.monotonic() - self._last_ckpt_time >= every_min * 60
-        self.flags.post([self.preemption.requested, due_now])
+        """Step-level decisions every rank must take together. Returns True to stop training.
+
+        Every ``train.stop_check_every`` steps the flags posted at the previous check are read
+        (that reduction finished long ago) and new ones are posted; every rank does this at the
+        same steps, so all act on the same answer at the same step.
+        """
+        stop = time_due = False
+        if self.counters.step % self.cfg.train.stop_check_every == 0:
+            stop, time_due = self.flags.result()
+            every_min = self.cfg.checkpoint.every_minutes
+            due_now = every_min > 0 and self.dist.is_main and time.monotonic() - self._last_ckpt_time >= every_min * 60
+            self.flags.post([self.preemption.requested, due_now])
         if stop:
             return True
         every_steps = self.cfg.checkpoint.every_steps

@@ -31,7 +31,9 @@ def slow_config(tmp_path: Path, name: str, data: Path, **extra: dict) -> Path:
         run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
         data={"batch_size": 8, "num_workers": 0},
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.01},
-        train={"epochs": EPOCHS, "log_every": 1, "precision": "fp32"},
+        # Stop requests are agreed every 2 steps here: the stop still lands mid-epoch, and the
+        # agreement's step arithmetic (not every step) is what gets exercised.
+        train={"epochs": EPOCHS, "log_every": 1, "precision": "fp32", "stop_check_every": 2},
         **extra,
     )
 

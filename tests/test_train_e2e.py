@@ -156,7 +156,7 @@ def test_bf16_histograms_and_time_based_checkpoints(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=300)
     cfg = write_config(
         tmp_path / "c.toml", data,
-        train={"epochs": 1, "precision": "bf16", "max_steps_per_epoch": 6},
+        train={"epochs": 1, "precision": "bf16", "max_steps_per_epoch": 6, "stop_check_every": 1},
         log={"histograms": True},
         checkpoint={"every_minutes": 0.0001, "keep_last": 10},
     )

@@ -186,13 +186,18 @@ class RowReader:
         self.dtype = dset.dtype
         storage = storage_of(dset)
         self._memmap = None
-        if storage.fast_path and dset.size > 0:
-            self._memmap = np.memmap(self.path, dtype=dset.dtype, mode="r", offset=storage.offset, shape=dset.shape)
         if dset.chunks is not None:
             self._chunk_rows = dset.chunks[0]
         else:
             row_bytes = max(1, int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize)
             self._chunk_rows = max(1, _FALLBACK_BLOCK_BYTES // row_bytes)
+        if storage.fast_path and dset.size > 0:
+            self._memmap = np.memmap(self.path, dtype=dset.dtype, mode="r", offset=storage.offset, shape=dset.shape)
+            # The map needs no HDF5 handle. Keeping one open would make a user's own plain
+            # h5py.File(path) in this process fail ("file locking flag values don't match").
+            self._file.close()
+            self._file = None
+            self._dset = None
         self._generation = _fork_generation
 
     def close(self) -> None:

@@ -38,7 +38,8 @@ def write_config(path: Path, data_path: Path, **sections: dict[str, Any]) -> Pat
         },
         "model": {"name": "mlp", "num_classes": 3, "hidden": [16]},
         "optim": {"name": "adam", "lr": 0.01},
-        "train": {"epochs": 2, "log_every": 1, "precision": "fp32"},
+        # Stop requests agreed every 2 steps (default 10): short test runs still stop promptly.
+        "train": {"epochs": 2, "log_every": 1, "precision": "fp32", "stop_check_every": 2},
         "checkpoint": {"keep_last": 3},
     }
     for name, values in sections.items():
