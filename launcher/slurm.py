@@ -16,7 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +36,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.,+-]+$")
 _FORBIDDEN_IN_DIRECTIVE = re.compile(r"[\x00-\x1f\x7f\"'\\]")
 
 
-@dataclass(frozen=True)
-class SbatchOptions:
-    """Everything the batch script depends on besides the run directory (the ``[slurm]`` section)."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0
-    nproc_per_node: int = 0
-    cpus_per_task: int = 0
-    mem: str = ""
-    time: str = ""
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    job_name: str = ""
-    signal_grace: int = 120
-    max_requeues: int = 10
-    sbatch_args: tuple[str, ...] = field(default_factory=tuple)
+@dataclass
+class SbatchOptions(SlurmConfig):
+    """The ``[slurm]`` section after the command line's overrides: everything the batch script depends
+    on besides the run directory. Same fields as SlurmConfig (one definition of them)."""
 
     @classmethod
     def from_config(cls, slurm: SlurmConfig, **overrides: Any) -> SbatchOptions:
         """``[slurm]`` values, replaced by every override that is not None (the CLI's unset options)."""
-        base = cls(**{**asdict(slurm), "sbatch_args": tuple(slurm.sbatch_args)})
+        base = cls(**{**asdict(slurm), "sbatch_args": list(slurm.sbatch_args)})
         given = {k: v for k, v in overrides.items() if v is not None}
         if "sbatch_args" in given:
-            given["sbatch_args"] = tuple(base.sbatch_args) + tuple(given["sbatch_args"])
+            given["sbatch_args"] = list(base.sbatch_args) + list(given["sbatch_args"])
         return replace(base, **given)
 
     @property

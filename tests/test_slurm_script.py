@@ -126,7 +126,7 @@ def test_slurm_section_gives_defaults_and_cli_values_win() -> None:
     section = SlurmConfig(nodes=4, gpus_per_node=2, time="02:00:00", partition="p1", sbatch_args=["--exclusive"])
     opts = SbatchOptions.from_config(section, nodes=None, partition="p2", time=None, sbatch_args=["--mail-type=END"])
     assert (opts.nodes, opts.gpus_per_node, opts.time, opts.partition) == (4, 2, "02:00:00", "p2")
-    assert opts.sbatch_args == ("--exclusive", "--mail-type=END")
+    assert list(opts.sbatch_args) == ["--exclusive", "--mail-type=END"]
 
 
 @pytest.mark.parametrize(
