@@ -69,9 +69,20 @@ PEERS = ("ddp", "accelerate", "fabric")
 GLOBAL_BATCH = {"mlp": 64, "cnn": 64, "simple_mlp": 64, "resnet18": 128}
 STEPS = {"mlp": 400, "cnn": 30, "simple_mlp": 60, "resnet18": 5}
 QUICK_STEPS = {"mlp": 200, "cnn": 10, "simple_mlp": 20, "resnet18": 3}
+# On a GPU a step takes a millisecond or less: larger batches, and enough steps for a timed epoch of
+# about a second or more (each epoch reads every sample of its file once).
+GPU_GLOBAL_BATCH = {"mlp": 512, "cnn": 512, "simple_mlp": 128, "resnet18": 256}
+GPU_STEPS = {"mlp": 400, "cnn": 300, "simple_mlp": 100, "resnet18": 150}
+GPU_QUICK_STEPS = {"mlp": 100, "cnn": 60, "simple_mlp": 30, "resnet18": 40}
+PRECISIONS = {  # --precision: dtrain's train.precision, Accelerate's mixed_precision, Fabric's precision
+    "fp32": ("fp32", "no", "32-true"),
+    "bf16": ("bf16", "bf16", "bf16-mixed"),
+    "fp16": ("fp16", "fp16", "16-mixed"),
+}
 PEER_TARGET = 1.0  # dtrain / each peer, like-for-like HDF5 data
 PLAIN_TARGET = 0.98  # dtrain / the plain DDP loop with in-memory data (the strongest plain loop)
 STARTUP_TARGET_S = 1.0
+DATA_WAIT_TARGET = 0.05  # resnet18 on a GPU with 8 loader workers: the GPU must not wait for data
 PY = sys.executable
 THIS = Path(__file__).resolve()
 
@@ -107,6 +118,7 @@ def _timed_epochs(
     stats: dict[str, float] = {}
     for epoch in range(2):
         set_epoch(epoch)
+        wall_start = _time.time()
         start = _time.perf_counter()
         wait, samples = 0.0, 0
         batches = iter(loader)
@@ -117,7 +129,8 @@ def _timed_epochs(
             samples += step(x, y)
         sync()
         del batches
-        stats = {"time": _time.perf_counter() - start, "wait": wait, "samples": float(samples)}
+        stats = {"time": _time.perf_counter() - start, "wait": wait, "samples": float(samples),
+                 "wall_start": wall_start, "wall_end": _time.time()}
     return stats
 
 
@@ -141,21 +154,32 @@ def _reduce_and_write(spec: dict[str, Any], stats: dict[str, float], rank: int) 
             "epoch_time_s": slowest,
             "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
+            "window": [stats["wall_start"], stats["wall_end"]],
         }
         Path(spec["out"]).write_text(json.dumps(result))
 
 
-def _loss_step(model: Any, criterion: Any, optimizer: Any, device: Any, backward: Callable[[Any], None], sums: Any):  # type: ignore[no-untyped-def]
-    """forward, loss, zero_grad, backward, step; loss and accuracy sums stay on the device."""
+def _loss_step(model: Any, criterion: Any, optimizer: Any, device: Any, backward: Callable[[Any], None], sums: Any,  # type: ignore[no-untyped-def]
+               autocast: Callable[[], Any] | None = None, scaler: Any = None):
+    """forward, loss, zero_grad, backward, step; loss and accuracy sums stay on the device. ``autocast``
+    and ``scaler`` are the AMP recipe's for a hand-written loop (frameworks do both inside their wrappers)."""
+    import contextlib
+
     import torch
 
     def step(x: Any, y: Any) -> int:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        output = model(x)
-        loss = criterion(output, y)
+        with autocast() if autocast else contextlib.nullcontext():
+            output = model(x)
+            loss = criterion(output, y)
         optimizer.zero_grad()
-        backward(loss)
-        optimizer.step()
+        if scaler is not None:
+            backward(scaler.scale(loss))
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            backward(loss)
+            optimizer.step()
         with torch.no_grad():
             sums.add_(torch.stack([loss.detach() * y.shape[0], (output.argmax(dim=1) == y).sum().to(sums.dtype)]))
         return int(y.shape[0])
@@ -189,7 +213,13 @@ def worker_ddp(spec: dict[str, Any]) -> None:
         with model.no_sync() if spec.get("no_sync") else contextlib.nullcontext():
             loss.backward()
 
-    step = _loss_step(model, torch.nn.CrossEntropyLoss(), optimizer, device, backward, sums)
+    precision = spec.get("precision", "fp32")
+    autocast = None
+    if precision != "fp32":  # the AMP recipe of PyTorch's docs: autocast around forward + loss
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    step = _loss_step(model, torch.nn.CrossEntropyLoss(), optimizer, device, backward, sums, autocast, scaler)
     stats = _timed_epochs(loader, step, spec["steps"], sampler.set_epoch, _sync_fn(device))
     _reduce_and_write(spec, stats, rank)
     dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts the peer)
@@ -202,7 +232,8 @@ def worker_accelerate(spec: dict[str, Any]) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    accelerator = Accelerator(cpu=spec["device"] == "cpu")
+    mixed = PRECISIONS[spec.get("precision", "fp32")][1]
+    accelerator = Accelerator(cpu=spec["device"] == "cpu", mixed_precision=mixed)
     dataset = _dataset(spec)
     loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, **_loader_kwargs(spec))
     torch.manual_seed(0)
@@ -225,7 +256,8 @@ def worker_fabric(spec: dict[str, Any]) -> None:
 
     nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     accelerator = "cuda" if spec["device"] == "cuda" else "cpu"
-    fabric = Fabric(accelerator=accelerator, devices=nproc, strategy="ddp" if nproc > 1 else "auto", precision="32-true")
+    precision = PRECISIONS[spec.get("precision", "fp32")][2]
+    fabric = Fabric(accelerator=accelerator, devices=nproc, strategy="ddp" if nproc > 1 else "auto", precision=precision)
     fabric.launch()
     dataset = _dataset(spec)
     loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, **_loader_kwargs(spec))
@@ -270,11 +302,43 @@ class Run:
     peak_rss_mb: float = float("nan")
     epoch_time_s: float = float("nan")
     wall_s: float = float("nan")
+    gpu_util_pct: float = float("nan")  # mean NVML utilisation over the timed epoch (GPU runs)
     error: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.workload}/{self.contender}-{self.variant}/P{self.nproc}"
+
+
+class GpuMonitor:
+    """NVML utilisation of GPU 0 sampled every 50 ms in a thread; runs ask for their timed window's mean."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(period_s,), daemon=True, name="gpu-monitor")
+        self._thread.start()
+
+    def _poll(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+            self._samples.append((time.time(), int(util)))
+
+    def mean_between(self, start: float, end: float) -> float:
+        inside = [u for t, u in list(self._samples) if start <= t <= end]
+        return sum(inside) / len(inside) if inside else float("nan")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._nvml.nvmlShutdown()
 
 
 @dataclass
@@ -286,6 +350,9 @@ class Settings:
     steps: dict[str, int] = field(default_factory=dict)
     verbose: bool = False
     threads: int = 0  # per process; 0 = cores // P, what dtrain launch gives CPU workers
+    precision: str = "fp32"
+    batch: dict[str, int] = field(default_factory=lambda: dict(GLOBAL_BATCH))
+    gpu_monitor: GpuMonitor | None = None
 
 
 def cores() -> int:
@@ -318,8 +385,8 @@ def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: b
     out = Path(tempfile.mkstemp(prefix="peer-", suffix=".json", dir=settings.workdir)[1])
     spec = {
         "workload": run.workload, "data": str(data), "variant": run.variant, "device": settings.device,
-        "batch": GLOBAL_BATCH[run.workload] // run.nproc, "steps": steps, "num_workers": settings.num_workers,
-        "out": str(out), "no_sync": no_sync,
+        "batch": settings.batch[run.workload] // run.nproc, "steps": steps, "num_workers": settings.num_workers,
+        "out": str(out), "no_sync": no_sync, "precision": settings.precision,
     }
     kind = run.contender.removesuffix("-nosync")
     argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.nproc}",
@@ -330,12 +397,16 @@ def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: b
         result = json.loads(out.read_text())
         run.samples_per_s, run.data_wait_frac = result["samples_per_s"], result["data_wait_frac"]
         run.peak_rss_mb, run.epoch_time_s = result["peak_rss_mb"], result["epoch_time_s"]
+        run.gpu_util_pct = settings.gpu_monitor.mean_between(*result["window"]) if settings.gpu_monitor else float("nan")
     out.unlink(missing_ok=True)
     return run
 
 
 def dtrain_command(cfg: Path, run_dir: Path, nproc: int, device: str) -> list[str]:
-    gpus = ["--gpus", "cpu", "--nproc", str(nproc)] if device == "cpu" else ["--gpus", str(nproc)]
+    # On the GPU: the benchmark owns the machine, and NVML's utilisation (averaged over up to a second)
+    # can still show the previous contender, so the GPUs are named and forced rather than auto-picked.
+    gpus = (["--gpus", "cpu", "--nproc", str(nproc)] if device == "cpu"
+            else ["--gpus", "".join(f"{i}," for i in range(nproc)), "--force"])  # "0," = GPU 0 ("1" = any one GPU)
     return [PY, "-m", "launcher.cli", "launch", str(cfg), *gpus, "--run-dir", str(run_dir), "--resume", "never"]
 
 
@@ -364,8 +435,8 @@ def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads:
     run_dir = Path(tempfile.mkdtemp(prefix="dtrain-run-", dir=settings.workdir))
     cfg = dtrain_config(
         settings.workdir / f"dtrain-{run.workload}.toml", workload, data,
-        batch_size=GLOBAL_BATCH[run.workload] // run.nproc, steps_per_epoch=steps, epochs=2,
-        num_workers=settings.num_workers, output_dir=settings.workdir / "runs",
+        batch_size=settings.batch[run.workload] // run.nproc, steps_per_epoch=steps, epochs=2,
+        num_workers=settings.num_workers, output_dir=settings.workdir / "runs", precision=PRECISIONS[settings.precision][0],
     )
     threads = threads or settings.threads
     if threads:
@@ -377,6 +448,8 @@ def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads:
         last = epoch_records(run_dir)[-1]  # epoch 1 warms up, the last one is timed
         run.samples_per_s, run.data_wait_frac = last["samples_per_s"], last["data_wait_frac"]
         run.peak_rss_mb, run.epoch_time_s = last["peak_memory_mb"], last["epoch_time_s"]
+        if settings.gpu_monitor:
+            run.gpu_util_pct = settings.gpu_monitor.mean_between(last["time"] - last["epoch_time_s"], last["time"])
     shutil.rmtree(run_dir, ignore_errors=True)
     return run
 
@@ -397,12 +470,13 @@ def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[s
     for rep in range(repeats):
         for name, contender, variant, nproc in plan:
             steps = settings.steps[name]
-            data = ensure_data(WORKLOADS[name], steps * GLOBAL_BATCH[name])
+            data = ensure_data(WORKLOADS[name], steps * settings.batch[name])
             run = Run(name, contender, variant, nproc)
             (run_dtrain if contender == "dtrain" else run_peer)(run, data, steps, settings)
             runs.append(run)
             status = f"ERROR {run.error.strip().splitlines()[-1] if run.error else ''}" if run.error else (
-                f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB")
+                f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB"
+                + (f"  gpu {run.gpu_util_pct:4.0f}%" if run.gpu_util_pct == run.gpu_util_pct else ""))
             print(f"  [{rep + 1}/{repeats}] {run.key:32} {status}  ({run.wall_s:.1f} s wall)", flush=True)
             if run.error and settings.verbose:
                 print(run.error)
@@ -418,6 +492,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
         key: {
             "samples_per_s": median([r.samples_per_s for r in group]),
             "data_wait_frac": median([r.data_wait_frac for r in group]),
+            "gpu_util_pct": median([r.gpu_util_pct for r in group]),
             "peak_rss_mb": median([r.peak_rss_mb for r in group]),
             "runs": len(group),
             "all_samples_per_s": [r.samples_per_s for r in group],  # type: ignore[dict-item]
@@ -427,7 +502,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
 
 
 def print_throughput(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int]) -> None:
-    print(f"\n{'workload/contender/P':34} {'samples/s':>10} {'dtrain/x':>9} {'wait':>7} {'rss MB':>7}  runs")
+    print(f"\n{'workload/contender/P':34} {'samples/s':>10} {'dtrain/x':>9} {'wait':>7} {'rss MB':>7} {'gpu %':>6}  runs")
     for name in workloads:
         for nproc in nprocs:
             ref = summary.get(f"{name}/dtrain-h5/P{nproc}", {}).get("samples_per_s", float("nan"))
@@ -435,10 +510,10 @@ def print_throughput(summary: dict[str, dict[str, float]], workloads: list[str],
                 if key.startswith(f"{name}/") and key.endswith(f"/P{nproc}"):
                     runs = " ".join(f"{v:.0f}" for v in s["all_samples_per_s"])  # type: ignore[attr-defined]
                     print(f"{key:34} {s['samples_per_s']:10.0f} {ref / s['samples_per_s']:9.3f} "
-                          f"{s['data_wait_frac']:7.1%} {s['peak_rss_mb']:7.0f}  {runs}")
+                          f"{s['data_wait_frac']:7.1%} {s['peak_rss_mb']:7.0f} {s['gpu_util_pct']:6.0f}  {runs}")
 
 
-def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int]) -> list[str]:
+def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], tag: str = "") -> list[str]:
     """One RESULT per target: the worst ratio over P for each workload and peer."""
     lines = []
     targets = [(peer, "h5", PEER_TARGET) for peer in PEERS] + [("ddp", "mem", PLAIN_TARGET)]
@@ -451,7 +526,7 @@ def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], np
                 if mine and theirs:
                     ratios.append(mine["samples_per_s"] / theirs["samples_per_s"])
             if ratios:
-                lines.append(result_line(f"compare_{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target))
+                lines.append(result_line(f"compare_{tag}{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target))
     return lines
 
 
@@ -460,7 +535,7 @@ def scaling(workload: str, repeats: int, settings: Settings) -> dict[str, Any]:
     """Same global batch: 1 process x 2 threads vs 2 processes x 1 thread (dtrain through torchrun, and the
     in-memory DDP loop), plus the DDP loop without its gradient all-reduce (``no_sync``); interleaved."""
     steps = settings.steps[workload]
-    data = ensure_data(WORKLOADS[workload], steps * GLOBAL_BATCH[workload])
+    data = ensure_data(WORKLOADS[workload], steps * settings.batch[workload])
     cases = [("dtrain", 1, 2, False), ("dtrain", 2, 1, False), ("ddp", 1, 2, False), ("ddp", 2, 1, False),
              ("ddp", 2, 1, True)]
     rates: dict[str, list[float]] = {}
@@ -478,7 +553,7 @@ def scaling(workload: str, repeats: int, settings: Settings) -> dict[str, Any]:
             rates.setdefault(label, []).append(run.samples_per_s)
             print(f"  {label:28} {run.samples_per_s:9.0f} samples/s", flush=True)
     out: dict[str, Any] = {label: median(values) for label, values in rates.items()}
-    print(f"strong scaling, {workload}, global batch {GLOBAL_BATCH[workload]} (medians of {repeats}):")
+    print(f"strong scaling, {workload}, global batch {settings.batch[workload]} (medians of {repeats}):")
     for label, value in list(out.items()):
         print(f"  {label:28} {value:9.0f} samples/s")
     for contender in ("dtrain", "ddp"):
@@ -634,7 +709,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per process for every contender (0 = cores // P, as dtrain launch sets; "
                         "1 avoids OpenMP oversubscription on a loaded shared machine; dtrain then runs via torchrun)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process (0 on a 2-core CPU)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per process (default: 0 on the CPU, where 2 cores have none to spare; 8 with cuda)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="every contender's mixed precision (each framework's own switch; autocast+GradScaler in the plain loop)")
     p.add_argument("--sections", default="throughput,scaling,growth,startup")
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this file")
     p.add_argument("--plot", type=Path, default=BENCH_DIR / "compare.png")
@@ -649,7 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         WORKERS[args.worker](json.loads(args.spec))
         return 0
-    workloads = (args.workloads or ("mlp" if args.quick else "mlp,cnn,simple_mlp")).split(",")
+    gpu = args.device == "cuda"
+    default_workloads = "mlp,cnn,simple_mlp,resnet18" if gpu else "mlp,cnn,simple_mlp"
+    workloads = (args.workloads or ("mlp" if args.quick else default_workloads)).split(",")
     nprocs = [int(n) for n in args.nprocs.split(",")]
     contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","))
     repeats = args.repeats or (2 if args.quick else 3)
@@ -660,16 +740,26 @@ def main(argv: list[str] | None = None) -> int:
     print(report["machine"])
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="compare-", dir=BENCH_DIR) as tmp:
-        settings = Settings(args.device, args.num_workers, args.quick, Path(tmp),
-                            steps=QUICK_STEPS if args.quick else STEPS, verbose=args.verbose,
-                            threads=args.threads)
+        steps = (GPU_QUICK_STEPS if args.quick else GPU_STEPS) if gpu else (QUICK_STEPS if args.quick else STEPS)
+        num_workers = args.num_workers if args.num_workers is not None else (8 if gpu else 0)
+        settings = Settings(args.device, num_workers, args.quick, Path(tmp), steps=steps, verbose=args.verbose,
+                            threads=args.threads, precision=args.precision,
+                            batch=dict(GPU_GLOBAL_BATCH if gpu else GLOBAL_BATCH),
+                            gpu_monitor=GpuMonitor() if gpu else None)
+        report["settings"] = {"steps": steps, "global_batch": settings.batch, "precision": args.precision,
+                              "num_workers": num_workers}
         if "throughput" in sections:
-            print(f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {GLOBAL_BATCH}")
+            print(f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {settings.batch}, precision {settings.precision}, "
+                  f"{settings.num_workers} loader workers per process")
             runs = throughput(workloads, nprocs, contenders, repeats, settings)
             summary = summarize(runs)
             print_throughput(summary, workloads, nprocs)
             report["throughput"] = {"runs": [asdict(r) for r in runs], "summary": summary}
-            results += ratio_results(summary, workloads, nprocs)
+            tag = "" if not gpu and args.precision == "fp32" else f"{args.device}_{args.precision}_"
+            results += ratio_results(summary, workloads, nprocs, tag)
+            if gpu and "resnet18" in workloads:
+                wait = summary.get(f"resnet18/dtrain-h5/P{nprocs[0]}", {}).get("data_wait_frac", float("nan"))
+                results.append(result_line(f"{tag}resnet18_dtrain_data_wait_frac", wait, "<=", DATA_WAIT_TARGET))
             plot(summary, workloads, nprocs, args.plot)
         if "scaling" in sections:
             print("\nstrong scaling")
@@ -683,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nstart-up to the first training step ({2 if args.quick else 5} interleaved repeats)")
             report["startup"] = startup(2 if args.quick else 5, settings)
             results.append(result_line("startup_extra_s", report["startup"]["extra_s"], "<=", STARTUP_TARGET_S, fmt=".2f"))
+        if settings.gpu_monitor:
+            settings.gpu_monitor.close()
     report["load_average_after"] = load_average()
     report["results"] = results
     print(f"\nload average after the run: {report['load_average_after']}")

@@ -120,7 +120,9 @@ class RunMetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+            # Wall-clock time of each record: lines up a run's logs with the machine's (GPU monitors, SLURM).
+            stamped = {**record, "time": round(time.time(), 3)}
+            self._jsonl.write(json.dumps({k: _finite(v) for k, v in stamped.items()}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             step = int(record.get("step", 0))

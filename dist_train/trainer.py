@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,9 @@ class Trainer:
             cfg.train.detect_anomaly = True
             cfg.train.max_steps_per_epoch = cfg.train.max_steps_per_epoch or DEBUG_MAX_STEPS
         if cfg.run.deterministic:
+            # cuBLAS reads this when its first handle is made (the first matmul, still to come); without it
+            # CUDA matmuls may use non-deterministic split reductions and resume would not be bit-exact.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":

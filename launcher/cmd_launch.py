@@ -6,6 +6,7 @@ import getpass
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,16 +264,21 @@ def _slurm_devices(cfg: Config, opts: dict[str, Any], step: Any, gpus: str) -> D
 @click.option("--dry-run", is_flag=True, help="Print the launch plan as JSON and exit.")
 def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     """Train CONFIG on free GPUs (or the CPU) through torchrun; rerun the same command to resume."""
+    phases = _PhaseTimer()
     cfg = load_config(config, list(overrides))
     resume = opts["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_file():
         raise ConfigError(f"--resume {resume!r}: no such checkpoint file. Use auto, never, or a path to a .pt file.")
     backend = opts["backend"] or cfg.launch.backend
+    phases.mark("config")
     ensure_data(cfg, dry_run=opts["dry_run"])
+    phases.mark("data check")
     run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume)
     run_dir = run_dir.absolute()
     check_run_dir_writable(run_dir)
+    phases.mark("run dir")
     devices = choose_devices(cfg, opts, run_dir)
+    phases.mark("devices (NVML query, reservation)")
     run_lock: int | None = None
     try:
         launch_plan = build_plan(
@@ -295,6 +301,9 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0)
         save_config(cfg, run_dir / "config.toml")
         _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
+        phases.mark("plan, run dir, config copy")
+        if _verbose():
+            _echo(f"dtrain: launcher time before torchrun: {phases.report()}")
         outcome = run_plan(launch_plan)
     finally:
         if devices.reservation is not None:
@@ -307,6 +316,28 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # SystemExit, not click's Exit: click returns Exit's code from main(standalone_mode=False),
         # and launcher.cli.main drops that return value.
         sys.exit(outcome.exit_code)
+
+
+class _PhaseTimer:
+    """Where the launcher's own start-up time goes (printed with ``dtrain --verbose launch``)."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self._phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self._phases.append((name, now - self._last))
+        self._last = now
+
+    def report(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self._phases)
+        return f"{parts}; total {self._last - self._start:.3f} s since the command was parsed"
+
+
+def _verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context is not None and context.find_root().params.get("verbose"))
 
 
 def run_plan(launch_plan: plans.LaunchPlan) -> Any:

@@ -390,7 +390,10 @@ def parse_request(request: str) -> GpuRequest:
         return GpuRequest(kind=lowered)  # type: ignore[arg-type]
     if text.isdigit():
         if int(text) < 1:
-            raise LaunchError(f"--gpus {request!r}: ask for at least 1 GPU, or use --gpus cpu.")
+            raise LaunchError(
+                f"--gpus {request!r}: a bare number is how many GPUs to take, and 0 GPUs is no request. To name "
+                f"GPU {int(text)} write '--gpus {int(text)},' (a list of one); for no GPU use '--gpus cpu'."
+            )
         return GpuRequest(kind="count", count=int(text))
     ids = tuple(part.strip() for part in text.split(",") if part.strip())
     bad = [p for p in ids if not (p.isdigit() or _UUID_RE.match(p))]

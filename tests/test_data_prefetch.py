@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from dist_train.config import Config
 from dist_train.data.loader import build_data, make_loader, use_threads
-from dist_train.data.prefetch import PrefetchLoader, RecycledBuffers
+from dist_train.data.prefetch import INLINE_PROBE_BATCHES, PrefetchLoader, RecycledBuffers
 from dist_train.errors import ConfigError, DataError
 from dist_train.sampler import ResumableDistributedBatchSampler
 
@@ -106,6 +107,62 @@ def test_many_threads_keep_the_order() -> None:
     loader = PrefetchLoader(plan, gather, None, batches, num_threads=4, depth=6, pin_memory=False)
     for _ in range(2):
         assert [b["x"].tolist() for b in loader] == batches
+
+
+def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None) -> PrefetchLoader:
+    batches = [[i, i + 1] for i in range(n)]
+
+    def gather(job: list[int]) -> dict[str, torch.Tensor]:
+        if read_s:
+            time.sleep(read_s)
+        if job[0] == fail_at:
+            raise OSError(f"simulated I/O error at batch {fail_at}")
+        return {"x": torch.tensor(job)}
+
+    return PrefetchLoader(lambda index_batch, buffers: index_batch, gather, None, batches, num_threads=2, depth=4,
+                          pin_memory=False)
+
+
+def test_tiny_reads_switch_the_pass_to_inline_reads_in_order() -> None:
+    """A hand-off costs more than a read this small: after the probe batches the threads stop."""
+    loader = _counting_loader(40)
+    before = threading.active_count()
+    it = iter(loader)
+    got = [next(it)["x"].tolist() for _ in range(INLINE_PROBE_BATCHES + 6)]
+    assert threading.active_count() == before, "the reader threads stopped after the probe"
+    got += [b["x"].tolist() for b in it]
+    assert got == [[i, i + 1] for i in range(40)]
+    assert threading.active_count() == before
+
+
+def test_slow_reads_keep_the_threads() -> None:
+    loader = _counting_loader(20, read_s=0.002)
+    before = threading.active_count()
+    it = iter(loader)
+    got = [next(it)["x"].tolist() for _ in range(INLINE_PROBE_BATCHES + 4)]
+    assert threading.active_count() > before, "2 ms reads are worth reading ahead"
+    got += [b["x"].tolist() for b in it]
+    assert got == [[i, i + 1] for i in range(20)]
+
+
+def test_read_error_after_the_switch_to_inline_surfaces_at_its_batch() -> None:
+    it = iter(_counting_loader(30, fail_at=INLINE_PROBE_BATCHES + 8))
+    for i in range(INLINE_PROBE_BATCHES + 8):
+        assert next(it)["x"].tolist() == [i, i + 1]
+    with pytest.raises(OSError, match="simulated I/O error"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_big_batch_buffers_survive_between_passes() -> None:
+    """Three batches' buffers are kept for the next pass even above max_bytes (no re-faulting per epoch)."""
+    pool = RecycledBuffers(limit=5, max_bytes=1 << 20)
+    shape = (64, 1024, 8)  # 2 MiB each, above max_bytes
+    held = [pool.get(shape) for _ in range(3)]
+    del held
+    pool.trim()
+    assert len(pool._blocks) == 3, "trimmed to max_bytes, the next pass would fault in 6 MiB afresh"
 
 
 def test_read_error_surfaces_at_its_batch(tmp_path: Path) -> None:

@@ -117,6 +117,12 @@ def test_bad_requests_are_launch_errors(bad: str) -> None:
         parse_request(bad)
 
 
+def test_gpus_zero_explains_how_to_name_gpu_zero() -> None:
+    """`--gpus 0` usually means "GPU 0" (the CUDA_VISIBLE_DEVICES habit): say how to write that."""
+    with pytest.raises(LaunchError, match="write '--gpus 0,'"):
+        parse_request("0")
+
+
 def test_request_forms() -> None:
     assert parse_request("AUTO").kind == "auto" and parse_request("cpu").kind == "cpu"
     assert parse_request("3").count == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -140,10 +141,14 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path: Path) -> None:
 def test_debug_mode_runs_one_cpu_process_with_few_batches(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=600)
     cfg = write_config(tmp_path / "c.toml", data, data={"num_workers": 2}, train={"epochs": 2, "precision": "fp32"})
-    proc = dtrain("launch", "--debug", str(cfg), cwd=tmp_path)
+    proc = dtrain("--verbose", "launch", "--debug", str(cfg), cwd=tmp_path)
     assert_ok(proc)
+    # --verbose says where the launcher's own start-up time went, phase by phase.
+    assert "launcher time before torchrun: config" in proc.stdout + proc.stderr
+    assert "devices (NVML query, reservation)" in proc.stdout + proc.stderr
     run_dir = only_run_dir(tmp_path / "runs")
     assert [r["step"] for r in records(run_dir, "epoch")] == [5, 10]
+    assert all(abs(r["time"] - time.time()) < 600 for r in records(run_dir)), "records carry a wall-clock time"
     assert not (run_dir / "logs" / "rank1.log").exists()
     assert "world size 1" in (run_dir / "logs" / "rank0.log").read_text()
 

@@ -25,6 +25,12 @@ follows them run in the consumer's thread when it takes the batch (``finish``).
 Batch buffers are recycled (:class:`RecycledBuffers`): with several batches alive at once, fresh
 buffers of a few megabytes were page-faulted in on every batch.
 
+Tiny reads are not worth a thread: handing a batch from a reader thread to the consumer costs a few
+lock and futex operations (10-30 us on a small shared machine), as much as a ``np.take`` of 64
+small samples. Each pass times its reads, and once the first ``INLINE_PROBE_BATCHES`` took less than
+``INLINE_READ_S`` on average the rest of the pass is read in the consumer's thread, exactly as with
+``num_threads == 0`` (same batches, same order). Larger reads, and a cold page cache, keep the threads.
+
 An exception raised while reading batch ``i`` is re-raised by the ``next()`` that would have
 returned batch ``i``. Dropping the iterator (or ``close()``, or exhausting it) stops and joins its
 threads; they hold no reference to the iterator, so CPython's reference counting runs its
@@ -36,6 +42,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -53,6 +60,9 @@ GatherFn = Callable[[Any], Any]
 FinishFn = Callable[[Any, Any], Batch]
 
 _STOP = object()
+# A pass whose first reads take less than this on average reads the rest inline (see above).
+INLINE_READ_S = 50e-6
+INLINE_PROBE_BATCHES = 8
 # Reading further ahead than this many bytes of samples gains nothing (one batch of it is a
 # millisecond's read from the page cache) and costs memory: depth is cut for big batches.
 AHEAD_BYTES = 64 << 20
@@ -94,9 +104,13 @@ class PrefetchLoader:
         return PrefetchIterator(self)
 
     def _serial(self) -> Iterator[Batch]:
+        return self.read_inline(iter(self.batch_sampler))
+
+    def read_inline(self, index_batches: Iterator[Any]) -> Iterator[Batch]:
+        """The batches of ``index_batches`` read in the calling thread."""
         plan, gather, finish, pin, buffers = self.plan, self.gather, self.finish, self.pin_memory, self.buffers
         try:
-            for index_batch in self.batch_sampler:
+            for index_batch in index_batches:
                 batch = gather(plan(index_batch, buffers))
                 if finish is not None:
                     batch = finish(batch, index_batch)
@@ -108,7 +122,7 @@ class PrefetchLoader:
 class _Slot:
     """One batch in flight: read by a reader thread or, if none has started it, by the consumer."""
 
-    __slots__ = ("index_batch", "job", "done", "ok", "value")
+    __slots__ = ("index_batch", "job", "done", "ok", "value", "seconds")
 
     def __init__(self, index_batch: Any, job: Any) -> None:
         self.index_batch = index_batch
@@ -117,6 +131,7 @@ class _Slot:
         self.done.acquire()  # released by the reader thread once ``ok``/``value`` are set
         self.ok = False
         self.value: Any = None
+        self.seconds = 0.0  # how long the read took (whoever did it)
 
 
 class PrefetchIterator:
@@ -131,6 +146,7 @@ class PrefetchIterator:
     """
 
     def __init__(self, loader: PrefetchLoader) -> None:
+        self._loader = loader
         self._plan = loader.plan
         self._gather = loader.gather
         self._buffers = loader.buffers
@@ -148,6 +164,8 @@ class PrefetchIterator:
         self._pending: deque[_Slot | BaseException] = deque()
         self._exhausted = False
         self._closed = False
+        self._probe_seconds: list[float] = []
+        self._inline: Iterator[Batch] | None = None  # the rest of the pass, once reads proved tiny
         self._threads = [
             threading.Thread(
                 target=_read_loop,
@@ -168,6 +186,12 @@ class PrefetchIterator:
         if self._closed:
             raise StopIteration
         if not self._pending:
+            if self._inline is not None:
+                try:
+                    return next(self._inline)
+                except BaseException:  # the end of the pass, or a read error: either way this pass is over
+                    self.close()
+                    raise
             self.close()
             raise StopIteration
         slot = self._pending.popleft()
@@ -179,6 +203,7 @@ class PrefetchIterator:
         if not slot.ok:
             self.close()
             raise slot.value
+        self._judge_read_time(slot.seconds)
         if self._finish is None:
             return slot.value
         batch = self._finish(slot.value, slot.index_batch)
@@ -193,9 +218,18 @@ class PrefetchIterator:
                 return
             _fill(slot, self._gather, self._pin_in_reader)
 
+    def _judge_read_time(self, seconds: float) -> None:
+        """After the probe batches: reads this cheap cost less inline than a hand-off; stop the threads."""
+        if self._inline is not None or len(self._probe_seconds) >= INLINE_PROBE_BATCHES:
+            return
+        self._probe_seconds.append(seconds)
+        if len(self._probe_seconds) == INLINE_PROBE_BATCHES and sum(self._probe_seconds) < INLINE_PROBE_BATCHES * INLINE_READ_S:
+            self._stop_threads()  # already queued slots are still returned first, read by whoever has them
+            self._inline = self._loader.read_inline(iter(()) if self._exhausted else self._indices)
+
     def _top_up(self) -> None:
         """Queue index batches until ``depth`` are in flight (or the sampler is done)."""
-        while not self._exhausted and len(self._pending) < self._depth_now():
+        while not self._exhausted and self._inline is None and len(self._pending) < self._depth_now():
             try:
                 index_batch = next(self._indices)
             except StopIteration:
@@ -225,6 +259,15 @@ class PrefetchIterator:
         if self._closed:
             return
         self._closed = True
+        self._stop_threads()
+        self._pending.clear()
+        if self._inline is not None:
+            self._inline.close()  # type: ignore[attr-defined]  # a generator: runs its clean-up
+        self._buffers.trim()
+
+    def _stop_threads(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         for _ in self._threads:
             self._wakeups.put(_STOP)
@@ -232,8 +275,6 @@ class PrefetchIterator:
         for t in self._threads:
             if t is not current:
                 t.join()
-        self._pending.clear()
-        self._buffers.trim()
 
     def __del__(self) -> None:
         try:
@@ -258,8 +299,10 @@ def _read_loop(
 
 
 def _fill(slot: _Slot, gather: GatherFn, pin: bool) -> None:
+    start = time.perf_counter()
     try:
         batch = gather(slot.job)
+        slot.seconds = time.perf_counter() - start
         slot.job = None
         slot.value = pin_batch(batch) if pin else batch
         slot.ok = True
@@ -285,7 +328,7 @@ class RecycledBuffers:
     are new memory. At most ``limit`` buffers are kept, and during a pass no more than
     ``max_bytes`` unless that is fewer than three (the one being filled, the one the consumer holds
     and one it may still hold); past that, buffers are plain fresh arrays. Between passes (epochs,
-    evaluations) only ``max_bytes`` stay (:meth:`trim`).
+    evaluations) only ``max_bytes`` (or three of the latest batches, if more) stay (:meth:`trim`).
     """
 
     def __init__(self, limit: int, max_bytes: int = AHEAD_BYTES) -> None:
@@ -313,9 +356,15 @@ class RecycledBuffers:
         return np.empty(shape, dtype=np.float32)
 
     def trim(self) -> None:
-        """Let go of the buffers past ``max_bytes`` (one still in use lives on through its hand-out)."""
+        """Let go of the buffers past what a pass may keep (one still in use lives on through its hand-out).
+
+        That is ``max_bytes``, or three of the latest batches if they are bigger: the next pass (epoch)
+        needs that many again, and re-faulting 3 x 50 MB of fresh memory per pass is what trimming
+        them to ``max_bytes`` used to cost.
+        """
+        keep = max(self.max_bytes, 3 * self.last_nbytes)
         with self._lock:
-            while self._blocks and self._bytes > self.max_bytes:
+            while self._blocks and self._bytes > keep:
                 self._bytes -= self._blocks.pop().nbytes
                 self._handouts.pop()
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GPU validation on a machine with one NVIDIA GPU (issue 7): every step's output goes to OUT_DIR/<step>.log.
+#
+#   bash benchmarks/gpu_validation.sh [OUT_DIR] [STEP ...]
+#
+# Steps (default: all, in this order):
+#   env         driver, GPU, Python packages, `dtrain gpus` through the real NVML
+#   tests       pytest tests/test_gpu.py (NVML, busy GPU, reservation, bf16/fp16 training, NCCL preemption + resume)
+#   checkpoint  benchmarks/checkpoint.py --device cuda (~100M parameters)
+#   compare     benchmarks/compare.py --device cuda, bf16 then fp16, 1 process (one GPU: NCCL cannot run two ranks on it)
+#   loader      benchmarks/h5_loader.py (CPU only; this machine's cores are otherwise idle)
+#   startup     compare.py start-up section on the GPU
+#   suite       the default test suite (must pass with a GPU present too)
+# Needs torch with CUDA, h5py, nvidia-ml-py, accelerate, lightning, tensorboard, click, psutil, tqdm,
+# matplotlib, pytest, pytest-timeout in `python3` (or $PYTHON); dtrain runs from this checkout.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-gpu-validation}
+shift || true
+STEPS=${*:-env tests checkpoint compare loader startup suite}
+PY=${PYTHON:-python3}
+COMPARE_ARGS=${COMPARE_ARGS:-}  # e.g. "--quick --repeats 1"
+PRECISIONS=${PRECISIONS:-bf16 fp16}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NAME COMMAND...: run, log, keep going on failure
+    local name=$1
+    shift
+    echo "=== $name: $* ($(date -u +%H:%M:%S))"
+    local start=$SECONDS
+    "$@" >"$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    grep -E '^RESULT|passed|failed|error' "$OUT_DIR/$name.log" | tail -n 40
+}
+
+env_facts() {
+    nvidia-smi
+    $PY -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "bf16", torch.cuda.is_bf16_supported())'
+    $PY -m pip list 2>/dev/null | grep -iE '^(torch|accelerate|lightning|h5py|numpy|nvidia-ml-py|tensorboard|click) '
+    nproc
+    free -g
+    $PY -m launcher.cli gpus
+    $PY -m launcher.cli gpus --json
+}
+
+for name in $STEPS; do
+    case $name in
+        env) step env env_facts ;;
+        tests) step tests $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py ${TEST_ARGS:-} ;;
+        checkpoint) step checkpoint $PY benchmarks/checkpoint.py --device cuda --dir "$OUT_DIR/ckpt_tmp" ;;
+        compare) for precision in $PRECISIONS; do
+                step "compare_$precision" $PY benchmarks/compare.py --device cuda --precision "$precision" --nprocs 1 \
+                    --sections throughput --json "$OUT_DIR/compare_$precision.json" --plot "$OUT_DIR/compare_$precision.png" $COMPARE_ARGS
+            done ;;
+        loader) step loader $PY benchmarks/h5_loader.py ;;
+        startup) step startup $PY benchmarks/compare.py --device cuda --sections startup ${STARTUP_ARGS:-} ;;
+        suite) step suite $PY -m pytest -q -p no:cacheprovider -x --timeout 300 ;;
+        *) echo "unknown step $name" ;;
+    esac
+done
+rm -rf "$OUT_DIR/ckpt_tmp"

@@ -1,0 +1,168 @@
+"""The GPU paths for real: NVML, reservation of a live GPU, CUDA AMP, NCCL, async saves from device memory.
+
+Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
+``pytest tests/test_gpu.py``. One GPU is enough: every launch here is one rank (NCCL cannot run two
+ranks on one device), and "another user's job" is a second process holding memory on the same GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.envvars import PREEMPTED_EXIT_CODE
+from tests.helpers.run import (
+    REPO,
+    assert_ok,
+    dtrain,
+    env_for_tests,
+    load_final_model,
+    make_image_h5,
+    metric_history,
+    records,
+    start_dtrain,
+    write_config,
+)
+from tests.test_resume import assert_same_state, wait_for_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
+
+
+def gpu_env() -> dict[str, str]:
+    env = env_for_tests()
+    env.pop("DTRAIN_NVML_RECORD", None)  # the real driver, never recorded states
+    return env
+
+
+def gpus_json(*extra: str) -> list[dict]:
+    proc = dtrain("gpus", "--json", *extra, cwd=REPO, env=gpu_env())
+    assert_ok(proc)
+    return json.loads(proc.stdout)["gpus"]
+
+
+@pytest.fixture
+def occupier() -> Iterator[subprocess.Popen[str]]:
+    """Another user's job: 4 GiB held and matmuls running on GPU 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.gpu_occupier", "4"], cwd=REPO, env=gpu_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # NVML's utilisation is averaged over its last sample period
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def gpu_config(tmp_path: Path, name: str, **sections: dict) -> Path:
+    data = tmp_path / "d.h5"
+    if not data.exists():
+        make_image_h5(data, events=600)
+    sections.setdefault("run", {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1})
+    return write_config(tmp_path / f"{name}.toml", data, **sections)
+
+
+def test_dtrain_gpus_reads_the_real_driver() -> None:
+    gpus = gpus_json()
+    assert len(gpus) == torch.cuda.device_count()
+    first = gpus[0]
+    assert first["name"] == torch.cuda.get_device_name(0)
+    assert first["uuid"].startswith("GPU-")
+    total_mib = torch.cuda.get_device_properties(0).total_memory / 2**20
+    assert abs(first["memory_total_mb"] - total_mib) / total_mib < 0.05
+
+
+def test_a_gpu_used_by_another_process_is_busy_and_auto_refuses_it(tmp_path: Path, occupier) -> None:
+    status = gpus_json()[0]
+    assert not status["free"], status
+    assert any("MiB memory used" in r or "compute processes" in r for r in status["busy_reasons"]), status
+    cfg = gpu_config(tmp_path, "busy")
+    proc = dtrain("launch", "--gpus", "auto", str(cfg), "--lock-dir", str(tmp_path / "locks"), cwd=tmp_path, env=gpu_env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Not enough free GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt")), "nothing may have trained"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_on_the_gpu_with_mixed_precision(tmp_path: Path, precision: str) -> None:
+    cfg = gpu_config(tmp_path, precision, train={"epochs": 2, "precision": precision, "log_every": 5})
+    run_dir = tmp_path / "run"
+    proc = dtrain("launch", "--gpus", "auto", str(cfg), "--run-dir", str(run_dir), "--lock-dir", str(tmp_path / "locks"),
+                  cwd=tmp_path, env=gpu_env())
+    assert_ok(proc)
+    assert "reserved GPU 0" in proc.stdout + proc.stderr
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "device cuda:0" in log and f"precision {precision}" in log, log
+    epochs = records(run_dir, "epoch")
+    assert len(epochs) == 2 and all(r["train/loss"] == r["train/loss"] for r in epochs)
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"] * 1.05
+    ckpt = load_final_model(run_dir)
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values()), "checkpoints load without a GPU"
+    if precision == "fp16":
+        assert ckpt["scaler"]["scale"] > 0, "the GradScaler's state is part of the checkpoint"
+    assert_ok(dtrain("eval", str(run_dir), "--split", "val", cwd=tmp_path, env=gpu_env()))
+
+
+def test_reserved_gpu_is_refused_and_a_preempted_gpu_run_resumes_bit_exact(tmp_path: Path) -> None:
+    """fp16 on the GPU with deterministic kernels: the GradScaler's state travels through the checkpoint."""
+    locks = str(tmp_path / "locks")
+
+    def config(name: str) -> Path:
+        return gpu_config(
+            tmp_path, name,
+            run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
+            data={"batch_size": 8},
+            model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.02},
+            train={"epochs": 3, "precision": "fp16", "log_every": 1, "stop_check_every": 2},
+        )
+
+    ref = tmp_path / "ref"
+    assert_ok(dtrain("launch", "--gpus", "auto", str(config("ref")), "--run-dir", str(ref), "--lock-dir", locks,
+                     cwd=tmp_path, env=gpu_env()))
+
+    run_dir = tmp_path / "cut"
+    args = ("launch", "--gpus", "0,", str(config("cut")), "--run-dir", str(run_dir), "--lock-dir", locks)
+    proc = start_dtrain(*args, cwd=tmp_path, env=gpu_env())
+    steps_per_epoch = 60  # 480 training samples / 8
+    wait_for_step(run_dir, 1, proc)
+
+    # --force overrides "looks busy" (the memory the run uses), never another job's reservation.
+    second = dtrain("launch", "--gpus", "0,", "--force", str(config("second")), "--lock-dir", locks,
+                    cwd=tmp_path, env=gpu_env())
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "reserved" in second.stderr and "Traceback" not in second.stderr, second.stderr
+
+    wait_for_step(run_dir, steps_per_epoch + 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    cut = load_final_model(run_dir)
+    assert cut["reason"] == "preempt" and not cut["epoch_complete"], "the stop must land mid-epoch"
+    assert_ok(dtrain(*args, cwd=tmp_path, env=gpu_env()))
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert_same_state(load_final_model(ref), load_final_model(run_dir))
+    assert metric_history(ref) == metric_history(run_dir)
+
+
+def test_async_save_from_gpu_memory_keeps_the_values_of_the_save_moment(tmp_path: Path) -> None:
+    """The device-to-host copies are ordered before the training that follows the save call returning."""
+    torch.manual_seed(0)
+    weights = torch.randn(64, 1024, 1024, device="cuda")  # 256 MiB, so the copy takes a while
+    expected = weights.cpu()
+    manager = CheckpointManager(tmp_path / "ckpt", async_save=True)
+    path = manager.save({"model": {"w": weights}, "step": 1}, epoch=0, step=1)
+    weights.mul_(0).add_(7)  # the next optimizer step, right after save() returns
+    manager.close()
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], expected)
+    assert torch.equal(weights[0, 0, :3].cpu(), torch.full((3,), 7.0))
