@@ -135,6 +135,24 @@ def test_tiny_reads_switch_the_pass_to_inline_reads_in_order() -> None:
     assert threading.active_count() == before
 
 
+@pytest.mark.parametrize(
+    ("read_s", "consumer_s", "inline"),
+    [
+        (30e-6, 40e-6, True),  # small reads the consumer waits for anyway: a hand-off only adds cost
+        (60e-6, 5e-6, False),  # a busy consumer (a training step) finds its batches ready: threads pay
+        (400e-6, 500e-6, False),  # big reads: two readers beat one even when the consumer waits
+    ],
+)
+def test_the_switch_to_inline_reads_weighs_reads_against_the_consumers_wait(read_s: float, consumer_s: float, inline: bool) -> None:
+    it = iter(_counting_loader(40))
+    try:
+        for _ in range(INLINE_PROBE_BATCHES):
+            it._judge_threads(read_s, consumer_s)  # type: ignore[attr-defined]
+        assert (it._inline is not None) == inline  # type: ignore[attr-defined]
+    finally:
+        it.close()  # type: ignore[attr-defined]
+
+
 def test_slow_reads_keep_the_threads() -> None:
     loader = _counting_loader(20, read_s=0.002)
     before = threading.active_count()

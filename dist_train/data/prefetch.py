@@ -25,11 +25,14 @@ follows them run in the consumer's thread when it takes the batch (``finish``).
 Batch buffers are recycled (:class:`RecycledBuffers`): with several batches alive at once, fresh
 buffers of a few megabytes were page-faulted in on every batch.
 
-Tiny reads are not worth a thread: handing a batch from a reader thread to the consumer costs a few
-lock and futex operations (10-30 us on a small shared machine), as much as a ``np.take`` of 64
-small samples. Each pass times its reads, and once the first ``INLINE_PROBE_BATCHES`` took less than
-``INLINE_READ_S`` on average the rest of the pass is read in the consumer's thread, exactly as with
-``num_threads == 0`` (same batches, same order). Larger reads, and a cold page cache, keep the threads.
+Tiny reads are not always worth a thread: handing a batch from a reader thread to the consumer costs a
+few lock and futex operations (10-30 us on a small shared machine), as much as a ``np.take`` of 64
+small samples. Each pass times its reads and the consumer's time inside ``next()``; when, over the
+last ``INLINE_PROBE_BATCHES`` batches, the reads averaged under ``INLINE_READ_S`` *and* the consumer
+spent as long in ``next()`` as the reads took (so the threads took no work off it: it waited, or read
+the batches itself), the rest of the pass is read in the consumer's thread, exactly as with
+``num_threads == 0`` (same batches, same order). A consumer with a real training step finds its
+batches ready and keeps the threads; so do larger reads and a cold page cache.
 
 An exception raised while reading batch ``i`` is re-raised by the ``next()`` that would have
 returned batch ``i``. Dropping the iterator (or ``close()``, or exhausting it) stops and joins its
@@ -61,7 +64,7 @@ FinishFn = Callable[[Any, Any], Batch]
 
 _STOP = object()
 # A pass whose first reads take less than this on average reads the rest inline (see above).
-INLINE_READ_S = 50e-6
+INLINE_READ_S = 100e-6
 INLINE_PROBE_BATCHES = 8
 # Reading further ahead than this many bytes of samples gains nothing (one batch of it is a
 # millisecond's read from the page cache) and costs memory: depth is cut for big batches.
@@ -164,7 +167,8 @@ class PrefetchIterator:
         self._pending: deque[_Slot | BaseException] = deque()
         self._exhausted = False
         self._closed = False
-        self._probe_seconds: list[float] = []
+        # (read seconds, consumer seconds in next()) of the latest batches, for the switch to inline reads
+        self._recent: deque[tuple[float, float]] = deque(maxlen=INLINE_PROBE_BATCHES)
         self._inline: Iterator[Batch] | None = None  # the rest of the pass, once reads proved tiny
         self._threads = [
             threading.Thread(
@@ -183,6 +187,7 @@ class PrefetchIterator:
         return self
 
     def __next__(self) -> Batch:
+        entered = time.perf_counter()
         if self._closed:
             raise StopIteration
         if not self._pending:
@@ -203,7 +208,7 @@ class PrefetchIterator:
         if not slot.ok:
             self.close()
             raise slot.value
-        self._judge_read_time(slot.seconds)
+        self._judge_threads(slot.seconds, time.perf_counter() - entered)
         if self._finish is None:
             return slot.value
         batch = self._finish(slot.value, slot.index_batch)
@@ -218,12 +223,16 @@ class PrefetchIterator:
                 return
             _fill(slot, self._gather, self._pin_in_reader)
 
-    def _judge_read_time(self, seconds: float) -> None:
-        """After the probe batches: reads this cheap cost less inline than a hand-off; stop the threads."""
-        if self._inline is not None or len(self._probe_seconds) >= INLINE_PROBE_BATCHES:
+    def _judge_threads(self, read_s: float, consumer_s: float) -> None:
+        """Switch the rest of the pass to inline reads when the threads save the consumer nothing."""
+        if self._inline is not None:
             return
-        self._probe_seconds.append(seconds)
-        if len(self._probe_seconds) == INLINE_PROBE_BATCHES and sum(self._probe_seconds) < INLINE_PROBE_BATCHES * INLINE_READ_S:
+        self._recent.append((read_s, consumer_s))
+        if len(self._recent) < INLINE_PROBE_BATCHES:
+            return
+        reads = sum(r for r, _ in self._recent)
+        waits = sum(c for _, c in self._recent)
+        if reads < INLINE_PROBE_BATCHES * INLINE_READ_S and waits >= reads:
             self._stop_threads()  # already queued slots are still returned first, read by whoever has them
             self._inline = self._loader.read_inline(iter(()) if self._exhausted else self._indices)
 
@@ -328,13 +337,14 @@ class RecycledBuffers:
     are new memory. At most ``limit`` buffers are kept, and during a pass no more than
     ``max_bytes`` unless that is fewer than three (the one being filled, the one the consumer holds
     and one it may still hold); past that, buffers are plain fresh arrays. Between passes (epochs,
-    evaluations) only ``max_bytes`` (or three of the latest batches, if more) stay (:meth:`trim`).
+    evaluations) only ``max_bytes`` (or three of the largest batches, if more) stay (:meth:`trim`).
     """
 
     def __init__(self, limit: int, max_bytes: int = AHEAD_BYTES) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
         self.last_nbytes = 0  # of the latest request: the prefetch depth is bounded in bytes
+        self.largest_nbytes = 0  # of any request: three of these may always be kept
         self._blocks: list[np.ndarray] = []
         self._handouts: list[weakref.ref[np.ndarray] | None] = []
         self._bytes = 0
@@ -342,12 +352,13 @@ class RecycledBuffers:
 
     def get(self, shape: tuple[int, ...]) -> np.ndarray:
         self.last_nbytes = nbytes = math.prod(shape) * 4
+        self.largest_nbytes = max(self.largest_nbytes, nbytes)
         with self._lock:
             for i, block in enumerate(self._blocks):
                 ref = self._handouts[i]
                 if block.shape == shape and (ref is None or ref() is None):
                     return self._hand_out(i)
-            fits = self._bytes + nbytes <= max(self.max_bytes, 3 * nbytes)
+            fits = self._bytes + nbytes <= self._keep_bytes()
             if len(self._blocks) < self.limit and fits:
                 self._blocks.append(np.empty(shape, dtype=np.float32))
                 self._handouts.append(None)
@@ -358,15 +369,20 @@ class RecycledBuffers:
     def trim(self) -> None:
         """Let go of the buffers past what a pass may keep (one still in use lives on through its hand-out).
 
-        That is ``max_bytes``, or three of the latest batches if they are bigger: the next pass (epoch)
+        That is ``max_bytes``, or three of the largest batches if they are bigger: the next pass (epoch)
         needs that many again, and re-faulting 3 x 50 MB of fresh memory per pass is what trimming
         them to ``max_bytes`` used to cost.
         """
-        keep = max(self.max_bytes, 3 * self.last_nbytes)
+        keep = self._keep_bytes()
         with self._lock:
             while self._blocks and self._bytes > keep:
                 self._bytes -= self._blocks.pop().nbytes
                 self._handouts.pop()
+
+    def _keep_bytes(self) -> int:
+        # Three of the largest batches: the one being filled, the one the consumer holds and one it
+        # may still hold; the short last batch of a pass fits beside two full ones.
+        return max(self.max_bytes, 3 * self.largest_nbytes)
 
     def _hand_out(self, i: int) -> np.ndarray:
         arr = np.asarray(memoryview(self._blocks[i]))
