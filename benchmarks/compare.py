@@ -303,6 +303,7 @@ class Run:
     epoch_time_s: float = float("nan")
     wall_s: float = float("nan")
     gpu_util_pct: float = float("nan")  # mean NVML utilisation over the timed epoch (GPU runs)
+    rss_anon_mb: float = float("nan")  # dtrain's own memory without memory-mapped file pages (growth)
     error: str = ""
 
     @property
@@ -580,10 +581,11 @@ def dataset_growth(sizes: list[int], settings: Settings) -> list[dict[str, float
         run = Run("growth", "dtrain", "h5", 1)
         run_dtrain_full_epoch(run, data, settings)
         row = {"samples": events, "epoch_time_s": run.epoch_time_s, "peak_rss_mb": run.peak_rss_mb,
-               "file_mb": data.stat().st_size / 1e6, "samples_per_s": run.samples_per_s}
+               "rss_anon_mb": run.rss_anon_mb, "file_mb": data.stat().st_size / 1e6, "samples_per_s": run.samples_per_s}
         rows.append(row)
         print(f"  {events:>9} samples ({row['file_mb']:6.1f} MB file): epoch {run.epoch_time_s:7.2f} s, "
-              f"{run.samples_per_s:8.0f} samples/s, peak RSS {run.peak_rss_mb:6.0f} MB {run.error[-200:]}", flush=True)
+              f"{run.samples_per_s:8.0f} samples/s, peak RSS {run.peak_rss_mb:6.0f} MB (mapped file pages included), "
+              f"anonymous RSS {run.rss_anon_mb:6.0f} MB {run.error[-200:]}", flush=True)
     return rows
 
 
@@ -595,6 +597,7 @@ def run_dtrain_full_epoch(run: Run, data: Path, settings: Settings) -> None:
     if not run.error:
         last = epoch_records(run_dir)[-1]
         run.samples_per_s, run.epoch_time_s, run.peak_rss_mb = last["samples_per_s"], last["epoch_time_s"], last["peak_memory_mb"]
+        run.rss_anon_mb = last.get("rss_anon_mb", float("nan"))
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -103,3 +103,20 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except (ImportError, OSError):  # pragma: no cover - non-POSIX
         return 0.0
+
+
+def rss_anon_mb() -> float | None:
+    """This process's own (anonymous) resident memory: without the pages of memory-mapped files.
+
+    A memory-mapped HDF5 file's pages count in the resident set (``peak_memory_mb`` on the CPU) as
+    they are read, but they are the kernel's page cache, shared and dropped under pressure; this is
+    the memory that grows only if something is really kept. Linux only (None elsewhere).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None

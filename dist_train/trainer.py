@@ -39,7 +39,7 @@ from dist_train.distributed import (
 from dist_train.errors import CheckpointError
 from dist_train.evaluation import evaluate_batches
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
-from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb
+from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb, rss_anon_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
@@ -481,6 +481,9 @@ class Trainer:
             metrics.update(self.evaluate("val"))
         metrics["lr"] = self.scheduler.lr()
         metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        anon = rss_anon_mb()
+        if anon is not None:
+            metrics["rss_anon_mb"] = anon
         return metrics
 
     def _is_best(self, metrics: dict[str, float]) -> bool:

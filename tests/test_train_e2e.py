@@ -149,6 +149,8 @@ def test_debug_mode_runs_one_cpu_process_with_few_batches(tmp_path: Path) -> Non
     run_dir = only_run_dir(tmp_path / "runs")
     assert [r["step"] for r in records(run_dir, "epoch")] == [5, 10]
     assert all(abs(r["time"] - time.time()) < 600 for r in records(run_dir)), "records carry a wall-clock time"
+    epoch = records(run_dir, "epoch")[0]
+    assert 0 < epoch["rss_anon_mb"] <= epoch["peak_memory_mb"], "own memory, without mapped file pages"
     assert not (run_dir / "logs" / "rank1.log").exists()
     assert "world size 1" in (run_dir / "logs" / "rank0.log").read_text()
 
