@@ -109,7 +109,8 @@ def test_many_threads_keep_the_order() -> None:
         assert [b["x"].tolist() for b in loader] == batches
 
 
-def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None) -> PrefetchLoader:
+def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None, threads: int = 2,
+                     depth: int = 4) -> PrefetchLoader:
     batches = [[i, i + 1] for i in range(n)]
 
     def gather(job: list[int]) -> dict[str, torch.Tensor]:
@@ -119,13 +120,14 @@ def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None)
             raise OSError(f"simulated I/O error at batch {fail_at}")
         return {"x": torch.tensor(job)}
 
-    return PrefetchLoader(lambda index_batch, buffers: index_batch, gather, None, batches, num_threads=2, depth=4,
-                          pin_memory=False)
+    return PrefetchLoader(lambda index_batch, buffers: index_batch, gather, None, batches, num_threads=threads,
+                          depth=depth, pin_memory=False)
 
 
 def test_tiny_reads_switch_the_pass_to_inline_reads_in_order() -> None:
     """A hand-off costs more than a read this small: after the probe batches the threads stop."""
-    loader = _counting_loader(40)
+    # One thread, one batch ahead: a consumer that does nothing else always waits for it or reads itself.
+    loader = _counting_loader(40, threads=1, depth=1)
     before = threading.active_count()
     it = iter(loader)
     got = [next(it)["x"].tolist() for _ in range(INLINE_PROBE_BATCHES + 6)]
@@ -164,7 +166,7 @@ def test_slow_reads_keep_the_threads() -> None:
 
 
 def test_read_error_after_the_switch_to_inline_surfaces_at_its_batch() -> None:
-    it = iter(_counting_loader(30, fail_at=INLINE_PROBE_BATCHES + 8))
+    it = iter(_counting_loader(30, fail_at=INLINE_PROBE_BATCHES + 8, threads=1, depth=1))
     for i in range(INLINE_PROBE_BATCHES + 8):
         assert next(it)["x"].tolist() == [i, i + 1]
     with pytest.raises(OSError, match="simulated I/O error"):
