@@ -245,9 +245,18 @@ def _was_torn_down(failure: dict[str, Any]) -> bool:
     return failure.get("signal") == "SIGTERM"
 
 
+def _was_killed(failure: dict[str, Any]) -> bool:
+    # SIGKILL (the OOM killer, a user), SIGSEGV...: such a rank did not fail because another one did,
+    # while its peers' collectives then fail with connection errors, sometimes before torchrun notices it.
+    return bool(failure.get("signal")) and not _was_torn_down(failure)
+
+
 def _ordered(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The likely cause first: ranks that failed on their own, earliest first, before torn-down ones."""
-    return sorted(failures, key=lambda f: (_was_torn_down(f), f.get("timestamp") or 0, f.get("rank", 0)))
+    """The likely cause first: ranks killed by a signal, then ranks that failed on their own (earliest
+    first), then the ones torchrun tore down."""
+    return sorted(
+        failures, key=lambda f: (not _was_killed(f), _was_torn_down(f), f.get("timestamp") or 0, f.get("rank", 0))
+    )
 
 
 def _root_cause(failures: list[dict[str, Any]]) -> dict[str, Any]:

@@ -235,3 +235,17 @@ def test_workers_orphaned_by_a_killed_torchrun_are_stopped_by_the_launcher(tmp_p
     # The orphaned workers got SIGTERM from the launcher, so they still checkpointed.
     assert launcher.returncode == PREEMPTED_EXIT_CODE, out
     assert (run_dir / "preempted").exists()
+
+
+def test_a_killed_rank_is_the_cause_even_if_a_peer_raised_first() -> None:
+    """Rank 1 SIGKILLed; rank 0's collective then fails with a connection error, which torchrun may
+    record first. The report must name the killed rank."""
+    from launcher.execute import _root_cause
+
+    failures = [
+        {"rank": 0, "exitcode": 1, "signal": None, "timestamp": 100, "message": "RuntimeError: Connection closed by peer"},
+        {"rank": 1, "exitcode": -9, "signal": "SIGKILL", "timestamp": 101, "message": "Signal 9 (SIGKILL)"},
+        {"rank": 2, "exitcode": -15, "signal": "SIGTERM", "timestamp": 99, "message": ""},
+    ]
+    assert _root_cause(failures)["rank"] == 1
+    assert _root_cause(failures[::2])["rank"] == 0, "an own failure still comes before a torn-down rank"
