@@ -165,7 +165,8 @@ def test_slow_reads_keep_the_threads() -> None:
     assert got == [[i, i + 1] for i in range(20)]
 
 
-def test_read_error_after_the_switch_to_inline_surfaces_at_its_batch() -> None:
+def test_read_error_late_in_a_pass_of_tiny_reads_surfaces_at_its_batch() -> None:
+    """Whether or not the pass switched to inline reads by then, the error comes at its position."""
     it = iter(_counting_loader(30, fail_at=INLINE_PROBE_BATCHES + 8, threads=1, depth=1))
     for i in range(INLINE_PROBE_BATCHES + 8):
         assert next(it)["x"].tolist() == [i, i + 1]

@@ -63,7 +63,8 @@ GatherFn = Callable[[Any], Any]
 FinishFn = Callable[[Any, Any], Batch]
 
 _STOP = object()
-# A pass whose first reads take less than this on average reads the rest inline (see above).
+# Over the latest INLINE_PROBE_BATCHES batches: reads under this on average, and a consumer that waited
+# as long as they took, switch the rest of the pass to inline reads (see above).
 INLINE_READ_S = 100e-6
 INLINE_PROBE_BATCHES = 8
 # Reading further ahead than this many bytes of samples gains nothing (one batch of it is a
