@@ -229,11 +229,7 @@ class PrefetchIterator:
         if self._inline is not None:
             return
         self._recent.append((read_s, consumer_s))
-        if len(self._recent) < INLINE_PROBE_BATCHES:
-            return
-        reads = sum(r for r, _ in self._recent)
-        waits = sum(c for _, c in self._recent)
-        if reads < INLINE_PROBE_BATCHES * INLINE_READ_S and waits >= reads:
+        if threads_save_nothing(self._recent):
             self._stop_threads()  # already queued slots are still returned first, read by whoever has them
             self._inline = self._loader.read_inline(iter(()) if self._exhausted else self._indices)
 
@@ -291,6 +287,15 @@ class PrefetchIterator:
             self.close()
         except Exception:  # noqa: S110  (interpreter shutdown: threads are daemons, nothing to do)
             pass
+
+
+def threads_save_nothing(recent: deque[tuple[float, float]]) -> bool:
+    """Over a full probe window of (read seconds, consumer seconds in next()): tiny reads, and a consumer that waited as long."""
+    if len(recent) < INLINE_PROBE_BATCHES:
+        return False
+    reads = sum(r for r, _ in recent)
+    waits = sum(c for _, c in recent)
+    return reads < len(recent) * INLINE_READ_S and waits >= reads
 
 
 def _read_loop(
