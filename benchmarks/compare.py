@@ -67,7 +67,9 @@ from common import (  # noqa: E402
 
 PEERS = ("ddp", "accelerate", "fabric")
 GLOBAL_BATCH = {"mlp": 64, "cnn": 64, "simple_mlp": 64, "resnet18": 128}
-STEPS = {"mlp": 400, "cnn": 30, "simple_mlp": 60, "resnet18": 5}
+# Full CPU runs time epochs of a few seconds: a 1 s epoch (cnn had 30 steps) swung 1.4x between repeats
+# on this 2-core VM and put cnn at 0.83x the in-memory loop in one run and 1.03x in the next.
+STEPS = {"mlp": 800, "cnn": 150, "simple_mlp": 120, "resnet18": 5}
 QUICK_STEPS = {"mlp": 200, "cnn": 10, "simple_mlp": 20, "resnet18": 3}
 # On a GPU a step takes a millisecond or less: larger batches, and enough steps for a timed epoch of
 # about a second or more (each epoch reads every sample of its file once).
