@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -647,33 +648,60 @@ def wait_for_first_step(proc: subprocess.Popen[bytes], metrics: Path, start: flo
     raise TimeoutError("no first step")
 
 
+def launcher_phases(stderr_text: str) -> dict[str, float]:
+    """The phase times ``dtrain --verbose launch`` prints before it starts torchrun (seconds by phase)."""
+    line = next((ln for ln in stderr_text.splitlines() if "launcher time before torchrun:" in ln), "")
+    phases_text = line.split("launcher time before torchrun:", 1)[-1].split(";", 1)[0]
+    phases = {name.strip(): float(value) for name, value in re.findall(r"\s*(.*?) (\d+\.\d+) s(?:,|$)", phases_text)}
+    total = re.search(r"total ([0-9.]+) s", line)
+    if total:
+        phases["total since the command was parsed"] = float(total.group(1))
+    return phases
+
+
 def startup(repeats: int, settings: Settings) -> dict[str, Any]:
-    """``dtrain launch`` vs ``torchrun -m dist_train`` on the same resolved config, to the first step record."""
+    """``dtrain launch`` vs ``torchrun -m dist_train`` on the same resolved config, to the first step record.
+
+    ``dtrain launch`` runs with ``--verbose``, which prints the launcher's time per phase; their medians
+    say how much of the difference is the launcher's own work (config, data check, NVML + locks) and
+    how much is outside it (interpreter start and imports, the process hand-off)."""
     workload = WORKLOADS["mlp"]
     data = ensure_data(workload, 2000)
     cfg = dtrain_config(settings.workdir / "startup.toml", workload, data, batch_size=32, steps_per_epoch=3, epochs=1,
                         num_workers=0, output_dir=settings.workdir / "runs", log_every=1)
     times: dict[str, list[float]] = {"dtrain launch": [], "torchrun": []}
+    phases: list[dict[str, float]] = []
     for _ in range(repeats):
         for how in times:
             run_dir = Path(tempfile.mkdtemp(prefix="startup-", dir=settings.workdir))
             if how == "dtrain launch":
                 argv, env = dtrain_command(cfg, run_dir, 1, settings.device), worker_env(1, settings)
+                argv.insert(argv.index("launch"), "--verbose")
             else:
                 argv, env = direct_torchrun(cfg, run_dir, 1, settings, None)
-            start = time.perf_counter()
-            proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                times[how].append(wait_for_first_step(proc, run_dir / "metrics.jsonl", start))
-            finally:
-                proc.wait(timeout=300)
+            stderr_path = run_dir.parent / f"{run_dir.name}.stderr"
+            with stderr_path.open("wb") as stderr:
+                start = time.perf_counter()
+                proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+                try:
+                    times[how].append(wait_for_first_step(proc, run_dir / "metrics.jsonl", start))
+                finally:
+                    proc.wait(timeout=300)
+            if how == "dtrain launch":
+                phases.append(launcher_phases(stderr_path.read_text(errors="replace")))
+            stderr_path.unlink()
             shutil.rmtree(run_dir, ignore_errors=True)
-    out = {how: median(values) for how, values in times.items()}
+    out: dict[str, Any] = {how: median(values) for how, values in times.items()}
     out["extra_s"] = out["dtrain launch"] - out["torchrun"]
+    out["runs"] = times
+    out["launcher_phases_s"] = {name: median([p[name] for p in phases if name in p]) for name in phases[0]} if phases else {}
     for how, values in times.items():
         print(f"  {how:14} median {median(values):6.2f} s to the first step   runs: "
               + " ".join(f"{v:.2f}" for v in values))
     print(f"  dtrain launch - torchrun: {out['extra_s']:+.2f} s")
+    if out["launcher_phases_s"]:
+        print("  of which the launcher's phases after parsing (medians): "
+              + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in out["launcher_phases_s"].items()))
     return out
 
 

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dist_train.config import Config
-from dist_train.data.loader import build_data, make_loader, use_threads
 from dist_train.data import prefetch
+from dist_train.data.loader import build_data, make_loader, use_threads
 from dist_train.data.prefetch import INLINE_PROBE_BATCHES, PrefetchLoader, RecycledBuffers
 from dist_train.errors import ConfigError, DataError
 from dist_train.sampler import ResumableDistributedBatchSampler

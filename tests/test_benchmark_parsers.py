@@ -1,0 +1,38 @@
+"""The benchmarks read what dtrain prints: a change to the format must not silently empty their reports."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.cmd_launch import _PhaseTimer
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def compare():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("compare")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_startup_section_reads_every_launcher_phase(compare) -> None:  # type: ignore[no-untyped-def]
+    timer = _PhaseTimer()
+    names = ["config", "data check", "devices (NVML query, reservation)", "plan, run dir, config copy"]
+    for name in names:
+        timer.mark(name)
+    stderr = f"dtrain: new run in /x\ndtrain: launcher time before torchrun: {timer.report()}\nworker output\n"
+    phases = compare.launcher_phases(stderr)
+    assert list(phases) == [*names, "total since the command was parsed"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["total since the command was parsed"] >= max(phases[name] for name in names) - 1e-3
+
+
+def test_startup_section_without_the_verbose_line_reports_no_phases(compare) -> None:  # type: ignore[no-untyped-def]
+    assert compare.launcher_phases("dtrain: new run in /x\n") == {}
