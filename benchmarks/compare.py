@@ -650,8 +650,10 @@ def wait_for_first_step(proc: subprocess.Popen[bytes], metrics: Path, start: flo
 
 def launcher_phases(stderr_text: str) -> dict[str, float]:
     """The phase times ``dtrain --verbose launch`` prints before it starts torchrun (seconds by phase)."""
-    line = next((ln for ln in stderr_text.splitlines() if "launcher time before torchrun:" in ln), "")
-    phases_text = line.split("launcher time before torchrun:", 1)[-1].split(";", 1)[0]
+    from launcher.cmd_launch import PHASES_LABEL
+
+    line = next((ln for ln in stderr_text.splitlines() if PHASES_LABEL in ln), "")
+    phases_text = line.split(PHASES_LABEL, 1)[-1].split(";", 1)[0]
     phases = {name.strip(): float(value) for name, value in re.findall(r"\s*(.*?) (\d+\.\d+) s(?:,|$)", phases_text)}
     total = re.search(r"total ([0-9.]+) s", line)
     if total:

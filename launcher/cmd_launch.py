@@ -303,7 +303,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
         phases.mark("plan, run dir, config copy")
         if _verbose():
-            _echo(f"dtrain: launcher time before torchrun: {phases.report()}")
+            _echo(f"dtrain: {PHASES_LABEL} {phases.report()}")
         outcome = run_plan(launch_plan)
     finally:
         if devices.reservation is not None:
@@ -316,6 +316,10 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # SystemExit, not click's Exit: click returns Exit's code from main(standalone_mode=False),
         # and launcher.cli.main drops that return value.
         sys.exit(outcome.exit_code)
+
+
+# The label of the `--verbose` phase line; benchmarks/compare.py finds the line by it.
+PHASES_LABEL = "launcher time before torchrun:"
 
 
 class _PhaseTimer:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cmd_launch import _PhaseTimer
+from launcher.cmd_launch import PHASES_LABEL, _PhaseTimer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -27,7 +27,7 @@ def test_startup_section_reads_every_launcher_phase(compare) -> None:  # type: i
     names = ["config", "data check", "devices (NVML query, reservation)", "plan, run dir, config copy"]
     for name in names:
         timer.mark(name)
-    stderr = f"dtrain: new run in /x\ndtrain: launcher time before torchrun: {timer.report()}\nworker output\n"
+    stderr = f"dtrain: new run in /x\ndtrain: {PHASES_LABEL} {timer.report()}\nworker output\n"
     phases = compare.launcher_phases(stderr)
     assert list(phases) == [*names, "total since the command was parsed"]
     assert all(seconds >= 0 for seconds in phases.values())

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_train.config import load_config
+from launcher.cmd_launch import PHASES_LABEL
 from tests.helpers.run import (
     REPO,
     assert_ok,
@@ -144,7 +145,7 @@ def test_debug_mode_runs_one_cpu_process_with_few_batches(tmp_path: Path) -> Non
     proc = dtrain("--verbose", "launch", "--debug", str(cfg), cwd=tmp_path)
     assert_ok(proc)
     # --verbose says where the launcher's own start-up time went, phase by phase.
-    assert "launcher time before torchrun: config" in proc.stdout + proc.stderr
+    assert f"{PHASES_LABEL} config" in proc.stdout + proc.stderr
     assert "devices (NVML query, reservation)" in proc.stdout + proc.stderr
     run_dir = only_run_dir(tmp_path / "runs")
     assert [r["step"] for r in records(run_dir, "epoch")] == [5, 10]
