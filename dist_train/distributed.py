@@ -44,8 +44,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def choose_device(local_rank: int) -> torch.device:
-    """Each rank takes the GPU at its LOCAL_RANK; CPU when CUDA is absent or the launcher asked for it."""
-    if envvars.get(envvars.DEVICE) == "cpu" or envvars.get(envvars.DEBUG) == "1" or not torch.cuda.is_available():
+    """Each rank takes the GPU at its LOCAL_RANK; CPU when CUDA is absent or the launcher asked for it.
+
+    Debug mode is no exception: the launcher gives its one process one reserved GPU, or asks for the CPU.
+    """
+    if envvars.get(envvars.DEVICE) == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)

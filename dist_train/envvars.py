@@ -12,7 +12,8 @@ import os
 RUN_DIR = "DTRAIN_RUN_DIR"
 # "auto" (newest valid checkpoint in the run directory), "never", or a checkpoint path.
 RESUME = "DTRAIN_RESUME"
-# "1": debug mode (one CPU process, no workers, few batches, anomaly detection).
+# "1": debug mode (one process without torchrun, few batches, anomaly detection; the device comes
+# from CUDA_VISIBLE_DEVICES and DTRAIN_DEVICE like any worker's).
 DEBUG = "DTRAIN_DEBUG"
 # "cpu" forces CPU workers even where CUDA is visible (launch --gpus cpu).
 DEVICE = "DTRAIN_DEVICE"

@@ -16,17 +16,23 @@ import click
 from dist_train.config import Config, load_config, resolve_data_path, save_config
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
-from launcher.run_dirs import new_run_dir, newest_resumable_run, prepare_run_dir
+from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
 
 
 def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str) -> tuple[Path, bool]:
-    """Returns (run directory, whether it is an existing run that will be resumed)."""
+def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str, *, debug: bool = False) -> tuple[Path, bool]:
+    """Returns (run directory, whether it is an existing run that will be resumed).
+
+    ``--debug`` runs and normal runs never continue each other (see launcher/run_dirs.py).
+    """
+    if resume not in ("auto", "never"):
+        check_resume_source(Path(resume), debug=debug)
     if run_dir:
         path = Path(run_dir).expanduser()
+        check_run_kind(path, debug=debug)
         has_checkpoints = any((path / "checkpoints").glob("ckpt-*.pt"))
         if resume == "never" and has_checkpoints:
             # A fresh run's checkpoints would sit beside the old run's, and a later `--resume auto`
@@ -37,10 +43,10 @@ def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str) -> tuple[Path
             )
         return path, has_checkpoints and resume != "never"
     if resume == "auto":
-        found = newest_resumable_run(cfg.run.output_dir, cfg.run.name)
+        found = newest_resumable_run(cfg.run.output_dir, cfg.run.name, debug=debug)
         if found is not None:
             return found, True
-    return new_run_dir(cfg.run.output_dir, cfg.run.name), False
+    return new_run_dir(cfg.run.output_dir, cfg.run.name, debug=debug), False
 
 
 def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
@@ -88,9 +94,21 @@ def _cpu_plan_or_reserve(
     """Returns (CUDA_VISIBLE_DEVICES for workers, processes per node, reservation or None)."""
     if gpus == "cpu":
         return "", nproc or cfg.launch.nproc or 1, None
+    reservation = _reserve(cfg, gpus, opts, run_dir)
+    if reservation.cpu_fallback or reservation.on_cpu:
+        if reservation.notice:
+            _echo(reservation.notice)
+        return "", nproc or cfg.launch.nproc or 1, reservation
+    picked = ", ".join(f"GPU {g.index} ({g.uuid})" for g in reservation.gpus)
+    _echo(f"dtrain: reserved {picked}")
+    return reservation.cuda_visible_devices(), len(reservation.gpus), reservation
+
+
+def _reserve(cfg: Config, gpus: str, opts: dict[str, Any], run_dir: Path, *, single: bool = False) -> Any:
+    """choose_and_reserve with the thresholds, lock directory and waiting of the flags or the config."""
     from launcher.reserve import choose_and_reserve
 
-    reservation = choose_and_reserve(
+    return choose_and_reserve(
         gpus,
         free_memory_mb=opts["free_memory_mb"] if opts["free_memory_mb"] is not None else cfg.launch.free_memory_mb,
         free_util_pct=opts["free_util_pct"] if opts["free_util_pct"] is not None else cfg.launch.free_util_pct,
@@ -100,14 +118,8 @@ def _cpu_plan_or_reserve(
         timeout=opts["timeout"],
         job_id=_job_id(),
         run_dir=str(run_dir),
+        single=single,
     )
-    if reservation.cpu_fallback or reservation.on_cpu:
-        if reservation.notice:
-            _echo(reservation.notice)
-        return "", nproc or cfg.launch.nproc or 1, reservation
-    picked = ", ".join(f"GPU {g.index} ({g.uuid})" for g in reservation.gpus)
-    _echo(f"dtrain: reserved {picked}")
-    return reservation.cuda_visible_devices(), len(reservation.gpus), reservation
 
 
 def build_plan(
@@ -124,7 +136,7 @@ def build_plan(
     job_id: str,
 ) -> plans.LaunchPlan:
     if debug:
-        return plans.debug_plan(config_path, run_dir, resume=resume, job_id=job_id)
+        return plans.debug_plan(config_path, run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible or "")
     if backend == "accelerate":
         port = int(topology.rdzv_endpoint.rsplit(":", 1)[1]) if topology.rdzv_endpoint else free_port()
         return plans.accelerate_plan(
@@ -170,9 +182,9 @@ def check_run_dir_writable(run_dir: Path) -> None:
         )
 
 
-def create_run_dir(run_dir: Path, *, lock: bool) -> tuple[Path, int | None]:
+def create_run_dir(run_dir: Path, *, lock: bool, debug: bool = False) -> tuple[Path, int | None]:
     try:
-        return prepare_run_dir(run_dir, lock=lock)
+        return prepare_run_dir(run_dir, lock=lock, debug=debug)
     except OSError as exc:
         raise LaunchError(
             f"cannot create the run directory {run_dir}: {exc.strerror or exc}. Pick another --run-dir or set run.output_dir."
@@ -191,7 +203,7 @@ class Devices:
 
 def choose_devices(cfg: Config, opts: dict[str, Any], run_dir: Path) -> Devices:
     if opts["debug"]:
-        return Devices(plans.Topology(nproc_per_node=1), "", _job_id())
+        return _debug_devices(cfg, opts, run_dir)
     gpus = opts["gpus"] or cfg.launch.gpus
     step = _slurm_step()
     if step is not None:
@@ -199,6 +211,54 @@ def choose_devices(cfg: Config, opts: dict[str, Any], run_dir: Path) -> Devices:
     topology_args = _multi_node_args(opts)
     cuda_visible, nproc, reservation = _cpu_plan_or_reserve(cfg, gpus, opts["nproc"], opts, run_dir)
     return Devices(plans.Topology(nproc_per_node=nproc, **topology_args), cuda_visible, _job_id(), reservation)
+
+
+def _debug_devices(cfg: Config, opts: dict[str, Any], run_dir: Path) -> Devices:
+    """--debug's one process: one free GPU, reserved and locked like any job's, or the CPU."""
+    request = _debug_gpu_request(cfg, opts["gpus"])
+    step = _slurm_step()
+    if step is not None:
+        # SLURM already gave this node its devices: the first of them, no search, no locks.
+        on_gpu = bool(step.gpus) and request != "cpu"
+        return Devices(plans.Topology(nproc_per_node=1), step.gpus[0] if on_gpu else "", f"slurm-{step.job_id}")
+    if request == "cpu":
+        return Devices(plans.Topology(nproc_per_node=1), "", _job_id())
+    reservation = _reserve(cfg, request, opts, run_dir, single=True)
+    if reservation.on_cpu:
+        if reservation.notice:
+            _echo(reservation.notice)
+        return Devices(plans.Topology(nproc_per_node=1), "", _job_id(), reservation)
+    (gpu,) = reservation.gpus
+    _echo(f"dtrain: reserved GPU {gpu.index} ({gpu.uuid}) for the --debug process")
+    return Devices(plans.Topology(nproc_per_node=1), reservation.cuda_visible_devices(), _job_id(), reservation)
+
+
+def check_debug_options(opts: dict[str, Any]) -> None:
+    """--debug is one process: flags asking for more are refused before anything is created or reserved."""
+    if not opts["debug"]:
+        return
+    if opts["gpus"] is not None:
+        from launcher.gpus import single_gpu_request
+
+        single_gpu_request(opts["gpus"])
+    for flag, value in (("--nproc", opts["nproc"]), ("--nnodes", opts["nnodes"])):
+        if value is not None and value > 1:
+            raise ConfigError(
+                f"{flag} {value} with --debug: debug mode runs one process (no torchrun, no process group). "
+                f"Leave out {flag}, or launch without --debug to run several processes."
+            )
+
+
+def _debug_gpu_request(cfg: Config, flag: str | None) -> str:
+    """--gpus as given (checked by check_debug_options), or the config's launch.gpus cut down to one GPU."""
+    from launcher.gpus import one_gpu_of
+
+    if flag is not None:
+        return flag.strip().lower() if flag.strip().lower() in ("auto", "cpu") else flag
+    request = one_gpu_of(cfg.launch.gpus)
+    if request != cfg.launch.gpus:
+        _echo(f"dtrain: --debug runs one process: --gpus {request} instead of launch.gpus = {cfg.launch.gpus!r}")
+    return request
 
 
 def _multi_node_args(opts: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +307,12 @@ def _slurm_devices(cfg: Config, opts: dict[str, Any], step: Any, gpus: str) -> D
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable).")
 @click.option("--gpus", default=None, help="auto | N | 0,3 | cpu  (default: [launch] gpus)")
 @click.option("--nproc", type=int, default=None, help="Workers per node for --gpus cpu (default: [launch] nproc or 1).")
-@click.option("--debug", is_flag=True, help="One process on the CPU, no workers, few batches, anomaly detection.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="One process without torchrun on one free GPU (or the CPU), few batches, anomaly detection; "
+    "debug runs are kept apart from normal runs.",
+)
 @click.option("--run-dir", default=None, help="Run directory (default: newest unfinished run of this config, or a new one).")
 @click.option("--resume", default="auto", help="auto | never | PATH to a checkpoint.")
 @click.option("--backend", type=click.Choice(["torchrun", "accelerate"]), default=None, help="Process launcher.")
@@ -269,11 +334,12 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     resume = opts["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_file():
         raise ConfigError(f"--resume {resume!r}: no such checkpoint file. Use auto, never, or a path to a .pt file.")
+    check_debug_options(opts)
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")
     ensure_data(cfg, dry_run=opts["dry_run"])
     phases.mark("data check")
-    run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume)
+    run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume, debug=opts["debug"])
     run_dir = run_dir.absolute()
     check_run_dir_writable(run_dir)
     phases.mark("run dir")
@@ -298,7 +364,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
             click.echo(launch_plan.to_json())
             return
         # Node 0 alone locks a multi-node job's shared run directory.
-        run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0)
+        run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0, debug=opts["debug"])
         save_config(cfg, run_dir / "config.toml")
         _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
         phases.mark("plan, run dir, config copy")

@@ -370,8 +370,11 @@ class GpuRequest:
     kind: Literal["auto", "count", "explicit", "cpu"]
     count: int = 0
     ids: tuple[str, ...] = ()  # explicit: physical indices as strings, or UUIDs / UUID prefixes
+    single: bool = False  # one process (``--debug``): ``auto`` takes one free GPU, not all of them
 
     def describe(self) -> str:
+        if self.kind == "auto" and self.single:
+            return "one free GPU"
         if self.kind == "count":
             return f"{self.count} free GPU{'s' if self.count != 1 else ''}"
         if self.kind == "explicit":
@@ -405,6 +408,33 @@ def parse_request(request: str) -> GpuRequest:
     if len(set(ids)) != len(ids):
         raise LaunchError(f"--gpus {request!r} names a GPU twice.")
     return GpuRequest(kind="explicit", ids=ids)
+
+
+def single_gpu_request(request: str) -> GpuRequest:
+    """``request`` for one process (``--debug``): auto, cpu, 1 or one named GPU; more is a LaunchError."""
+    parsed = parse_request(request)
+    wanted = parsed.count if parsed.kind == "count" else len(parsed.ids)
+    if wanted > 1:
+        raise LaunchError(
+            f"--gpus {request!r} asks for {wanted} GPUs, but --debug runs one process (no torchrun, no process "
+            "group). Use --gpus auto or 1 for one free GPU, --gpus 3, for GPU 3, or --gpus cpu; to try several "
+            "GPUs, launch without --debug and a small train.max_steps_per_epoch."
+        )
+    return replace(parsed, single=True)
+
+
+def one_gpu_of(request: str) -> str:
+    """The one-GPU form of a configured ``launch.gpus`` for ``--debug``: a count becomes 1, a list its first GPU.
+
+    A config describes the full job; ``--debug`` runs the same config as one process without making
+    the user edit it. (A ``--gpus`` flag asking for more than one is an error instead, see above.)
+    """
+    parsed = parse_request(request)
+    if parsed.kind == "count":
+        return "1"
+    if parsed.kind == "explicit":
+        return f"{parsed.ids[0]},"
+    return request
 
 
 @dataclass(frozen=True)
@@ -545,7 +575,8 @@ def plan_selection(request: GpuRequest, statuses: Sequence[GpuStatus], *, force:
             f"free. {status_report(statuses)}. Wait for them with --wait [--timeout SECONDS], change the "
             "thresholds (--free-memory-mb, --free-util-pct), name GPUs explicitly with --force, or use --gpus cpu."
         )
-    return Plan(order_by_topology(free, needed), needed, take_all=request.kind == "auto", statuses=list(statuses))
+    take_all = request.kind == "auto" and not request.single
+    return Plan(order_by_topology(free, needed), needed, take_all=take_all, statuses=list(statuses))
 
 
 def _plan_explicit(request: GpuRequest, statuses: Sequence[GpuStatus], force: bool) -> Plan:

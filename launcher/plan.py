@@ -94,17 +94,26 @@ def worker_env(
     return env
 
 
-def debug_plan(config_path: Path, run_dir: Path, *, resume: str, job_id: str, python: str = sys.executable) -> LaunchPlan:
-    """One process on the CPU, no torchrun, no process group: the laptop path."""
-    env = base_env(run_dir, resume=resume, job_id=job_id, cpu=True, debug=True)
-    env["CUDA_VISIBLE_DEVICES"] = ""
+def debug_plan(
+    config_path: Path,
+    run_dir: Path,
+    *,
+    resume: str,
+    job_id: str,
+    cuda_visible_devices: str = "",
+    python: str = sys.executable,
+) -> LaunchPlan:
+    """One process, no torchrun, no process group: on the one reserved GPU, or on the CPU ("")."""
+    cpu = cuda_visible_devices == ""
+    env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cpu, debug=True)
+    env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     return LaunchPlan(
         argv=(python, *worker_command(config_path), "--verbose"),
         env=tuple(sorted(env.items())),
         run_dir=str(run_dir),
         backend="debug",
         topology=Topology(nproc_per_node=1),
-        cuda_visible_devices="",
+        cuda_visible_devices=cuda_visible_devices,
     )
 
 

@@ -40,6 +40,7 @@ from launcher.gpus import (
     parse_request,
     plan_selection,
     query_visible,
+    single_gpu_request,
     status_report,
 )
 
@@ -448,13 +449,15 @@ def choose_and_reserve(
     backend: GpuBackend | None = None,
     log: Callable[[str], None] = print_to_stderr,
     poll_interval: float = WAIT_POLL_S,
+    single: bool = False,
 ) -> Reservation:
     """Pick GPUs for ``request`` (auto | N | 0,3 | cpu) and lock them; raise LaunchError if that is impossible.
 
     With ``wait`` the GPU states are polled until the request can be met (or ``timeout`` seconds pass).
     No GPU at all with ``auto`` gives a CPU reservation with ``cpu_fallback`` and a one-line ``notice``.
+    ``single`` (one process, ``--debug``): ``auto`` locks one free GPU, and asking for more is an error.
     """
-    parsed = parse_request(request)
+    parsed = single_gpu_request(request) if single else parse_request(request)
     if parsed.kind == "cpu":
         return Reservation(gpus=[], cpu_fallback=False, notice="")
     env = os.environ if environ is None else environ

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ from tests.helpers.run import (
     start_dtrain,
     write_config,
 )
+from tests.test_launch_failures import wait_for_step as wait_for_new_run
 from tests.test_resume import assert_same_state, wait_for_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
@@ -111,6 +113,59 @@ def test_training_on_the_gpu_with_mixed_precision(tmp_path: Path, precision: str
     if precision == "fp16":
         assert ckpt["scaler"]["scale"] > 0, "the GradScaler's state is part of the checkpoint"
     assert_ok(dtrain("eval", str(run_dir), "--split", "val", cwd=tmp_path, env=gpu_env()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_debug_mode_runs_on_one_reserved_gpu_and_releases_it(tmp_path: Path, precision: str) -> None:
+    """`dtrain launch cfg.toml --debug` on a GPU machine: one process (no torchrun) on one free GPU, reserved
+    and shown by `dtrain gpus` while it runs, released after Ctrl-C, and the same command resumes it."""
+    from launcher.run_dirs import is_debug_run, is_in_use
+
+    locks = str(tmp_path / "locks")
+    name = f"debug-{precision}"
+    cfg = gpu_config(
+        tmp_path, name,
+        model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.05},
+        train={"epochs": 40, "precision": precision, "log_every": 1, "stop_check_every": 1},
+    )
+    # --wait: NVML's utilisation of an earlier test's GPU work may take a moment to fall below the threshold.
+    command = ("launch", str(cfg), "--debug", "--lock-dir", locks, "--wait", "--timeout", "120")
+    proc = start_dtrain(*command, cwd=tmp_path, env=gpu_env())
+    try:
+        run_dir = wait_for_new_run(tmp_path / "runs", 2, proc, pattern=f"{name}/*/metrics.jsonl")
+        assert run_dir.name.endswith("-debug") and is_debug_run(run_dir) and is_in_use(run_dir)
+        held = [g for g in gpus_json("--lock-dir", locks) if g["reserved_by"]]
+        assert len(held) == 1, held
+        assert held[0]["reserved_by"]["run_dir"] == str(run_dir) and held[0]["reserved_by"]["pid"] == proc.pid
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert not any("launcher.torchrun_main" in p.cmdline() for p in children), "debug mode runs no torchrun"
+        (worker,) = [p for p in children if "dist_train" in p.cmdline()]
+        assert worker.environ()["CUDA_VISIBLE_DEVICES"] == held[0]["uuid"]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"reserved GPU {held[0]['index']} ({held[0]['uuid']})" in out
+    assert not any(g["reserved_by"] for g in gpus_json("--lock-dir", locks)), "the GPU is released on exit"
+    assert not is_in_use(run_dir)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "device cuda:0" in log and f"precision {precision}" in log and "world size 1" in log, log
+    epochs = records(run_dir, "epoch")
+    assert epochs and [r["step"] for r in epochs] == [5 * (i + 1) for i in range(len(epochs))], "5 batches an epoch"
+    assert all(r["train/loss"] == r["train/loss"] for r in epochs), "no NaN under anomaly detection"
+    if precision == "fp16":
+        assert load_final_model(run_dir)["scaler"]["scale"] > 0, "the GradScaler's state is part of the checkpoint"
+
+    # The same command resumes the debug run on a GPU again (finishing the interrupted epoch) and releases it.
+    finish = dtrain(*command, "--set", f"train.epochs={len(epochs) + 1}", cwd=tmp_path, env=gpu_env())
+    assert_ok(finish)
+    assert f"resuming run in {run_dir}" in finish.stderr and "reserved GPU" in finish.stderr
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert len(records(run_dir, "epoch")) == len(epochs) + 1
+    assert not any(g["reserved_by"] for g in gpus_json("--lock-dir", locks))
 
 
 def test_reserved_gpu_is_refused_and_a_preempted_gpu_run_resumes_bit_exact(tmp_path: Path) -> None:

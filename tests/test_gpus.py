@@ -19,9 +19,11 @@ from launcher.gpus import (
     RecordedBackend,
     classify,
     get_backend,
+    one_gpu_of,
     parse_request,
     plan_selection,
     query_visible,
+    single_gpu_request,
     visible_gpus,
 )
 
@@ -127,6 +129,32 @@ def test_request_forms() -> None:
     assert parse_request("AUTO").kind == "auto" and parse_request("cpu").kind == "cpu"
     assert parse_request("3").count == 3
     assert parse_request("0,3").ids == ("0", "3") and parse_request("3,").ids == ("3",)
+
+
+def test_one_process_requests_take_one_gpu_and_refuse_more() -> None:
+    """--debug: `auto` means one free GPU (not all of them); counts and lists above one are refused."""
+    auto = single_gpu_request("auto")
+    assert auto.kind == "auto" and auto.single and auto.describe() == "one free GPU"
+    statuses = classify(visible_gpus(backend("free8"), {}), **THRESHOLDS)
+    one = plan_selection(auto, statuses)
+    assert one.needed == 1 and not one.take_all and indices(one.candidates)[0] == 0
+    assert plan_selection(parse_request("auto"), statuses).take_all, "a normal launch still takes every free GPU"
+    busy = plan_selection(auto, classify(visible_gpus(backend("busy_process"), {}), **THRESHOLDS))
+    assert not busy.take_all and indices(busy.candidates)[0] == 1  # GPU 0 runs another user's process
+    assert single_gpu_request("1").count == 1 and single_gpu_request("3,").ids == ("3",)
+    assert single_gpu_request("cpu").kind == "cpu"
+    for request, n in (("2", 2), ("0,3", 2), ("8", 8)):
+        with pytest.raises(LaunchError, match=rf"asks for {n} GPUs, but --debug runs one process"):
+            single_gpu_request(request)
+    with pytest.raises(LaunchError, match="not a GPU request"):
+        single_gpu_request("two")
+
+
+def test_a_configured_gpu_request_is_cut_down_to_one_gpu() -> None:
+    assert one_gpu_of("4") == "1" and one_gpu_of("1") == "1"
+    assert one_gpu_of("2,5") == "2," and one_gpu_of("GPU-abc,GPU-def") == "GPU-abc,"
+    assert one_gpu_of("auto") == "auto" and one_gpu_of("cpu") == "cpu"
+    assert parse_request(one_gpu_of("2,5")).ids == ("2",)
 
 
 def test_busy_by_memory() -> None:

@@ -146,3 +146,126 @@ def test_concurrent_launches_get_different_gpus_and_ports_and_release_them(cfg: 
     released, plan = dry_run(cfg, "free8.json", "8")
     assert released.returncode == 0, f"all GPU locks should be free again: {released.stderr}"
     assert len(visible(plan)) == 8
+
+
+# ----------------------------------------------------------------------------------- --debug: one process
+
+
+def debug_dry_run(cfg: Path, state: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    args = ["launch", str(cfg), "--debug", "--lock-dir", str(cfg.parent / "locks"), "--dry-run", *extra]
+    proc = dtrain(*args, cwd=cfg.parent, env=env(state))
+    plan = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    return proc, plan
+
+
+def assert_one_plain_process(plan: dict[str, Any]) -> None:
+    assert plan["backend"] == "debug" and plan["argv"][1:3] == ["-m", "dist_train"], plan["argv"]
+    assert not any("torchrun" in a for a in plan["argv"]) and plan["topology"]["nproc_per_node"] == 1
+    assert dict(plan["env"])["DTRAIN_DEBUG"] == "1" and plan["run_dir"].endswith("-debug")
+
+
+@pytest.mark.parametrize(
+    ("state", "extra", "index"),
+    [
+        ("free8.json", (), 0),  # free: the first free GPU, not all eight
+        ("busy_process.json", (), 1),  # GPU 0 runs another user's process
+        ("free8.json", ("--gpus", "3,"), 3),  # an explicit index
+        ("busy_process.json", ("--gpus", "1"), 1),  # a count of one
+    ],
+)
+def test_debug_takes_one_free_gpu_and_locks_it(cfg: Path, state: str, extra: tuple[str, ...], index: int) -> None:
+    proc, plan = debug_dry_run(cfg, state, *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert_one_plain_process(plan)
+    env_vars = dict(plan["env"])
+    assert env_vars["CUDA_VISIBLE_DEVICES"] == uuids(state)[index] and "DTRAIN_DEVICE" not in env_vars
+    assert f"dtrain: reserved GPU {index} ({uuids(state)[index]})" in proc.stderr
+    assert "running on the CPU" not in proc.stderr
+
+
+@pytest.mark.parametrize(("state", "extra", "notice"), [("none.json", (), True), ("free8.json", ("--gpus", "cpu"), False)])
+def test_debug_runs_on_the_cpu_without_gpus_or_when_asked(cfg: Path, state: str, extra: tuple[str, ...], notice: bool) -> None:
+    proc, plan = debug_dry_run(cfg, state, *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert_one_plain_process(plan)
+    env_vars = dict(plan["env"])
+    assert env_vars["CUDA_VISIBLE_DEVICES"] == "" and env_vars["DTRAIN_DEVICE"] == "cpu"
+    # The same notice as a normal launch that finds no GPU; none when the CPU was asked for.
+    assert len([line for line in proc.stderr.splitlines() if "no GPUs found" in line and "running on the CPU" in line]) == int(notice)
+    assert "reserved GPU" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("state", "extra", "expected"),
+    [
+        ("all_busy.json", (), "Not enough free GPUs: asked for one free GPU"),
+        ("busy_process.json", ("--gpus", "0,"), "Requested GPU(s) not available: GPU 0"),
+        ("free8.json", ("--gpus", "2"), "--gpus '2' asks for 2 GPUs, but --debug runs one process"),
+        ("free8.json", ("--gpus", "0,3"), "--gpus '0,3' asks for 2 GPUs, but --debug runs one process"),
+        ("free8.json", ("--gpus", "cpu", "--nproc", "2"), "--nproc 2 with --debug: debug mode runs one process"),
+    ],
+)
+def test_debug_refuses_busy_gpus_and_more_than_one_process(cfg: Path, state: str, extra: tuple[str, ...], expected: str) -> None:
+    proc, _ = debug_dry_run(cfg, state, *extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_debug_cuts_a_configured_gpu_count_down_to_one(cfg: Path) -> None:
+    cfg.write_text(cfg.read_text().replace("[launch]", '[launch]\ngpus = "4"'))
+    proc, plan = debug_dry_run(cfg, "free8.json")
+    assert proc.returncode == 0, proc.stderr
+    assert dict(plan["env"])["CUDA_VISIBLE_DEVICES"] == uuids("free8.json")[0]
+    assert "--debug runs one process: --gpus 1 instead of launch.gpus = '4'" in proc.stderr
+
+
+def gpus_json(cfg: Path, state: str) -> list[dict[str, Any]]:
+    proc = dtrain("gpus", "--json", "--lock-dir", str(cfg.parent / "locks"), cwd=cfg.parent, env=env(state))
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout)["gpus"])
+
+
+def test_a_debug_run_holds_its_gpu_like_any_job_and_releases_it_on_ctrl_c(cfg: Path) -> None:
+    from launcher.run_dirs import is_debug_run, is_in_use
+
+    tmp = cfg.parent
+    launcher = start_dtrain("launch", str(cfg), "--debug", "--lock-dir", str(tmp / "locks"), cwd=tmp, env=env("free8.json"))
+    try:
+        run_dir = wait_for_step(tmp / "runs", 1, launcher)
+        assert run_dir.name.endswith("-debug") and is_debug_run(run_dir)
+        assert is_in_use(run_dir), "the run lock is held while the debug run runs"
+        gpus = gpus_json(cfg, "free8.json")
+        held = [g for g in gpus if g["reserved_by"]]
+        assert [g["index"] for g in held] == [0], held
+        holder = held[0]["reserved_by"]
+        assert holder["run_dir"] == str(run_dir) and holder["pid"] == launcher.pid
+        assert all(g["free"] for g in gpus if g["index"] != 0)
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert not any("launcher.torchrun_main" in p.cmdline() for p in children), "no torchrun in debug mode"
+        (worker,) = [p for p in children if "dist_train" in p.cmdline()]
+        assert worker.environ()["CUDA_VISIBLE_DEVICES"] == uuids("free8.json")[0]
+        assert worker.environ()["DTRAIN_DEBUG"] == "1"
+        launcher.send_signal(signal.SIGINT)
+        out, _ = launcher.communicate(timeout=120)
+        assert launcher.returncode == PREEMPTED_EXIT_CODE, out
+        assert alive(children) == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert not any(g["reserved_by"] for g in gpus_json(cfg, "free8.json")), "the GPU is released"
+    assert not is_in_use(run_dir)
+
+
+def test_debug_inside_a_slurm_step_uses_the_first_gpu_slurm_gave_it(cfg: Path) -> None:
+    """SLURM owns the allocation: no NVML search and no locks, one of this node's GPUs."""
+    step = {"SLURM_JOB_ID": "4711", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
+            "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NUM_TASKS": "1", "CUDA_VISIBLE_DEVICES": "2,3"}
+    args = ["launch", str(cfg), "--debug", "--lock-dir", str(cfg.parent / "locks"), "--dry-run"]
+    proc = dtrain(*args, cwd=cfg.parent, env=env_for_tests({**step, "DTRAIN_NVML_RECORD": str(STATES / "free8.json")}))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert_one_plain_process(plan)
+    env_vars = dict(plan["env"])
+    assert env_vars["CUDA_VISIBLE_DEVICES"] == "2" and env_vars["DTRAIN_JOB_ID"] == "slurm-4711"
+    assert "reserved GPU" not in proc.stderr and not (cfg.parent / "locks").exists()

@@ -12,10 +12,19 @@ from typing import Any
 import pytest
 
 from dist_train.envvars import PREEMPTED_EXIT_CODE
-from dist_train.errors import LaunchError
+from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.execute import interpret
-from launcher.run_dirs import lock_run_dir, newest_resumable_run, prepare_run_dir
+from launcher.run_dirs import (
+    DEBUG_MARKER,
+    check_resume_source,
+    check_run_kind,
+    is_debug_run,
+    lock_run_dir,
+    new_run_dir,
+    newest_resumable_run,
+    prepare_run_dir,
+)
 from tests.helpers.run import REPO, dtrain, make_image_h5, write_config
 
 CFG = Path("/runs/t/1/config.toml")
@@ -96,6 +105,17 @@ def test_debug_plan_is_one_plain_process() -> None:
     env = plan.env_dict()
     assert env["DTRAIN_DEBUG"] == "1" and env["DTRAIN_DEVICE"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
     assert plan.backend == "debug" and not plan.summary_file
+    assert plan.topology == plans.Topology(nproc_per_node=1)
+
+
+def test_debug_plan_on_a_reserved_gpu_pins_it_and_does_not_force_the_cpu() -> None:
+    plan = plans.debug_plan(CFG, RUN, resume="auto", job_id="j", cuda_visible_devices="GPU-aaaa")
+    assert plan.argv[1:] == ("-m", "dist_train", str(CFG), "--verbose"), "no torchrun, no process group"
+    env = plan.env_dict()
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa" and plan.cuda_visible_devices == "GPU-aaaa"
+    assert env["DTRAIN_DEBUG"] == "1" and "DTRAIN_DEVICE" not in env
+    assert not any(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
+    assert plan.full_env({"CUDA_VISIBLE_DEVICES": "0,1,2"})["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"
 
 
 def test_inherited_rank_variables_are_scrubbed() -> None:
@@ -163,6 +183,65 @@ def test_a_run_in_use_is_locked_and_skipped_by_automatic_resume(tmp_path: Path) 
     assert newest_resumable_run(str(tmp_path), "t") == newer
     (newer / "completed").write_text("step 9\n")
     assert newest_resumable_run(str(tmp_path), "t") == older
+
+
+def _checkpointed_run(path: Path, *, debug: bool) -> Path:
+    run_dir, fd = prepare_run_dir(path, debug=debug)
+    assert fd is not None
+    os.close(fd)
+    (run_dir / "config.toml").write_text("")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "ckpt-e0001-s00000005.pt").write_bytes(b"x")
+    (run_dir / "checkpoints" / "latest").write_text("ckpt-e0001-s00000005.pt")
+    return run_dir
+
+
+def test_debug_runs_are_named_and_marked_apart_and_resumed_only_by_their_kind(tmp_path: Path) -> None:
+    import datetime
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert new_run_dir(str(tmp_path), "t", now=now) == tmp_path / "t" / "20260102-030405"
+    assert new_run_dir(str(tmp_path), "t", now=now, debug=True) == tmp_path / "t" / "20260102-030405-debug"
+    normal = _checkpointed_run(tmp_path / "t" / "20250101-000000", debug=False)
+    debug = _checkpointed_run(tmp_path / "t" / "20250102-000000-debug", debug=True)
+    assert is_debug_run(debug) and not is_debug_run(normal)
+    assert "--debug" in (debug / DEBUG_MARKER).read_text()
+    # The debug run is the newer one; a normal launch still resumes only the normal run, and the reverse.
+    assert newest_resumable_run(str(tmp_path), "t") == normal
+    assert newest_resumable_run(str(tmp_path), "t", debug=True) == debug
+    (debug / "completed").write_text("step 5\n")
+    assert newest_resumable_run(str(tmp_path), "t", debug=True) is None, "never a normal run instead"
+    # Relaunching (and so re-preparing) a debug run keeps its mark; a normal preparation adds none.
+    _, fd = prepare_run_dir(debug, debug=True)
+    assert fd is not None
+    os.close(fd)
+    assert is_debug_run(debug) and not (debug / "completed").exists()
+
+
+def test_naming_a_run_of_the_other_kind_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    normal = _checkpointed_run(tmp_path / "normal", debug=False)
+    debug = _checkpointed_run(tmp_path / "dbg", debug=True)
+    check_run_kind(normal, debug=False)
+    check_run_kind(debug, debug=True)
+    check_run_kind(tmp_path / "new", debug=True)  # nothing there yet: either kind may start it
+    (tmp_path / "empty").mkdir()
+    check_run_kind(tmp_path / "empty", debug=False)
+    with pytest.raises(ConfigError, match=r"holds a --debug run .*a normal launch does not continue it.*add --debug"):
+        check_run_kind(debug, debug=False)
+    with pytest.raises(ConfigError, match=r"holds a normal \(non-debug\) run; --debug does not write into it"):
+        check_run_kind(normal, debug=True)
+
+    debug_ckpt = debug / "checkpoints" / "ckpt-e0001-s00000005.pt"
+    normal_ckpt = normal / "checkpoints" / "ckpt-e0001-s00000005.pt"
+    with pytest.raises(ConfigError, match=r"written by a --debug run .*--resume never"):
+        check_resume_source(debug_ckpt, debug=False)
+    check_resume_source(debug_ckpt, debug=True)
+    # Debugging from a real run's state is allowed: it runs in a debug directory of its own.
+    check_resume_source(normal_ckpt, debug=True)
+    check_resume_source(normal_ckpt, debug=False)
+    loose = tmp_path / "elsewhere.pt"
+    loose.write_bytes(b"x")
+    check_resume_source(loose, debug=False)
 
 
 # ----------------------------------------------------------------------------------- outcomes

@@ -83,6 +83,22 @@ def test_no_gpus_auto_falls_back_to_cpu_and_counts_fail(tmp_path: Path) -> None:
     assert cpu.gpus == [] and not cpu.cpu_fallback
 
 
+def test_one_process_reservations_lock_one_gpu_each(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    with reserve("auto", locks, single=True, job_id="debug-1", run_dir="/runs/t/1-debug") as first:
+        assert [g.index for g in first.gpus] == [0] and not first.cpu_fallback
+        assert list_holders(str(locks))[first.gpus[0].uuid].run_dir == "/runs/t/1-debug"
+        with reserve("auto", locks, single=True) as second:
+            assert [g.index for g in second.gpus] == [1], "the first one is locked"
+            with reserve("auto", locks) as rest:
+                assert len(rest.gpus) == 6, "single reservations leave the other GPUs free"
+    assert list_holders(str(locks)) == {}
+    with pytest.raises(LaunchError, match="--debug runs one process"):
+        reserve("2", locks, single=True)
+    fallback = reserve("auto", locks, single=True, state=STATES / "none.json")
+    assert fallback.cpu_fallback and fallback.gpus == [] and fallback.notice.endswith("running on the CPU.")
+
+
 def test_cuda_visible_devices_limits_reservation(tmp_path: Path) -> None:
     with reserve("auto", tmp_path / "locks", environ={"CUDA_VISIBLE_DEVICES": f"{UUIDS8[4]},7"}) as r:
         assert [g.index for g in r.gpus] == [4, 7]

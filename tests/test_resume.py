@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -139,3 +140,85 @@ def test_resume_never_into_a_run_dir_with_checkpoints_is_refused(tmp_path: Path)
     proc = dtrain("launch", "--debug", str(cfg), "--run-dir", str(run_dir), "--resume", "never", cwd=tmp_path)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max((r.get("step", 0) for r in records(run_dir)), default=0) if path.exists() else 0
+
+
+def _stop_with_ctrl_c(proc, runs: Path, steps: int = 2, timeout: float = 120) -> Path:
+    """Wait until the launch has trained ``steps`` more steps in some run directory (a new one, or one it
+    resumed), then SIGINT the launcher as Ctrl-C does; returns that directory."""
+    before = {run: _last_step(run) for run in runs.glob("*")}
+    deadline = time.monotonic() + timeout
+    run_dir = None
+    while run_dir is None:
+        assert time.monotonic() < deadline, f"no run advanced by {steps} steps"
+        assert proc.poll() is None, f"the launch ended early:\n{proc.stdout.read()}"
+        for candidate in runs.glob("*"):
+            if _last_step(candidate) >= before.get(candidate, 0) + steps:
+                run_dir = candidate
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    return run_dir
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_debug_run_and_a_normal_run_never_resume_each_other(tmp_path: Path) -> None:
+    """Ctrl-C a --debug run, then launch the same config normally: a run of its own, not the debug run's
+    five-batch epochs continued (and the reverse). Each kind resumes its own runs; naming the other is refused."""
+    data = make_image_h5(tmp_path / "d.h5", events=200)
+    cfg = write_config(
+        tmp_path / "c.toml", data,
+        run={"name": "mixed", "output_dir": str(tmp_path / "runs"), "seed": 1},
+        data={"batch_size": 8, "num_workers": 0},
+        model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.2},
+        train={"epochs": 8, "log_every": 1, "precision": "fp32", "stop_check_every": 2},
+    )
+    runs = tmp_path / "runs" / "mixed"
+    debug = ("launch", str(cfg), "--debug", "--gpus", "cpu")
+    normal = ("launch", str(cfg), "--gpus", "cpu")
+
+    debug_dir = _stop_with_ctrl_c(start_dtrain(*debug, cwd=tmp_path), runs)
+    debug_ckpts = _files(debug_dir)
+    assert any(name.startswith("ckpt-") for name in debug_ckpts)
+
+    normal_dir = _stop_with_ctrl_c(start_dtrain(*normal, cwd=tmp_path), runs, steps=1)
+    assert normal_dir != debug_dir, "the normal launch continued the interrupted debug run"
+    assert "resumed from" not in (normal_dir / "logs" / "rank0.log").read_text()
+    assert min(r["step"] for r in records(normal_dir, "step")) == 1, "the normal run starts at step 1"
+    assert _files(debug_dir) == debug_ckpts
+    normal_ckpts = _files(normal_dir)
+    # Told apart by name and, whatever the name (--run-dir), by the marker in the directory.
+    assert debug_dir.name.endswith("-debug") and (debug_dir / "debug").is_file()
+    assert not normal_dir.name.endswith("-debug") and not (normal_dir / "debug").exists()
+
+    # Rerunning either command continues its own run, though the other one is newer or older.
+    for command, expected in ((normal, normal_dir), (debug, debug_dir)):
+        proc = dtrain(*command, "--dry-run", cwd=tmp_path)
+        assert_ok(proc)
+        assert json.loads(proc.stdout)["run_dir"] == str(expected)
+
+    refusals = [
+        ((*normal, "--run-dir", str(debug_dir)), "holds a --debug run"),
+        ((*normal, "--resume", str(debug_dir / "checkpoints" / debug_ckpts[0])), "written by a --debug run"),
+        ((*debug, "--run-dir", str(normal_dir)), "holds a normal (non-debug) run"),
+    ]
+    for command, expected in refusals:
+        proc = dtrain(*command, cwd=tmp_path)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    # The debug run's own command resumes it (to the end of a shorter run), leaving the normal run alone.
+    proc = dtrain(*debug, "--set", "train.epochs=2", cwd=tmp_path)
+    assert_ok(proc)
+    assert f"resuming run in {debug_dir}" in proc.stderr
+    assert "resumed from" in (debug_dir / "logs" / "rank0.log").read_text()
+    assert [r["step"] for r in records(debug_dir, "epoch")] == [5, 10]
+    assert _files(normal_dir) == normal_ckpts
