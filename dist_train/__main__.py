@@ -87,15 +87,25 @@ def _run(args: argparse.Namespace) -> int:
         destroy_distributed()
 
 
+def report_error(exc: DTrainError) -> None:
+    """One paragraph, once: in the rank's log file, and on stderr unless the launcher reports it."""
+    from dist_train.logs import FILE_ONLY
+
+    log = logging.getLogger("dtrain")
+    if log.handlers:  # without handlers logging would print it to stderr itself
+        log.error("error: %s", exc, extra=FILE_ONLY)
+    if envvars.get(envvars.LAUNCHER_REPORTS_ERRORS) != "1":
+        print(f"dtrain worker: error: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
     try:
         return run(argv)
     except DTrainError as exc:
-        if verbose or os.environ.get(envvars.DEBUG) == "1":
+        if verbose:
             traceback.print_exc()
-        logging.getLogger("dtrain").error("error: %s", exc)
-        print(f"dtrain worker: error: {exc}", file=sys.stderr)
+        report_error(exc)
         return exc.exit_code
 
 

@@ -126,6 +126,9 @@ class TrainConfig:
     detect_anomaly: bool = False
     # Console: "auto" shows a progress bar on a terminal and plain lines otherwise.
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    # Evaluate the held-out test split once after the last epoch (a "test" record in metrics.jsonl);
+    # false leaves the test split to `dtrain eval RUN_DIR --split test`.
+    test_at_end: bool = True
 
 
 @dataclass
@@ -301,7 +304,8 @@ def _build_section(cls: type, table: Any, section: str, origin: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
+def config_from_dict(raw: dict[str, Any], origin: str = "<config>", *, checks_origin: str | None = None) -> Config:
+    """``checks_origin``: what cross-field errors name (the file plus the --set arguments that went in)."""
     sections = {f.name: f.type_obj for f in _fields(Config) if f.name != "source"}
     built: dict[str, Any] = {}
     for name, table in raw.items():
@@ -310,7 +314,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
             raise ConfigError(f"{origin}: unknown section [{name}].{hint} Known sections: {', '.join(sections)}.")
         built[name] = _build_section(sections[name], table, name, origin)
     cfg = Config(**built, source=origin)
-    validate(cfg, origin)
+    validate(cfg, checks_origin or origin)
     return cfg
 
 
@@ -329,6 +333,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             raise ConfigError(f"--set {text!r}: {literal!r} is not a valid TOML value.") from None
         value = literal.strip()  # bare words such as `--set launch.gpus=cpu`
     return parts, value
+
+
+def check_override(text: str) -> None:
+    """Section, key and type of one ``--set``, so that its mistakes name the ``--set`` argument.
+
+    Merged into the file's tables first, a bad override would be reported as the file's mistake.
+    ``[model]`` keys other than its fields are the model's (checked against the model's signature),
+    and keys below a table (``optim.kwargs.amsgrad``) are checked with the rest of the config.
+    """
+    parts, value = parse_override(text)
+    where = f"--set {text}"
+    sections = section_types()
+    section = parts[0]
+    if section not in sections:
+        hint = _did_you_mean(section, list(sections))
+        raise ConfigError(f"{where}: unknown section [{section}].{hint} Known sections: {', '.join(sections)}.")
+    known = {f.name: f for f in _fields(sections[section])}
+    key = parts[1]
+    if key not in known or (key == "kwargs" and section in _OPEN_SECTIONS):
+        if section in _OPEN_SECTIONS:
+            return
+        hint = _did_you_mean(key, list(known))
+        raise ConfigError(f"{where}: unknown key '{key}' in [{section}].{hint} Known keys: {', '.join(known)}.")
+    if len(parts) == 2:
+        _coerce(value, known[key].type_obj, f"{where}: {section}.{key}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -358,9 +387,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    raw = apply_overrides(read_toml(path), overrides or [])
-    cfg = config_from_dict(raw, origin=str(path))
-    return cfg
+    overrides = overrides or []
+    raw = read_toml(path)
+    for text in overrides:
+        check_override(text)
+    merged = apply_overrides(raw, overrides)
+    with_sets = f"{path} with " + " ".join(f"--set {text}" for text in overrides) if overrides else None
+    return config_from_dict(merged, origin=str(path), checks_origin=with_sets)
 
 
 def validate(cfg: Config, origin: str) -> None:

@@ -19,8 +19,11 @@ DEBUG = "DTRAIN_DEBUG"
 DEVICE = "DTRAIN_DEVICE"
 # Set by the launcher: a human-readable job id used in lock files and `dtrain gpus`.
 JOB_ID = "DTRAIN_JOB_ID"
+# "1": the launcher reports a worker's bad-input error (exit 2) from torchrun's error file, so the
+# worker writes it to its rank log only and the user reads it once.
+LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 
-ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID)
+ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID, LAUNCHER_REPORTS_ERRORS)
 
 # Exit code of a worker (and of `dtrain launch`) that stopped on a preemption signal after writing
 # a checkpoint: "interrupted, resumable". 75 is EX_TEMPFAIL from sysexits.h: try again later.

@@ -9,12 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger("dtrain")
+
+# ``log.info(..., extra=FILE_ONLY)``: the rank's log file gets the record, the console does not
+# (step lines while a progress bar is drawn, messages the launcher already gave in its own words).
+FILE_ONLY = {"dtrain_console": False}
+# Keys of a metrics record that place it (what, when) rather than measure something.
+RECORD_COORDINATES = ("kind", "epoch", "step", "time")
+
+
+def _shown_on_console(record: logging.LogRecord) -> bool:
+    return bool(getattr(record, "dtrain_console", True))
 
 
 def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
@@ -34,6 +45,7 @@ def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
     if console:
         sh = logging.StreamHandler(sys.stdout)
         sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.addFilter(_shown_on_console)
         log.addHandler(sh)
 
 
@@ -60,8 +72,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def is_metric(key: str, value: Any) -> bool:
+    """A number that measures something: everything numeric in a record but its coordinates."""
+    return key not in RECORD_COORDINATES and isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class RunMetricsLogger:
-    """Writes each record to ``metrics.jsonl`` and its numeric values to TensorBoard (same names)."""
+    """Writes each record to ``metrics.jsonl`` and every metric in it to TensorBoard (same names)."""
 
     def __init__(
         self,
@@ -127,7 +144,7 @@ class RunMetricsLogger:
         if self._tb is not None:
             step = int(record.get("step", 0))
             for key, value in record.items():
-                if "/" in key and isinstance(value, int | float) and not isinstance(value, bool):
+                if is_metric(key, value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
 
@@ -145,12 +162,16 @@ class RunMetricsLogger:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain periodic lines otherwise (no carriage returns in batch logs)."""
+    """A tqdm bar on a terminal, plain periodic lines otherwise (no carriage returns in batch logs).
+
+    The rank's log file gets the step lines in every mode; the bar replaces them on the console only.
+    """
 
     def __init__(self, mode: str, *, enabled: bool, log_every: int) -> None:
-        tty = sys.stdout.isatty()
-        self.use_bar = enabled and (mode == "bar" or (mode == "auto" and tty))
-        self.lines = enabled and not self.use_bar and mode != "off"
+        # tqdm draws on stderr, so that is the stream that must be a terminal.
+        self.use_bar = enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
+        self.lines = enabled and not self.use_bar and mode != "off"  # step lines on the console
+        self.enabled = enabled
         self.log_every = log_every
         self._bar: Any = None
         self._last = time.perf_counter()
@@ -159,18 +180,43 @@ class Progress:
         if self.use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, **_bar_width()
+            )
 
     def update(self, step: int, batches: int, values: dict[str, float] | None) -> None:
         if self._bar is not None:
             self._bar.update(batches)
             if values:
                 self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-        elif self.lines and values:
+        if self.enabled and values:
             text = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
-            log.info("step %d  %s", step, text)
+            log.info("step %d  %s", step, text, extra=None if self.lines else FILE_ONLY)
 
     def end_epoch(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _bar_width() -> dict[str, Any]:
+    """tqdm's size arguments for the terminal on stderr.
+
+    tqdm sizes the bar from the terminal as (columns - 1, lines - 1). A pseudo-terminal that nobody
+    gave a size (``script`` or Python's ``pty`` started without a terminal around them) reports
+    0 x 0, so tqdm gets -1 lines, counts its bar as below the screen's last line and never draws
+    it. Such a terminal gets a fixed size: $COLUMNS x $LINES, else 80 x 24.
+    """
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        columns, lines = size.columns, size.lines
+    except (OSError, ValueError, AttributeError):
+        columns = lines = 0
+    if columns > 0 and lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": columns or _env_int("COLUMNS", 80), "nrows": lines or _env_int("LINES", 24)}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() and int(value) > 0 else default

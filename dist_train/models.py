@@ -11,7 +11,6 @@ data (the same ``cnn`` works on 1x28x28 digits, 1x24x24 crops and 16x40x38 water
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import math
@@ -24,15 +23,24 @@ from torch import nn
 
 from dist_train.config import ModelConfig
 from dist_train.errors import ConfigError
+from dist_train.model_check import (
+    BUILDER_ARGS,
+    TORCHVISION_OPTIONS,
+    check_kwargs,
+    did_you_mean,
+    import_error,
+    split_import_path,
+    unknown_model_error,
+)
 
 # A builder: builder(sample_shape, num_classes, **kwargs) -> nn.Module.
 ModelBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelBuilder] = {}
 # Parameters every builder receives from dtrain itself; they are not user kwargs.
-_BUILDER_ARGS = ("sample_shape", "num_classes")
+_BUILDER_ARGS = BUILDER_ARGS
 # Keys dtrain handles itself for torchvision models (the rest go to the torchvision builder).
-_TORCHVISION_OPTIONS = ("in_channels", "small_input")
+_TORCHVISION_OPTIONS = TORCHVISION_OPTIONS
 # Batch of the dry forward pass: 2, so that BatchNorm layers accept it in any mode.
 _DRY_BATCH = 2
 
@@ -68,11 +76,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     elif cfg.name in _torchvision_names():
         model = _build_torchvision(cfg.name, cfg.num_classes, sample_shape, kwargs)
     else:
-        raise ConfigError(
-            f"unknown model {cfg.name!r} in [model] name.{_did_you_mean(cfg.name, list_models())} "
-            f"Built-in: {', '.join(sorted(_REGISTRY))}; torchvision classifiers by name (resnet18, ...); "
-            'or your own class as "package.module:ClassName".'
-        )
+        raise unknown_model_error(cfg.name, _REGISTRY, _torchvision_names())
     check_model_fits(model, cfg.name, sample_shape, cfg.num_classes)
     return model
 
@@ -329,16 +333,11 @@ def _build_registered(name: str, num_classes: int, sample_shape: tuple[int, ...]
 
 
 def _import_class(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f'[model] name = {spec!r}: expected "package.module:ClassName".')
+    module_name, attr = split_import_path(spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(
-            f"[model] name = {spec!r}: cannot import module {module_name!r} ({exc}). "
-            "Is the package installed, or its directory on PYTHONPATH?"
-        ) from None
+        raise import_error(spec, module_name, str(exc)) from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -353,21 +352,33 @@ def _import_class(spec: str) -> Callable[..., Any]:
 
 
 def _build_imported(spec: str, num_classes: int, sample_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
-    """Call the user's class with the [model] kwargs; ``num_classes``/``sample_shape`` are filled in if accepted."""
+    """Call the user's class or factory with the ``[model]`` keys, as its author would call it.
+
+    A closed signature gets the keys it names (any other key is an error with a hint), plus
+    ``num_classes``/``sample_shape`` where it names them. A signature with ``**kwargs`` gets every
+    key and ``num_classes`` (``resnet18(num_input_channels=38, num_classes=3)``); ``sample_shape``
+    only where it is named, since such factories pass ``**kwargs`` on to constructors that do not
+    know it. Whatever the call raises is reported with the model's name.
+    """
     factory = _import_class(spec)
     params = _parameter_names(factory)
-    _check_kwargs(spec, kwargs, [p for p in params if p not in _BUILDER_ARGS])
+    open_signature = _takes_var_keyword(factory)
+    if not open_signature:
+        _check_kwargs(spec, kwargs, [p for p in params if p not in _BUILDER_ARGS])
     call = dict(kwargs)
-    if "num_classes" in params:
+    if "num_classes" in params or open_signature:
         call["num_classes"] = num_classes
     if "sample_shape" in params:
         call["sample_shape"] = sample_shape
     try:
         model = factory(**call)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in call.items())
         raise ConfigError(
-            f"model {spec!r} could not be built with [model] kwargs {kwargs!r}: {_first_line(exc)}"
-        ) from None
+            f"model {spec!r} failed when dtrain called it as {spec.partition(':')[2]}({arguments}): "
+            f"{type(exc).__name__}: {_first_line(exc)}. Check the [model] keys against its signature; "
+            "`dtrain --verbose launch ...` shows the model's own traceback."
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
@@ -386,14 +397,17 @@ def _parameter_names(fn: Callable[..., Any]) -> list[str]:
     return [p.name for p in sig.parameters.values() if p.kind in keyword_kinds]
 
 
+def _takes_var_keyword(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
 def _check_kwargs(model_name: str, kwargs: dict[str, Any], known: Iterable[str]) -> None:
-    known = list(dict.fromkeys(known))
-    for key in kwargs:
-        if key not in known:
-            listing = ", ".join(known) if known else "(none: this model takes no extra keys)"
-            raise ConfigError(
-                f"unknown key {key!r} in [model] for model {model_name!r}.{_did_you_mean(key, known)} Known: {listing}."
-            )
+    # The launcher's torch-free check (dist_train/model_check.py) gives the same message.
+    check_kwargs(model_name, kwargs, known)
 
 
 def check_model_fits(model: nn.Module, name: str, sample_shape: tuple[int, ...], num_classes: int) -> None:
@@ -445,8 +459,7 @@ def _cpu_forward(model: nn.Module, name: str, sample_shape: tuple[int, ...]) -> 
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(word, choices)
 
 
 def _first_line(exc: BaseException) -> str:

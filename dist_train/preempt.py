@@ -11,6 +11,9 @@ import signal
 import threading
 from types import FrameType
 
+from dist_train import envvars
+from dist_train.logs import FILE_ONLY
+
 log = logging.getLogger("dtrain")
 
 
@@ -44,10 +47,17 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = signal.Signals(signum)
+        # Under `dtrain launch` the user's own stop request (Ctrl-C) reaches the workers as the
+        # SIGTERM the launcher forwards, and the launcher has already told them in its words.
+        extra = FILE_ONLY if envvars.get(envvars.JOB_ID) else None
         if first:
-            log.warning("received %s: stopping at the next step boundary and saving a checkpoint", self.received.name)
+            log.warning(
+                "received %s: stopping at the next step boundary and saving a checkpoint", self.received.name, extra=extra
+            )
         else:
-            log.warning("received %s again: already stopping, the checkpoint in progress is kept", signal.Signals(signum).name)
+            log.warning(
+                "received %s again: already stopping, the checkpoint in progress is kept", self.received.name, extra=extra
+            )
 
     def install(self) -> PreemptionHandler:
         if self._previous:

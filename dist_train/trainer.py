@@ -544,7 +544,7 @@ class Trainer:
                 if last or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0):
                     self.save_checkpoint("epoch", metrics, is_best=is_best)
             self.flags.result()  # drain the outstanding reduction before other collectives
-            test = self.evaluate("test")
+            test = self.evaluate("test") if cfg.train.test_at_end else {}
             if test:
                 self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
                 log.info("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test.items() if not k.endswith("samples")))

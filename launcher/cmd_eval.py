@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -22,6 +24,11 @@ def eval_cmd(target: str, split: str, which: str, predictions: str | None, batch
              data_path: str | None, as_json: bool) -> None:
     """Evaluate the checkpoint of a run (or a checkpoint file) on a data split, in one process."""
     from dist_train.eval_run import evaluate_checkpoint
+
+    # An imported model ("my_models:Net") loads as it did in the workers, which run as `python -m`
+    # with the current directory first on the import path; the `dtrain` script's path lacks it.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
     metrics = evaluate_checkpoint(
         Path(target),

@@ -78,6 +78,28 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
     preflight_check(cfg)
 
 
+def check_model_section(cfg: Config, overrides: tuple[str, ...] = ()) -> None:
+    """``[model]`` name, import path and keys, before anything is created, reserved or started.
+
+    Read from source, not imported (dist_train/model_check.py): importing torch, or the user's
+    module that imports it, would add seconds to every launch. The workers build the model and
+    check it again on the real objects, with the data's shape.
+    """
+    from dist_train.config import parse_override
+    from dist_train.model_check import check_model_config
+
+    from_set = {}
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] == "model" and len(keys) == 2:
+            from_set[keys[1]] = f"--set {text}"
+
+    def origin(key: str) -> str:
+        return from_set.get(key, cfg.source)
+
+    check_model_config(cfg.model, origin=origin)
+
+
 def _job_id() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
 
@@ -130,13 +152,16 @@ def build_plan(
     debug: bool,
     resume: str,
     backend: str,
+    verbose: bool = False,
     cuda_visible: str | None,
     topology: plans.Topology,
     max_restarts: int,
     job_id: str,
 ) -> plans.LaunchPlan:
     if debug:
-        return plans.debug_plan(config_path, run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible or "")
+        return plans.debug_plan(
+            config_path, run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible or "", verbose=verbose
+        )
     if backend == "accelerate":
         port = int(topology.rdzv_endpoint.rsplit(":", 1)[1]) if topology.rdzv_endpoint else free_port()
         return plans.accelerate_plan(
@@ -160,6 +185,7 @@ def build_plan(
         shutdown_timeout=cfg.launch.shutdown_timeout,
         console_ranks=cfg.launch.console_ranks,
         hang_timeout=cfg.launch.hang_timeout,
+        verbose=verbose,
     )
 
 
@@ -337,6 +363,8 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     check_debug_options(opts)
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")
+    check_model_section(cfg, overrides)
+    phases.mark("model check")
     ensure_data(cfg, dry_run=opts["dry_run"])
     phases.mark("data check")
     run_dir, resuming = resolve_run_dir(cfg, opts["run_dir"], resume, debug=opts["debug"])
@@ -354,6 +382,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
             debug=opts["debug"],
             resume=resume,
             backend=backend,
+            verbose=_verbose(),
             cuda_visible=devices.cuda_visible,
             topology=devices.topology,
             max_restarts=opts["max_restarts"] if opts["max_restarts"] is not None else cfg.launch.max_restarts,

@@ -81,12 +81,7 @@ class SignalForwarder:
         sig = signal.Signals(signum)
         self.received.append(sig)
         if len(self.received) == 1:
-            print(
-                f"dtrain: {sig.name} received: asking the workers to checkpoint and stop "
-                "(send it twice more to kill them without a checkpoint)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(stop_requested_text(sig), file=sys.stderr, flush=True)
             self._send(signal.SIGTERM)
         elif len(self.received) >= 3:
             print("dtrain: killing the workers now", file=sys.stderr, flush=True)
@@ -111,6 +106,16 @@ class SignalForwarder:
     def __exit__(self, *exc: object) -> None:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
+
+
+def stop_requested_text(sig: signal.Signals) -> str:
+    """The first of the three lines a stop shows: requested, checkpoint written, how to resume."""
+    what = "Ctrl-C" if sig == signal.SIGINT else sig.name
+    again = "press Ctrl-C" if sig == signal.SIGINT else f"send {sig.name}"
+    return (
+        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next step boundary, then exit "
+        f"({again} twice more to kill them without one)"
+    )
 
 
 def start(plan: LaunchPlan) -> subprocess.Popen[bytes]:
@@ -201,11 +206,7 @@ def _exit_text(code: int) -> str:
 def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
     run_dir = Path(plan.run_dir)
     if (run_dir / PREEMPTED_MARKER).exists():
-        return Outcome(
-            PREEMPTED_EXIT_CODE,
-            f"dtrain: stopped and checkpointed ({(run_dir / PREEMPTED_MARKER).read_text().strip()}); "
-            f"run the same command again to resume from {run_dir}.",
-        )
+        return Outcome(PREEMPTED_EXIT_CODE, stopped_text(run_dir))
     if code == 0:
         return Outcome(0, "")
     if code == USAGE_EXIT_CODE and plan.backend == "debug":
@@ -217,6 +218,17 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
             f"in {run_dir / 'checkpoints'} is intact and a relaunch resumes from it.",
         )
     return Outcome(_failure_code(plan), failure_report(plan, code))
+
+
+def stopped_text(run_dir: Path) -> str:
+    """The stop's last line: the step whose checkpoint was written, and that rerunning resumes.
+
+    The marker holds "step N"; rank 0 writes it once the checkpoint is durable."""
+    where = (run_dir / PREEMPTED_MARKER).read_text().strip()
+    return (
+        f"dtrain: stopped at {where} with the checkpoint written; run the same command again to resume "
+        f"(run directory {run_dir})."
+    )
 
 
 def _failure_code(plan: LaunchPlan) -> int:
@@ -263,18 +275,32 @@ def _root_cause(failures: list[dict[str, Any]]) -> dict[str, Any]:
     return _ordered(failures)[0]
 
 
-def _first_line_of_error(failure: dict[str, Any]) -> str:
+def _error_message(failure: dict[str, Any]) -> str:
+    """The failed rank's exception text as torchrun recorded it (its error file's "message")."""
     message = failure.get("message") or ""
     if message.startswith("{"):
         try:
             message = json.loads(message).get("message", message)
         except (ValueError, AttributeError):
             pass
+    return str(message)
+
+
+def _first_line_of_error(failure: dict[str, Any]) -> str:
     # torchrun's message holds the full traceback; the exception line is the last non-empty one.
-    lines = [ln for ln in str(message).splitlines() if ln.strip()]
+    lines = [ln for ln in _error_message(failure).splitlines() if ln.strip()]
     last = lines[-1].strip() if lines else ""
     # Without an error file torchrun says only "To enable traceback see: ..."; that is no exception.
     return "" if last.startswith("To enable traceback") else last
+
+
+def _error_paragraph(failure: dict[str, Any]) -> str:
+    """A DTrainError's whole message without its class name ("ConfigError: ...")."""
+    message = _error_message(failure).strip()
+    if "Traceback (most recent call last)" in message or message.startswith("To enable traceback"):
+        message = _first_line_of_error(failure)
+    name, sep, rest = message.partition(": ")
+    return rest if sep and name.isidentifier() and name.endswith("Error") else message
 
 
 def _stderr_tail(failure: dict[str, Any], limit: int = 64 * 1024) -> str:
@@ -364,6 +390,12 @@ def failure_report(plan: LaunchPlan, code: int) -> str:
     if not failures:
         return f"dtrain: the job failed (exit code {code}); see the logs in {logs}."
     first, rest = failures[0], failures[1:]
+    if _is_usage_error(first):
+        # Bad input (config, data, checkpoint): the worker's own paragraph, once, as the launcher's
+        # own errors read. Its rank log has it too; which rank found it does not change the fix.
+        paragraph = _error_paragraph(first)
+        if paragraph:
+            return f"dtrain: error: {paragraph}"
     if _looks_hung(plan, first):
         return hang_report(plan, [f for f in failures if _looks_hung(plan, f)])
     rank = first.get("rank", 0)

@@ -101,14 +101,18 @@ def debug_plan(
     resume: str,
     job_id: str,
     cuda_visible_devices: str = "",
+    verbose: bool = False,
     python: str = sys.executable,
 ) -> LaunchPlan:
-    """One process, no torchrun, no process group: on the one reserved GPU, or on the CPU ("")."""
+    """One process, no torchrun, no process group: on the one reserved GPU, or on the CPU ("").
+
+    Tracebacks of bad-input errors only with ``dtrain --verbose``, as for every other launch.
+    """
     cpu = cuda_visible_devices == ""
     env = base_env(run_dir, resume=resume, job_id=job_id, cpu=cpu, debug=True)
     env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     return LaunchPlan(
-        argv=(python, *worker_command(config_path), "--verbose"),
+        argv=(python, *worker_command(config_path), *(["--verbose"] if verbose else [])),
         env=tuple(sorted(env.items())),
         run_dir=str(run_dir),
         backend="debug",
@@ -129,11 +133,21 @@ def torchrun_plan(
     shutdown_timeout: int = 120,
     console_ranks: str = "0",
     hang_timeout: float = 0.0,
+    verbose: bool = False,
     python: str = sys.executable,
 ) -> LaunchPlan:
-    """torch.distributed.run through dtrain's thin wrapper (which only records failures)."""
+    """torch.distributed.run through dtrain's thin wrapper (which records failures).
+
+    The launcher reports stops and failures in its own words, so torchrun's own messages go to
+    ``launcher/torchrun.log`` and a worker's bad-input error is printed by the launcher alone.
+    ``verbose`` (``dtrain --verbose launch``) keeps torchrun's messages on the console and has the
+    workers print the tracebacks of bad-input errors.
+    """
     summary = run_dir / "launcher" / "failures.json"
-    argv: list[str] = [python, "-m", "launcher.torchrun_main", "--summary", str(summary), "--"]
+    argv: list[str] = [python, "-m", "launcher.torchrun_main", "--summary", str(summary)]
+    if not verbose:
+        argv += ["--log", str(run_dir / "launcher" / "torchrun.log")]
+    argv.append("--")
     argv += [f"--nproc-per-node={topology.nproc_per_node}", f"--max-restarts={max_restarts}"]
     redirects = redirect_spec(topology.nproc_per_node, console_ranks)
     if redirects:
@@ -150,11 +164,12 @@ def torchrun_plan(
             f"--rdzv-id={topology.rdzv_id or job_id}",
         ]
     argv += [f"--log-dir={run_dir / 'launcher' / 'torchrun'}"]
-    argv += worker_command(config_path)
+    argv += worker_command(config_path) + (["--verbose"] if verbose else [])
     env = worker_env(run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node)
     # Newer torch honours this for the grace period between SIGTERM and SIGKILL to workers; a
     # preempted worker needs it to finish its checkpoint.
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
+    env[envvars.LAUNCHER_REPORTS_ERRORS] = "1"
     if max_restarts > 0:
         # Workers sharing the rendezvous TCPStore read the previous attempt's addresses after a
         # restart (gloo: "connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).

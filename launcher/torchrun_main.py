@@ -60,15 +60,56 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
+USAGE = "usage: python -m launcher.torchrun_main --summary FILE [--log FILE] -- <torchrun args>"
+
+
+def _parse(argv: list[str]) -> tuple[Path, Path | None, list[str]] | None:
+    """(summary file, torchrun's log file or None for the console, torchrun's arguments)."""
+    if "--" not in argv:
+        return None
+    split = argv.index("--")
+    head, torchrun_args = argv[:split], argv[split + 1 :]
+    if len(head) % 2:
+        return None
+    options = dict(zip(head[::2], head[1::2], strict=True))
+    if "--summary" not in options or set(options) - {"--summary", "--log"}:
+        return None
+    log = Path(options["--log"]) if "--log" in options else None
+    return Path(options["--summary"]), log, torchrun_args
+
+
+def _torch_messages_to(path: Path) -> None:
+    """torchrun's own log lines (its warnings when stopping workers, its failure lines) go to a file.
+
+    They name SIGTERM and exit codes where the user pressed Ctrl-C or made a config mistake; the
+    launcher says what happened in dtrain's words. torchrun's loggers all live under
+    ``torch.distributed``; this process runs nothing but torchrun.
+    """
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # torch's logging setup gives "torch.distributed" a stderr handler of its own: replace it.
+    logger = logging.getLogger("torch.distributed")
+    for previous in list(logger.handlers):
+        logger.removeHandler(previous)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[0] != "--summary" or argv[2] != "--":
-        print("usage: python -m launcher.torchrun_main --summary FILE -- <torchrun args>", file=sys.stderr)
+    parsed = _parse(argv)
+    if parsed is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    summary, torchrun_args = Path(argv[1]), argv[3:]
+    summary, log_file, torchrun_args = parsed
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    if log_file is not None:
+        _torch_messages_to(log_file)
     args = get_args_parser().parse_args(torchrun_args)
     try:
         run(args)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +24,9 @@ from dist_train.config import (
 from dist_train.data.synth import synth_dataset
 from dist_train.data.transforms import BatchTransforms
 from dist_train.errors import ConfigError
+from dist_train.model_check import check_model_config
 from dist_train.models import build_model
+from tests.helpers.run import REPO, assert_ok, dtrain, env_for_tests, only_run_dir, records
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.toml"))
@@ -43,11 +51,14 @@ def _model_input_shapes(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def test_all_documented_example_configs_exist() -> None:
     names = {p.name for p in CONFIG_FILES}
-    assert {"quickstart.toml", "wch5_mlp.toml", "mnist_mlp.toml", "fashion_cnn.toml", "resnet18.toml"} <= names
+    assert {"quickstart.toml", "wch5_mlp.toml", "mnist_mlp.toml", "fashion_cnn.toml", "resnet18.toml",
+            "custom_model.toml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-def test_example_config_loads_and_its_model_fits_the_data(path: Path) -> None:
+def test_example_config_loads_and_its_model_fits_the_data(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Example models ("my_models:EventCNN") live beside the configs, launched with PYTHONPATH=configs.
+    monkeypatch.syspath_prepend(str(CONFIG_DIR))
     cfg = load_config(path)
     train_shape, eval_shape = _model_input_shapes(cfg)
     # The model sees training and evaluation batches, so both pipelines must give one shape.
@@ -82,6 +93,11 @@ def test_example_config_survives_save_and_reload(path: Path, tmp_path: Path) -> 
     out = tmp_path / "resolved.toml"
     save_config(cfg, out)
     assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_example_config_passes_the_launchers_model_check(path: Path) -> None:
+    check_model_config(load_config(path).model, search_path=[str(CONFIG_DIR), *sys.path])
 
 
 def test_quickstart_is_the_small_demo() -> None:
@@ -223,3 +239,109 @@ def test_config_to_toml_round_trip_with_every_section_changed(tmp_path: Path) ->
     assert reloaded == cfg
     assert reloaded.model.kwargs == {"hidden": [64, 32], "dropout": 0.1}
     assert build_model(reloaded.model, DEFAULT_IMAGE_SHAPE) is not None
+
+
+def test_set_mistakes_name_the_set_argument_not_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[train]\nepochs = 2\n")
+    cases = {
+        "train.loss=mse": "--set train.loss=mse: unknown key 'loss' in [train].",
+        "train.epocs=3": "--set train.epocs=3: unknown key 'epocs' in [train]. Did you mean 'epochs'?",
+        "trian.epochs=3": "--set trian.epochs=3: unknown section [trian]. Did you mean 'train'?",
+        "train.epochs=many": "--set train.epochs=many: train.epochs = 'many' has the wrong type: expected int",
+        "model.num_classes=x": "--set model.num_classes=x: model.num_classes = 'x' has the wrong type",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [override])
+        assert str(info.value).startswith(expected), str(info.value)
+        assert str(path) not in str(info.value)
+    # A mistake only the combination makes names both.
+    with pytest.raises(ConfigError, match=re.escape(f"{path} with --set data.val_split=0.95: data.val_split")):
+        load_config(path, ["data.val_split=0.95"])
+    # The file's own mistakes still name the file.
+    bad = _write(tmp_path, "[train]\nloss = 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: unknown key 'loss' in [train]")):
+        load_config(bad, ["train.epochs=3"])
+
+
+def test_a_bad_set_value_in_a_launch_names_the_set_argument(tmp_path: Path) -> None:
+    proc = dtrain("launch", str(CONFIG_DIR / "quickstart.toml"), "--set", "train.loss=mse", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("dtrain: error: --set train.loss=mse: unknown key 'loss' in [train]."), proc.stderr
+    assert "quickstart.toml" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quickstart_comments_say_what_happens() -> None:
+    from launcher.run_dirs import new_run_dir
+
+    text = (CONFIG_DIR / "quickstart.toml").read_text()
+    cfg = load_config(CONFIG_DIR / "quickstart.toml")
+    assert "runs/quickstart/<time>/" in text
+    assert new_run_dir(cfg.run.output_dir, cfg.run.name).parent == Path("runs/quickstart")
+    assert "only `dtrain eval`" not in text and "test_at_end" in text
+    assert cfg.train.test_at_end, "every launch evaluates the test split at the end unless told otherwise"
+
+
+# ----------------------------------------------------------------------------------- your own model (README)
+
+
+def _code_without_docstrings(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+    return ast.dump(tree)
+
+
+def test_the_readme_custom_model_is_the_example_in_configs() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Your own model"):]
+    python = re.search(r"```python\n(.*?)```", section, re.S)
+    toml = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert python and toml
+    assert _code_without_docstrings(python.group(1)) == _code_without_docstrings((CONFIG_DIR / "my_models.py").read_text())
+    model = load_config(CONFIG_DIR / "custom_model.toml").model
+    readme_model = ModelConfig(**{"kwargs": {}, **_model_table(toml.group(1))})
+    assert readme_model == model
+    assert "PYTHONPATH=configs dtrain launch configs/custom_model.toml" in section
+    assert "PYTHONPATH=configs dtrain launch configs/custom_model.toml" in (CONFIG_DIR / "custom_model.toml").read_text()
+
+
+def _model_table(text: str) -> dict[str, object]:
+    import tomllib
+
+    table = dict(tomllib.loads(text)["model"])
+    fields = {"name", "num_classes"}
+    return {k: v for k, v in table.items() if k in fields} | {"kwargs": {k: v for k, v in table.items() if k not in fields}}
+
+
+def test_the_readme_custom_model_command_trains_and_evaluates(tmp_path: Path) -> None:
+    """The README's command, from a copy of configs/ (small data, one epoch, no end-of-run test)."""
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    env = env_for_tests({"PYTHONPATH": os.pathsep.join(["configs", str(REPO)])})
+    small = ["--set", "data.synth_events=160", "--set", "data.num_workers=0", "--set", "train.epochs=1",
+             "--set", "train.test_at_end=false"]
+    proc = dtrain("launch", "configs/custom_model.toml", "--gpus", "cpu", *small, cwd=tmp_path, env=env)
+    assert_ok(proc)
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert run_dir.parent == tmp_path / "runs" / "custom_model"
+    assert records(run_dir, "epoch") and not records(run_dir, "test"), "test_at_end = false: no test evaluation"
+    assert "test:" not in proc.stdout
+
+    # Without configs/ on PYTHONPATH the launcher stops before creating anything, naming the fix.
+    bare = env_for_tests({"PYTHONPATH": str(REPO)})
+    again = dtrain("launch", "configs/custom_model.toml", "--gpus", "cpu", "--resume", "never", *small, cwd=tmp_path,
+                   env=bare)
+    assert again.returncode == 2 and "cannot import module 'my_models'" in again.stderr and "PYTHONPATH" in again.stderr
+    assert len(list((tmp_path / "runs" / "custom_model").iterdir())) == 1
+
+    # `dtrain eval` (the installed script's import path: -P leaves out the current directory) finds a
+    # module kept in the directory it runs from, as the workers do.
+    shutil.copy(CONFIG_DIR / "my_models.py", tmp_path / "my_models.py")
+    evaluated = subprocess.run(
+        [sys.executable, "-P", "-m", "launcher.cli", "eval", str(run_dir), "--split", "test", "--json"],
+        cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=300,
+    )
+    assert_ok(evaluated)
+    assert '"test/accuracy"' in evaluated.stdout
