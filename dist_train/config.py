@@ -62,7 +62,7 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
-    synth_if_missing: Literal["", "wch5", "image"] = ""
+    synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image"] = ""
     synth_events: int = 4000
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
     # DataLoader worker start method ("" = the platform default); all three are supported.

@@ -12,6 +12,7 @@ Everything that makes up the run's position is a Stateful and goes into the chec
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from dist_train.distributed import (
     gather_objects_to_rank_zero,
     new_cpu_group,
 )
-from dist_train.errors import CheckpointError
+from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb
@@ -184,6 +185,9 @@ class Trainer:
         self.progress = Progress(cfg.train.progress, enabled=dist_info.is_main, log_every=cfg.train.log_every)
         self._last_ckpt_time = time.monotonic()
         self._resumed_mid_epoch = False
+        names = self.task.metric_names()
+        if names is not None:  # built-in tasks know their metrics before any data is seen
+            self._check_monitors([f"{split}/{n}" for split in ("train", "val") for n in names])
 
     # ------------------------------------------------------------------ construction helpers
     def _wrap_model(self, model: nn.Module) -> nn.Module:
@@ -523,6 +527,24 @@ class Trainer:
             metrics["rss_anon_mb"] = anon
         return metrics
 
+    def _check_monitors(self, reported: list[str]) -> None:
+        """checkpoint.monitor and sched.monitor must name a metric the run reports (any task's)."""
+        cfg = self.cfg
+        settings = (
+            ("checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.save_best),
+            ("sched.monitor", cfg.sched.monitor, cfg.sched.name == "plateau"),
+        )
+        for setting, key, used in settings:
+            split = key.partition("/")[0]
+            if used and key not in reported and any(k.startswith(split + "/") for k in reported):
+                close = difflib.get_close_matches(key, reported, n=1, cutoff=0.6)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{setting} = {key!r} is not a metric this run reports.{hint} The {split} metrics are: "
+                    + ", ".join(k for k in reported if k.startswith(split + "/"))
+                    + "."
+                )
+
     def _is_best(self, metrics: dict[str, float]) -> bool:
         key = self.cfg.checkpoint.monitor
         if not self.cfg.checkpoint.save_best or key not in metrics:
@@ -570,6 +592,7 @@ class Trainer:
                     self._shutdown()
                     return envvars.PREEMPTED_EXIT_CODE
                 metrics = self._epoch_metrics(epoch)
+                self._check_monitors(list(metrics))
                 self.scheduler.step_epoch(metrics)
                 self.metrics_logger.log({"kind": "epoch", "epoch": epoch, "step": self.counters.step, **metrics})
                 if cfg.log.histograms and isinstance(self.metrics_logger, RunMetricsLogger):

@@ -69,6 +69,10 @@ class Task:
         """Per-sample rows for ``dtrain eval --predictions`` (default: the raw outputs)."""
         return {"outputs": outputs}
 
+    def metric_names(self) -> list[str] | None:
+        """Names an evaluation reports (without the split prefix), or None when only data can tell."""
+        return None
+
 
 class MetricSums:
     """The distributed AverageMeter: named sums accumulated on the device, reduced exactly.
@@ -89,14 +93,13 @@ class MetricSums:
 
     def add(self, values: Sums) -> None:
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                acc = self._tensors.get(key)
-                if acc is None:
-                    # float64: sums of many float32 values stay exact enough to match a 1-process run at 1e-6.
-                    self._tensors[key] = value.detach().to(torch.float64, copy=True)
-                else:
-                    acc += value.detach()
-            else:
+            acc = self._tensors.get(key)
+            if acc is not None:
+                acc += value.detach() if isinstance(value, torch.Tensor) else value
+            elif isinstance(value, torch.Tensor):
+                # float64: sums of many float32 values stay exact enough to match a 1-process run at 1e-6.
+                self._tensors[key] = value.detach().to(torch.float64, copy=True)
+            else:  # host numbers (sample counts) stay on the host: no device op per step
                 self._numbers[key] = self._numbers.get(key, 0.0) + float(value)
 
     def local_sums(self) -> dict[str, np.ndarray]:
@@ -110,9 +113,9 @@ class MetricSums:
         self.reset()
         for key, value in sums.items():
             array = np.asarray(value, dtype=np.float64)
-            if array.ndim == 0:
+            if key == "count":
                 self._numbers[key] = float(array)
-            else:
+            else:  # on the device, where add() puts tensor values (a number added later adds to it too)
                 self._tensors[key] = torch.from_numpy(array.copy()).to(self.device)
 
     def reduce(self) -> dict[str, np.ndarray]:

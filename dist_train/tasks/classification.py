@@ -74,6 +74,9 @@ class ClassificationTask(Task):
                     out[f"recall/{c}"] = float(confusion[c, c] / per_class[c])
         return out
 
+    def metric_names(self) -> list[str]:
+        return ["loss", "accuracy", "samples", *(f"recall/{c}" for c in range(self.num_classes))]
+
     def reports(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         if "confusion" not in sums:
             return {}

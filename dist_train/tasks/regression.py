@@ -114,28 +114,30 @@ class RegressionTask(Task):
         self.loss_name = loss or "mse"
         self._loss = _loss_function(self.loss_name, huber_delta)
         self._mean_list, self._std_list = mean, std
-        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ targets and units
-    def _norm(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _norm(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) on ``device``: float32 for the loss, float64 for metrics in file units."""
         if self._mean_list is None or self._std_list is None:
             return None
-        if self._stats is None or self._stats[0].device != device:
-            self._stats = (
-                torch.tensor(self._mean_list, dtype=torch.float32, device=device),
-                torch.tensor(self._std_list, dtype=torch.float32, device=device),
+        key = (device, dtype)
+        if key not in self._stats:
+            self._stats[key] = (
+                torch.tensor(self._mean_list, dtype=dtype, device=device),
+                torch.tensor(self._std_list, dtype=dtype, device=device),
             )
-        return self._stats
+        return self._stats[key]
 
-    def true_values(self, batch: Batch) -> torch.Tensor:
-        """(B, width) float32 targets in file units, concatenated in target order."""
+    def true_values(self, batch: Batch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, width) targets in file units, concatenated in target order."""
         parts = [batch[t.name].reshape(batch[t.name].shape[0], -1) for t in self.targets]
         joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return joined.float()
+        return joined.to(dtype)
 
-    def to_file_units(self, outputs: torch.Tensor) -> torch.Tensor:
-        stats = self._norm(outputs.device)
-        out = outputs.float()
+    def to_file_units(self, outputs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        stats = self._norm(outputs.device, dtype)
+        out = outputs.to(dtype)
         return out if stats is None else out * stats[1] + stats[0]
 
     def _normalised(self, true: torch.Tensor) -> torch.Tensor:
@@ -148,8 +150,10 @@ class RegressionTask(Task):
         return self._loss(outputs.float(), self._normalised(self.true_values(batch))) / self.width
 
     def _errors(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        true = self.true_values(batch)
-        pred = self.to_file_units(outputs.detach())
+        """Predictions, truths and errors in file units, in float64 (energies of hundreds of MeV
+        would lose the last digits of their errors in float32)."""
+        true = self.true_values(batch, torch.float64)
+        pred = self.to_file_units(outputs.detach(), torch.float64)
         return pred, true, pred - true
 
     def metrics(self, outputs: torch.Tensor, batch: Batch) -> Sums:
@@ -177,7 +181,7 @@ class RegressionTask(Task):
     def _distance(t: Target, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
         p, q = pred[:, t.columns], true[:, t.columns]
         if t.kind == "position":
-            return torch.linalg.vector_norm(p.double() - q.double(), dim=1)
+            return torch.linalg.vector_norm(p - q, dim=1)
         return angle_between_deg(as_unit_vectors(p), as_unit_vectors(q))
 
     def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
@@ -214,6 +218,17 @@ class RegressionTask(Task):
                 name = "distance_68" if t.kind == "position" else "angle_68_deg"
                 out[f"{t.name}/{name}"] = float(np.quantile(values, 0.68))
         return out
+
+    def metric_names(self) -> list[str]:
+        sums: dict[str, np.ndarray] = {"loss": np.zeros(()), "count": np.zeros(())}
+        for t in self.targets:  # the derived metrics appear when their sums do
+            if t.kind == "energy":
+                sums[f"{t.name}:frac"] = np.zeros(3)
+            elif t.kind != "plain":
+                sums[f"{t.name}:{t.kind}"] = np.zeros(())
+        names = list(self.finalize(sums))
+        names += list(self.finalize_samples({t.name: np.zeros(1) for t in self.targets if t.kind != "plain"}))
+        return names
 
     def predictions(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         pred = self.to_file_units(outputs)
