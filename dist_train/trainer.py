@@ -608,7 +608,7 @@ class Trainer:
             test = self.evaluate("test")
             if test:
                 self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
-                log.info("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test.items() if not k.endswith("samples")))
+                log.info("test: " + "  ".join(f"{k}={test[k]:.4g}" for k in _console_metric_keys(test, ("test",))))
         self._shutdown()
         self._write_marker("completed", f"step {self.counters.step}\n")
         return 0
@@ -637,14 +637,22 @@ class Trainer:
         self.metrics_logger.close()
 
 
-def _console_metric_keys(metrics: dict[str, float]) -> list[str]:
-    """The epoch line's metrics: loss, accuracy and whole-target values of train and val (not per column)."""
+def _console_metric_keys(metrics: dict[str, float], splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """The epoch line's metrics: train/val loss, accuracy, and each target's rmse and physics metrics.
+
+    Everything else (mae, bias, per column, per class) is in metrics.jsonl and TensorBoard.
+    """
     keys = []
     for key in metrics:
         split, _, name = key.partition("/")
-        if split in ("train", "val") and name != "samples" and name.count("/") <= 1 and not name.startswith("recall/"):
+        last = name.rpartition("/")[2]
+        per_column_or_class = name.count("/") > 1 or name.startswith("recall/")
+        if split in splits and last not in _QUIET_ON_CONSOLE and not per_column_or_class:
             keys.append(key)
     return keys
+
+
+_QUIET_ON_CONSOLE = ("samples", "mae", "bias")
 
 
 def _apply_debug_settings(cfg: Config) -> None:

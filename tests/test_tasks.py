@@ -381,3 +381,14 @@ def test_input_keys_reach_the_model(tmp_path: Path) -> None:
     )
     proc = dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg2), cwd=tmp_path)
     assert proc.returncode == 2 and "energies" in proc.stdout + proc.stderr
+
+
+def test_find_unused_parameters_lets_a_multi_head_model_train_on_two_ranks(tmp_path: Path) -> None:
+    data = wch5(tmp_path / "d.h5", 80)
+    model = {"name": "tests.helpers.tasks:TwoHeadMLP", "num_classes": 3, "in_features": 128}
+    cfg = write_config(tmp_path / "c.toml", data, model=model, train={"epochs": 1, "precision": "fp32"})
+    without = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path)
+    assert without.returncode == 1, "DDP should refuse parameters that get no gradient"
+    assert "unused" in (without.stdout + without.stderr).lower() or "find_unused_parameters" in without.stderr
+    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--set", "train.find_unused_parameters=true",
+                     "--resume", "never", cwd=tmp_path))

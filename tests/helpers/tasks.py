@@ -79,3 +79,16 @@ class EnergyAwareMLP(nn.Module):
         if energies.shape != (x.shape[0], 1):
             raise ValueError(f"energies must be (batch, 1), got {tuple(energies.shape)}")
         return self.head(torch.cat((self.body(x), energies.float() / 1000.0), dim=1))
+
+
+class TwoHeadMLP(nn.Module):
+    """A multi-head model whose second head the task's loss never uses (DDP's find_unused_parameters)."""
+
+    def __init__(self, num_classes: int, in_features: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 8), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+        self.aux_head = nn.Linear(8, 2)  # trained by other tasks; unused here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
