@@ -62,7 +62,7 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
-    synth_if_missing: Literal["", "wch5", "image"] = ""
+    synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image"] = ""
     synth_events: int = 4000
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
     # DataLoader worker start method ("" = the platform default); all three are supported.
@@ -71,6 +71,11 @@ class DataConfig:
     # contiguous uncompressed files), "process" (DataLoader worker processes: decompression,
     # heavy transforms), "auto" (threads on the memory-map fast path, processes otherwise).
     worker_mode: Literal["auto", "process", "thread"] = "auto"
+    # How samples are stored: "channels_first" (C, H, W) as models take them, or "channels_last"
+    # (H, W, C) as the water-Cherenkov files store them; handed to the model as (C, H, W) either way.
+    layout: Literal["channels_first", "channels_last"] = "channels_first"
+    # Extra per-sample inputs, read like x_key and passed to the model as keyword arguments.
+    input_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +85,44 @@ class ModelConfig:
     name: str = "simple_mlp"
     num_classes: int = 3
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+TASK_NAMES = ("classification", "regression")
+REGRESSION_LOSSES = ("mse", "l1", "huber", "smooth_l1")
+# What a regression target can be declared to be, for the derived physics metrics.
+TARGET_KINDS = ("plain", "energy", "position", "direction")
+
+
+@dataclass
+class TaskConfig:
+    """What is learned: the loss, the metrics and the predictions (see docs/tasks.md)."""
+
+    # "classification", "regression", or your own class as "package.module:ClassName".
+    name: str = "classification"
+    # HDF5 datasets learned from, in this order ([] = [data.y_key]).
+    targets: list[str] = field(default_factory=list)
+    # "" = the task's default: cross_entropy (classification), mse (regression).
+    loss: str = ""
+    huber_delta: float = 1.0
+    # Regression: the loss sees (target - mean) / std; metrics and predictions are in file units.
+    target_norm: Literal["none", "auto", "given"] = "none"
+    target_mean: list[float] = field(default_factory=list)
+    target_std: list[float] = field(default_factory=list)
+    # Regression: what each target is, for derived metrics ({} = guessed from the standard names
+    # energies/positions/angles/directions): "energy", "position", "direction" or "plain".
+    kinds: dict[str, Any] = field(default_factory=dict)
+    # Classification extras.
+    label_smoothing: float = 0.0
+    class_weights: list[float] | str = field(default_factory=list)  # or "balanced"
+    # Keyword arguments of a custom task's constructor.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_targets(self, y_key: str) -> list[str]:
+        return list(self.targets) if self.targets else [y_key]
+
+    @property
+    def is_custom(self) -> bool:
+        return ":" in self.name
 
 
 @dataclass
@@ -129,6 +172,8 @@ class TrainConfig:
     # Evaluate the held-out test split once after the last epoch (a "test" record in metrics.jsonl);
     # false leaves the test split to `dtrain eval RUN_DIR --split test`.
     test_at_end: bool = True
+    # Passed to DDP: for multi-head models whose loss uses some heads only (costs a graph walk per step).
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -195,6 +240,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -449,6 +495,46 @@ def validate(cfg: Config, origin: str) -> None:
         fail("launch.pg_timeout", cfg.launch.pg_timeout, "must be a positive number of seconds.")
     if cfg.sched.name == "multistep" and not cfg.sched.milestones:
         fail("sched.milestones", cfg.sched.milestones, "must list epochs when sched.name = 'multistep'.")
+    _validate_task(cfg, fail)
+
+
+def _validate_task(cfg: Config, fail: Any) -> None:
+    t = cfg.task
+    if not t.is_custom and t.name not in TASK_NAMES:
+        hint = _did_you_mean(t.name, list(TASK_NAMES))
+        fail("task.name", t.name, f"is not a task.{hint} Use one of {', '.join(map(repr, TASK_NAMES))} or your own class as \"package.module:ClassName\".")
+    if len(set(t.targets)) != len(t.targets):
+        fail("task.targets", t.targets, "names a dataset twice.")
+    if t.name == "classification":
+        if t.loss not in ("", "cross_entropy"):
+            fail("task.loss", t.loss, "is not a classification loss; use \"cross_entropy\" (or task.name = \"regression\").")
+        if len(t.resolved_targets(cfg.data.y_key)) != 1:
+            fail("task.targets", t.targets, "must name one label dataset for classification.")
+        if isinstance(t.class_weights, str) and t.class_weights != "balanced":
+            fail("task.class_weights", t.class_weights, 'must be a list of per-class weights or "balanced".')
+        if isinstance(t.class_weights, list) and t.class_weights and len(t.class_weights) != cfg.model.num_classes:
+            fail("task.class_weights", t.class_weights, f"must have one weight per class (model.num_classes = {cfg.model.num_classes}).")
+        if not 0.0 <= t.label_smoothing < 1.0:
+            fail("task.label_smoothing", t.label_smoothing, "must be in [0, 1).")
+    if t.name == "regression":
+        if t.loss not in ("", *REGRESSION_LOSSES):
+            hint = _did_you_mean(t.loss, list(REGRESSION_LOSSES))
+            fail("task.loss", t.loss, f"is not a regression loss.{hint} Use one of {', '.join(map(repr, REGRESSION_LOSSES))}.")
+        if t.huber_delta <= 0:
+            fail("task.huber_delta", t.huber_delta, "must be positive.")
+        for target, kind in t.kinds.items():
+            if target not in t.resolved_targets(cfg.data.y_key):
+                fail(f"task.kinds.{target}", kind, f"names no target; targets are {t.resolved_targets(cfg.data.y_key)}.")
+            if kind not in TARGET_KINDS:
+                hint = _did_you_mean(str(kind), list(TARGET_KINDS))
+                fail(f"task.kinds.{target}", kind, f"is not a target kind.{hint} Use one of {', '.join(map(repr, TARGET_KINDS))}.")
+        if t.target_norm == "given" and (not t.target_mean or len(t.target_mean) != len(t.target_std)):
+            fail("task.target_mean/target_std", (t.target_mean, t.target_std), "must be non-empty lists of equal length when target_norm = 'given'.")
+        if any(s <= 0 for s in t.target_std):
+            fail("task.target_std", t.target_std, "must be positive.")
+    overlap = set(cfg.data.input_keys) & ({cfg.data.x_key} | set(t.resolved_targets(cfg.data.y_key)))
+    if overlap:
+        fail("data.input_keys", cfg.data.input_keys, f"repeats {sorted(overlap)}, already the model input or a target.")
 
 
 # ----------------------------------------------------------------------------- serialisation

@@ -194,6 +194,15 @@ def gather_objects_to_rank_zero(obj: Any, group: Any = None) -> list[Any] | None
     return out
 
 
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """One picklable object from every rank, in rank order, on every rank (for metric sums)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def new_cpu_group(timeout_s: float) -> Any:
     """A gloo group with its own timeout for control traffic (stop flags, checkpoint gathers): a
     dead rank fails a save within ``timeout_s`` instead of hanging it, and CPU objects need no

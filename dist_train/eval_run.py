@@ -27,8 +27,8 @@ def evaluate_checkpoint(
     from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
     from dist_train.data.loader import build_data, make_loader
     from dist_train.evaluation import Predictions, evaluate_batches
-    from dist_train.models import build_model
     from dist_train.sampler import ShardedEvalBatchSampler
+    from dist_train.tasks import build_model_for_task, build_task
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
@@ -47,14 +47,18 @@ def evaluate_checkpoint(
     subset = {"train": data.train, "val": data.val, "test": data.test}[split]
     if subset is None or len(subset) == 0:
         raise ConfigError(f"the run has no {split} split (data.{split}_split = 0?); choose --split val or train.")
-    model = build_model(cfg.model, data.sample_shape)
+    task = build_task(cfg, data)
+    model = build_model_for_task(cfg, data, task)
     model.load_state_dict(state["model"])
     sampler = ShardedEvalBatchSampler(
         len(subset), num_replicas=1, rank=0, batch_size=batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
     )
     loader = make_loader(subset, sampler, cfg.data, train=False, device_type="cpu")
     preds = Predictions() if predictions_path is not None else None
-    metrics: dict[str, Any] = evaluate_batches(model, loader, torch.device("cpu"), prefix=split, predictions=preds)
+    result = evaluate_batches(
+        model, loader, torch.device("cpu"), task, input_keys=cfg.data.input_keys, prefix=split, predictions=preds
+    )
+    metrics: dict[str, Any] = dict(result.metrics)
     if preds is not None and predictions_path is not None:
         preds.save(predictions_path)
     metrics["checkpoint"] = str(path)

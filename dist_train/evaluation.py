@@ -3,41 +3,53 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dist_train.metrics import SumMeter
+from dist_train.tasks import MetricSums, SampleCollector, Task
+
+
+def batch_to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch on ``device`` (asynchronous copies from pinned memory on CUDA)."""
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
+
+
+def forward(model: nn.Module, batch: Mapping[str, torch.Tensor], input_keys: Sequence[str]) -> Any:
+    """``model(x, **{key: batch[key] for key in data.input_keys})``."""
+    if not input_keys:
+        return model(batch["x"])
+    return model(batch["x"], **{k: batch[k] for k in input_keys})
 
 
 @dataclass
 class Predictions:
-    """What physics users analyse after training: one row per evaluated event."""
+    """What physics users analyse after training: one row per evaluated event (the task decides the columns)."""
 
-    indices: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
-    softmax: list[np.ndarray] = field(default_factory=list)
+    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
-    def add(self, rows: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
-        self.indices.append(rows.cpu().numpy())
-        self.labels.append(labels.cpu().numpy())
-        self.softmax.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    def add(self, rows: torch.Tensor, values: Mapping[str, torch.Tensor]) -> None:
+        self.columns.setdefault("indices", []).append(rows.cpu().numpy())
+        for key, value in values.items():
+            self.columns.setdefault(key, []).append(value.detach().cpu().numpy())
 
     def save(self, path: Path) -> None:
-        softmax = np.concatenate(self.softmax) if self.softmax else np.zeros((0, 0), np.float32)
-        np.savez(
-            path,
-            indices=np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64),
-            labels=np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64),
-            softmax=softmax,
-            predictions=softmax.argmax(axis=1) if softmax.size else np.zeros(0, np.int64),
-        )
+        arrays = {k: np.concatenate(v) for k, v in self.columns.items()}
+        arrays.setdefault("indices", np.zeros(0, np.int64))
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    # Non-scalar results (a confusion matrix), JSON-able; the same on every rank.
+    reports: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -45,27 +57,34 @@ def evaluate_batches(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device,
+    task: Task,
     *,
+    input_keys: Sequence[str] = (),
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     prefix: str,
     limit: int | None = None,
     predictions: Predictions | None = None,
-) -> dict[str, float]:
-    """Mean loss and accuracy over every sample of every rank's shard (a collective)."""
+) -> EvalResult:
+    """The task's metrics over every sample of every rank's shard (a collective: all ranks call it)."""
     was_training = model.training
     model.eval()
-    meter = SumMeter(device)
+    sums = MetricSums(device)
+    samples = SampleCollector()
     try:
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
                 break
-            x = batch["x"].to(device, non_blocking=device.type == "cuda")
-            y = batch["y"].to(device, non_blocking=device.type == "cuda")
+            on_device = batch_to_device(batch, device)
             with autocast():
-                logits = model(x)
-            meter.update(logits, y, F.cross_entropy(logits.float(), y, reduction="sum"))
+                outputs = forward(model, on_device, input_keys)
+            sums.add({"loss": task.loss(outputs, on_device).detach()})
+            sums.add(task.eval_metrics(outputs, on_device))
+            samples.add(task.eval_samples(outputs, on_device))
             if predictions is not None:
-                predictions.add(batch["index"], batch["y"], logits)
+                predictions.add(batch["index"], task.predictions(outputs, on_device))
     finally:
         model.train(was_training)
-    return meter.reduce(prefix)
+    totals = sums.reduce()
+    metrics = task.finalize(totals)
+    metrics.update(task.finalize_samples(samples.gather()))
+    return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, task.reports(totals))

@@ -154,6 +154,18 @@ class RunMetricsLogger:
         for name, p in model.named_parameters():
             self._tb.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
 
+    def add_confusion(self, tag: str, matrix: list[list[int]], step: int) -> None:
+        """The confusion matrix as a grey image: row-normalised (each true class's fractions), 16 px a cell."""
+        if self._tb is None:
+            return
+        import numpy as np
+
+        counts = np.asarray(matrix, dtype=np.float64)
+        fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+        image = np.kron(fractions, np.ones((16, 16)))
+        self._tb.add_image(tag, image[None].astype(np.float32), step, dataformats="CHW")
+        self._tb.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -1,8 +1,7 @@
-"""Metrics as sums and counts, reduced exactly across ranks (never a mean of per-rank means).
+"""Throughput and memory measurements of the training loop, reduced across ranks.
 
-:class:`SumMeter` is the distributed AverageMeter: ``update(loss_sum, correct, n)`` per batch,
-``reduce()`` gives the global mean over all samples of all ranks. Accumulation happens on the
-device, so the training step never waits for a ``.item()`` host sync.
+The task metrics (loss, accuracy, regression errors) are sums and counts kept by
+:class:`dist_train.tasks.base.MetricSums`; this module times the epoch and reads memory.
 """
 
 from __future__ import annotations
@@ -13,45 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_train.distributed import all_reduce_max, all_reduce_sums
-
-
-class SumMeter:
-    """Running sums of per-sample loss and correct predictions plus the sample count."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        # float64 keeps sums of many float32 losses exact enough to compare with a 1-process run at 1e-6.
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.count = 0
-
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
-        # Two in-place adds: this runs on every micro-step, so it must cost next to nothing.
-        self._loss_sum += loss_sum.detach()
-        self._correct += (logits.detach().argmax(1) == targets).sum()
-        self.count += int(targets.shape[0])
-
-    def local_sums(self) -> dict[str, float]:
-        return {"loss_sum": self._loss_sum.item(), "correct": float(self._correct.item()), "count": float(self.count)}
-
-    def load_sums(self, sums: dict[str, float]) -> None:
-        """Restore sums saved by ``local_sums`` (a resumed partial epoch)."""
-        self._loss_sum.fill_(sums["loss_sum"])
-        self._correct.fill_(int(sums["correct"]))
-        self.count = int(sums["count"])
-
-    def reduce(self, prefix: str) -> dict[str, float]:
-        """Global mean loss and accuracy; a collective, so every rank must call it."""
-        total = all_reduce_sums(self.local_sums())
-        n = max(total["count"], 1.0)
-        return {
-            f"{prefix}/loss": total["loss_sum"] / n,
-            f"{prefix}/accuracy": total["correct"] / n,
-            f"{prefix}/samples": total["count"],
-        }
 
 
 @dataclass

@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,8 +66,24 @@ def list_models(include_torchvision: bool = True) -> list[str]:
     return names
 
 
-def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
-    """Build ``cfg.name`` for samples of ``sample_shape`` (no batch dimension) and check it fits them."""
+# Per-sample shape and numpy dtype name of an extra model input (``data.input_keys``).
+InputSpecs = dict[str, tuple[tuple[int, ...], str]]
+
+
+def build_model(
+    cfg: ModelConfig,
+    sample_shape: tuple[int, ...],
+    *,
+    inputs: InputSpecs | None = None,
+    check_width: bool = True,
+    task: str = "classification",
+) -> nn.Module:
+    """Build ``cfg.name`` for samples of ``sample_shape`` (no batch dimension) and check it fits them.
+
+    ``cfg.num_classes`` is the output width (the task's: classes, or regression target columns);
+    ``inputs`` are the extra keyword inputs of the forward pass; ``check_width = False`` (a custom
+    task without ``output_width``) checks only that the model runs.
+    """
     sample_shape = tuple(int(s) for s in sample_shape)
     kwargs = dict(cfg.kwargs)
     if ":" in cfg.name:
@@ -77,7 +94,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
         model = _build_torchvision(cfg.name, cfg.num_classes, sample_shape, kwargs)
     else:
         raise unknown_model_error(cfg.name, _REGISTRY, _torchvision_names())
-    check_model_fits(model, cfg.name, sample_shape, cfg.num_classes)
+    check_model_fits(model, cfg.name, sample_shape, cfg.num_classes, inputs=inputs, check_width=check_width, task=task)
     return model
 
 
@@ -410,7 +427,16 @@ def _check_kwargs(model_name: str, kwargs: dict[str, Any], known: Iterable[str])
     check_kwargs(model_name, kwargs, known)
 
 
-def check_model_fits(model: nn.Module, name: str, sample_shape: tuple[int, ...], num_classes: int) -> None:
+def check_model_fits(
+    model: nn.Module,
+    name: str,
+    sample_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    inputs: InputSpecs | None = None,
+    check_width: bool = True,
+    task: str = "classification",
+) -> None:
     """Dry forward on a batch of zeros; turn a shape failure into a ConfigError naming model and data.
 
     The meta device costs neither memory nor compute; models whose forward cannot run on meta
@@ -421,17 +447,25 @@ def check_model_fits(model: nn.Module, name: str, sample_shape: tuple[int, ...],
     model.eval()
     try:
         try:
-            out = _meta_forward(model, sample_shape)
+            out = _meta_forward(model, sample_shape, inputs or {})
         except Exception:
-            out = _cpu_forward(model, name, sample_shape)
+            out = _cpu_forward(model, name, sample_shape, inputs or {})
     finally:
         model.train(was_training)
+    if not check_width:
+        return
     if not isinstance(out, torch.Tensor):
         raise ConfigError(
             f"model {name!r} returned {type(out).__name__} for a batch of shape {(_DRY_BATCH, *sample_shape)}; "
             "dtrain needs a tensor of logits (batch, num_classes)."
         )
     expected = (_DRY_BATCH, num_classes)
+    if tuple(out.shape) != expected and task == "regression":
+        raise ConfigError(
+            f"model {name!r} gives outputs of width {tuple(out.shape)[1:]} (shape {tuple(out.shape)} for a batch "
+            f"of {_DRY_BATCH}), but the regression targets need width {num_classes} (task.targets, flattened and "
+            "concatenated). dtrain passes that width as num_classes; make the model use it for its last layer."
+        )
     if tuple(out.shape) != expected:
         raise ConfigError(
             f"model {name!r} returns outputs of shape {tuple(out.shape)} for samples of shape {sample_shape}, "
@@ -439,18 +473,29 @@ def check_model_fits(model: nn.Module, name: str, sample_shape: tuple[int, ...],
         )
 
 
-def _meta_forward(model: nn.Module, sample_shape: tuple[int, ...]) -> Any:
+def _dry_inputs(inputs: InputSpecs, device: str) -> dict[str, torch.Tensor]:
+    """Zeros for each extra input, with the batch's dtype (as the loader will give them)."""
+    out = {}
+    for key, (shape, dtype) in inputs.items():
+        np_dtype = np.dtype(dtype)
+        # As the loader gives them: unsigned integers wider than a byte arrive as int64.
+        tensor_dtype = torch.int64 if np_dtype.kind == "u" and np_dtype.itemsize > 1 else torch.from_numpy(np.zeros(0, np_dtype)).dtype
+        out[key] = torch.zeros((_DRY_BATCH, *shape), dtype=tensor_dtype, device=device)
+    return out
+
+
+def _meta_forward(model: nn.Module, sample_shape: tuple[int, ...], inputs: InputSpecs) -> Any:
     state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
     x = torch.zeros((_DRY_BATCH, *sample_shape), device="meta")
     with torch.no_grad():
-        return torch.func.functional_call(model, state, (x,), strict=False)
+        return torch.func.functional_call(model, state, (x,), _dry_inputs(inputs, "meta"), strict=False)
 
 
-def _cpu_forward(model: nn.Module, name: str, sample_shape: tuple[int, ...]) -> Any:
+def _cpu_forward(model: nn.Module, name: str, sample_shape: tuple[int, ...], inputs: InputSpecs) -> Any:
     x = torch.zeros((_DRY_BATCH, *sample_shape))
     try:
         with torch.no_grad():
-            return model(x)
+            return model(x, **_dry_inputs(inputs, "cpu"))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ConfigError(
             f"model {name!r} cannot take samples of shape {sample_shape}: {_first_line(exc)}. "

@@ -1,8 +1,8 @@
 """The training loop every worker runs: the plain PyTorch loop, made distributed, exact and resumable.
 
     for batch in loader:                      # DistributedSampler order, batched HDF5 reads
-        with autocast: loss = criterion(model(x), y)
-        scaler.scale(loss / accum).backward() # no_sync on non-final micro-steps
+        with autocast: loss = task.loss(model(x), batch) / samples   # the task owns loss and metrics
+        scaler.scale(loss).backward()         # no_sync on non-final micro-steps
         scaler.step(optimizer); scheduler.step_batch()
         if all ranks agree a stop was requested: checkpoint and exit resumable
 
@@ -12,6 +12,8 @@ Everything that makes up the run's position is a Stateful and goes into the chec
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
 import logging
 import math
 import os
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dist_train
@@ -30,19 +31,20 @@ from dist_train.config import Config, config_to_dict
 from dist_train.distributed import (
     AsyncFlags,
     DistInfo,
-    all_reduce_sums,
     barrier,
     broadcast_object,
     gather_objects_to_rank_zero,
     new_cpu_group,
 )
-from dist_train.errors import CheckpointError
-from dist_train.evaluation import evaluate_batches
+from dist_train.errors import CheckpointError, ConfigError
+from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
-from dist_train.metrics import StepTimer, SumMeter, peak_memory_mb, rss_anon_mb
+from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
+from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
+from dist_train.tasks.base import add_sums
 from dist_train.watchdog import HangWatchdog
 
 log = logging.getLogger("dtrain")
@@ -59,6 +61,13 @@ INCOMPATIBLE_ON_RESUME = (
     "data.split_file",
     "data.stratify",
     "data.limit",
+    "data.layout",
+    "data.input_keys",
+    "task.name",
+    "task.targets",
+    "task.target_norm",
+    "task.target_mean",
+    "task.target_std",
     "optim.name",
     "sched.name",
     "run.seed",
@@ -126,8 +135,7 @@ class Trainer:
         debug: bool = False,
         preemption: PreemptionHandler | None = None,
     ) -> None:
-        from dist_train.data.loader import build_data, make_loader
-        from dist_train.models import build_model
+        from dist_train.data.loader import build_data
         from dist_train.optim import build_optimizer, build_scheduler
 
         self.cfg = cfg
@@ -136,53 +144,32 @@ class Trainer:
         self.debug = debug
         self.device = dist_info.device
         if debug:
-            cfg.data.num_workers = 0
-            cfg.train.detect_anomaly = True
-            cfg.train.max_steps_per_epoch = cfg.train.max_steps_per_epoch or DEBUG_MAX_STEPS
-        if cfg.run.deterministic:
-            # cuBLAS reads this when its first handle is made (the first matmul, still to come); without it
-            # CUDA matmuls may use non-deterministic split reductions and resume would not be bit-exact.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
+            _apply_debug_settings(cfg)
+        _configure_determinism(cfg.run.deterministic, self.device)
         seed_everything(cfg.run.seed)  # same model init on every rank
         self._prepare_normalization()
         self.data = build_data(cfg, run_dir=run_dir)
-        self.model: nn.Module = build_model(cfg.model, self.data.sample_shape).to(self.device)
-        self.train_model: nn.Module = self.model
-        if dist_info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.model, device_ids=ids)
-        if cfg.train.compile:
-            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.task: Task = build_task(cfg, self.data)
+        self.model: nn.Module = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        self.train_model: nn.Module = self._wrap_model(self.model)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
-
-        world, rank = dist_info.world_size, dist_info.rank
         self.sampler = ResumableDistributedBatchSampler(
-            len(self.data.train), num_replicas=world, rank=rank, batch_size=cfg.data.batch_size, seed=cfg.run.seed
+            len(self.data.train),
+            num_replicas=dist_info.world_size,
+            rank=dist_info.rank,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.run.seed,
         )
-        self.train_loader = make_loader(self.data.train, self.sampler, cfg.data, train=True, device_type=self.device.type)
-        eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
-        self.eval_loaders = {}
-        for name, split in (("val", self.data.val), ("test", self.data.test)):
-            if split is not None and len(split) > 0:
-                sampler = ShardedEvalBatchSampler(len(split), num_replicas=world, rank=rank, batch_size=eval_bs)
-                self.eval_loaders[name] = make_loader(split, sampler, cfg.data, train=False, device_type=self.device.type)
+        self.train_loader = self._make_train_loader()
+        self.eval_loaders = self._make_eval_loaders()
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = build_scheduler(
             cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
         )
         self.counters = TrainerCounters()
-        self.meter = SumMeter(self.device)
+        self.meter = MetricSums(self.device)
         self.timer = StepTimer()
         self.control_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
         # On NCCL the flags travel over the CPU group, so reading them never waits for the GPU; on
@@ -198,11 +185,45 @@ class Trainer:
         self.progress = Progress(cfg.train.progress, enabled=dist_info.is_main, log_every=cfg.train.log_every)
         self._last_ckpt_time = time.monotonic()
         self._resumed_mid_epoch = False
+        names = self.task.metric_names()
+        if names is not None:  # built-in tasks know their metrics before any data is seen
+            self._check_monitors([f"{split}/{n}" for split in ("train", "val") for n in names])
 
     # ------------------------------------------------------------------ construction helpers
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.train.find_unused_parameters)
+        if self.cfg.train.compile:
+            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+        return wrapped
+
+    def _make_train_loader(self) -> Any:
+        from dist_train.data.loader import make_loader
+
+        return make_loader(self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type)
+
+    def _make_eval_loaders(self) -> dict[str, Any]:
+        """Unpadded, contiguous shards of val and test: every sample is evaluated exactly once."""
+        from dist_train.data.loader import make_loader
+
+        batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        loaders = {}
+        for name, split in (("val", self.data.val), ("test", self.data.test)):
+            if split is not None and len(split) > 0:
+                sampler = ShardedEvalBatchSampler(
+                    len(split), num_replicas=self.dist.world_size, rank=self.dist.rank, batch_size=batch_size
+                )
+                loaders[name] = make_loader(split, sampler, self.cfg.data, train=False, device_type=self.device.type)
+        return loaders
+
     def _prepare_normalization(self) -> None:
         """Rank 0 computes normalisation statistics once; the others read the stored file."""
-        if self.cfg.data.normalize != "auto" or self.run_dir is None:
+        wanted = self.cfg.data.normalize == "auto" or self.cfg.task.target_norm == "auto"
+        if not wanted or self.run_dir is None:
             return
         from dist_train.data import ensure_normalization
 
@@ -240,14 +261,13 @@ class Trainer:
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        sums = self.meter.local_sums()
-        return {"rng": capture_rng(), "meter": sums}
+        return {"rng": capture_rng(), "meter": _plain_sums(self.meter.local_sums())}
 
     def _restore_rank_state(self, rank_states: list[dict[str, Any]]) -> None:
         if len(rank_states) == self.dist.world_size:
             mine = rank_states[self.dist.rank]
             restore_rng(mine["rng"])
-            self._set_meter(mine["meter"])
+            self.meter.load_sums(_upgrade_meter(mine["meter"]))
             return
         # World size changed: the sampler re-shards the rest of the epoch; partial-epoch sums move to
         # rank 0 so the reduced epoch metrics stay exact; RNG streams cannot map 1:1, so re-seed.
@@ -258,13 +278,9 @@ class Trainer:
             self.dist.world_size,
         )
         seed_everything(self.cfg.run.seed * 100003 + self.counters.step * 101 + self.dist.rank)
-        if self.dist.is_main:
-            total = {k: sum(s["meter"][k] for s in rank_states) for k in ("loss_sum", "correct", "count")}
-            self._set_meter(total)
-
-    def _set_meter(self, sums: dict[str, float]) -> None:
         self.meter.reset()
-        self.meter.load_sums(sums)
+        if self.dist.is_main:
+            self.meter.load_sums(add_sums([_upgrade_meter(s["meter"]) for s in rank_states]))
 
     def build_checkpoint(self, reason: str, metrics: dict[str, float], rank_states: list[Any]) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -355,20 +371,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.precision.dtype)
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = self.device.type == "cuda"
-        return batch["x"].to(self.device, non_blocking=nb), batch["y"].to(self.device, non_blocking=nb)
+    def _micro_step(self, batch: dict[str, torch.Tensor], window_samples: int, sync: bool) -> None:
+        """Forward, the task's loss summed over the batch divided by the window's samples, backward.
 
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, accum_count: int, sync: bool) -> None:
+        Every rank holds the same number of samples per window (the sampler pads the epoch), so
+        DDP's average over ranks makes this the mean over the global samples of the step.
+        """
         no_sync = getattr(self.train_model, "no_sync", None)
         ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
         with ctx:
             with self._autocast():
-                logits = self.train_model(x)
-            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-            loss = loss_sum / (y.shape[0] * accum_count)
-            self.scaler.scale(loss).backward()
-        self.meter.update(logits.detach(), y, loss_sum.detach())
+                outputs = forward(self.train_model, batch, self.cfg.data.input_keys)
+            loss_sum = self.task.loss(outputs, batch)
+            self.scaler.scale(loss_sum / window_samples).backward()
+        self.meter.add({"loss": loss_sum.detach()})
+        self.meter.add(self.task.metrics(outputs, batch))
 
     def _optimizer_step(self) -> None:
         if self.cfg.train.clip_grad_norm > 0:
@@ -402,14 +419,13 @@ class Trainer:
         remaining = total_batches
         while remaining > 0:
             window = min(self.cfg.train.grad_accum, remaining)  # the last window of an epoch may be shorter
-            for i in range(window):
-                self.timer.fetching()
-                batch = next(loader_iter)
-                self.timer.batch_arrived()
-                x, y = self._to_device(batch)
-                self._micro_step(x, y, window, sync=(i == window - 1))
+            batches = self._fetch_window(loader_iter, window)
+            window_samples = sum(len(b["index"]) for b in batches)
+            for i, batch in enumerate(batches):
+                self._micro_step(batch_to_device(batch, self.device), window_samples, sync=(i == window - 1))
                 self.sampler.record_consumed(1)
-                self.timer.step_done(int(y.shape[0]))
+                self.timer.step_done(len(batch["index"]))
+            del batches
             remaining -= window
             self._optimizer_step()
             self.watchdog.kick()
@@ -422,6 +438,15 @@ class Trainer:
         self.watchdog.pause()
         del loader_iter
         return status
+
+    def _fetch_window(self, loader_iter: Any, window: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step, so that the loss divisor is their exact sample count."""
+        batches = []
+        for _ in range(window):
+            self.timer.fetching()
+            batches.append(next(loader_iter))
+            self.timer.batch_arrived()
+        return batches
 
     def _at_step_boundary(self) -> bool:
         """Step-level decisions every rank must take together. Returns True to stop training.
@@ -448,9 +473,9 @@ class Trainer:
         if step % self.cfg.train.log_every != 0:
             self.progress.update(step, batches, None)
             return
-        sums = all_reduce_sums(self.meter.local_sums())
-        n = max(sums["count"], 1.0)
-        values = {"train/loss_running": sums["loss_sum"] / n, "train/accuracy_running": sums["correct"] / n}
+        running = self.task.finalize(self.meter.reduce())
+        # Whole-task and per-target values; per-column ones wait for the epoch record.
+        values = {f"train/{k}_running": v for k, v in running.items() if k != "samples" and k.count("/") <= 1}
         values["lr"] = self.scheduler.lr()
         self.progress.update(step, batches, values)
         self.metrics_logger.log({"kind": "step", "epoch": epoch, "step": step, **values})
@@ -461,18 +486,34 @@ class Trainer:
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}
-        return evaluate_batches(
+        result = evaluate_batches(
             self.model,
             loader,
             self.device,
+            self.task,
+            input_keys=self.cfg.data.input_keys,
             autocast=self._autocast,
             prefix=split,
             limit=DEBUG_MAX_STEPS if self.debug else None,
         )
+        self._write_reports(split, result.reports)
+        return result.metrics
+
+    def _write_reports(self, split: str, reports: dict[str, Any]) -> None:
+        """Non-scalar results (the confusion matrix) as ``<name>_<split>.json`` and in TensorBoard."""
+        if not reports or not self.dist.is_main or self.run_dir is None:
+            return
+        from dist_train.fsutil import atomic_write_text
+
+        for name, report in reports.items():
+            record = {"split": split, "epoch": self.counters.epoch, "step": self.counters.step, **report}
+            atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
+            if name == "confusion" and isinstance(self.metrics_logger, RunMetricsLogger):
+                self.metrics_logger.add_confusion(f"{split}/confusion", report["matrix"], self.counters.step)
 
     # ------------------------------------------------------------------ epochs
     def _epoch_metrics(self, epoch: int) -> dict[str, float]:
-        metrics = self.meter.reduce("train")
+        metrics = {f"train/{k}": v for k, v in self.task.finalize(self.meter.reduce()).items()}
         metrics.update(self.timer.reduce("train"))
         metrics["samples_per_s"] = metrics.pop("train/samples_per_s")
         metrics["data_wait_frac"] = metrics.pop("train/data_wait_frac")
@@ -485,6 +526,24 @@ class Trainer:
         if anon is not None:
             metrics["rss_anon_mb"] = anon
         return metrics
+
+    def _check_monitors(self, reported: list[str]) -> None:
+        """checkpoint.monitor and sched.monitor must name a metric the run reports (any task's)."""
+        cfg = self.cfg
+        settings = (
+            ("checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.save_best),
+            ("sched.monitor", cfg.sched.monitor, cfg.sched.name == "plateau"),
+        )
+        for setting, key, used in settings:
+            split = key.partition("/")[0]
+            if used and key not in reported and any(k.startswith(split + "/") for k in reported):
+                close = difflib.get_close_matches(key, reported, n=1, cutoff=0.6)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{setting} = {key!r} is not a metric this run reports.{hint} The {split} metrics are: "
+                    + ", ".join(k for k in reported if k.startswith(split + "/"))
+                    + "."
+                )
 
     def _is_best(self, metrics: dict[str, float]) -> bool:
         key = self.cfg.checkpoint.monitor
@@ -509,8 +568,9 @@ class Trainer:
                 resume_epoch=None if resume_step is None else self.counters.epoch,
             )
         log.info(
-            "training %s: %d train / %s val / %s test samples, world size %d, device %s, precision %s, %d steps/epoch",
+            "training %s (%s): %d train / %s val / %s test samples, world size %d, device %s, precision %s, %d steps/epoch",
             cfg.model.name,
+            self.task.name,
             len(self.data.train),
             len(self.data.val) if self.data.val is not None else 0,
             len(self.data.test) if self.data.test is not None else 0,
@@ -532,6 +592,7 @@ class Trainer:
                     self._shutdown()
                     return envvars.PREEMPTED_EXIT_CODE
                 metrics = self._epoch_metrics(epoch)
+                self._check_monitors(list(metrics))
                 self.scheduler.step_epoch(metrics)
                 self.metrics_logger.log({"kind": "epoch", "epoch": epoch, "step": self.counters.step, **metrics})
                 if cfg.log.histograms and isinstance(self.metrics_logger, RunMetricsLogger):
@@ -547,16 +608,15 @@ class Trainer:
             test = self.evaluate("test") if cfg.train.test_at_end else {}
             if test:
                 self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
-                log.info("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test.items() if not k.endswith("samples")))
+                log.info("test: " + "  ".join(f"{k}={test[k]:.4g}" for k in _console_metric_keys(test, ("test",))))
         self._shutdown()
         self._write_marker("completed", f"step {self.counters.step}\n")
         return 0
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
         parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}", f"step {self.counters.step}"]
-        for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
-            if key in m:
-                parts.append(f"{key}={m[key]:.4f}")
+        for key in _console_metric_keys(m):
+            parts.append(f"{key}={m[key]:.4g}")
         parts.append(f"{m['samples_per_s']:.0f} samples/s")
         parts.append(f"data wait {100 * m['data_wait_frac']:.1f}%")
         parts.append(f"lr {m['lr']:.3g}")
@@ -575,3 +635,53 @@ class Trainer:
         if self.ckpt_manager is not None:
             self.ckpt_manager.close()
         self.metrics_logger.close()
+
+
+def _console_metric_keys(metrics: dict[str, float], splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """The epoch line's metrics: train/val loss, accuracy, and each target's rmse and physics metrics.
+
+    Everything else (mae, bias, per column, per class) is in metrics.jsonl and TensorBoard.
+    """
+    keys = []
+    for key in metrics:
+        split, _, name = key.partition("/")
+        last = name.rpartition("/")[2]
+        per_column_or_class = name.count("/") > 1 or name.startswith("recall/")
+        if split in splits and last not in _QUIET_ON_CONSOLE and not per_column_or_class:
+            keys.append(key)
+    return keys
+
+
+_QUIET_ON_CONSOLE = ("samples", "mae", "bias")
+
+
+def _apply_debug_settings(cfg: Config) -> None:
+    """Debug mode: data in this process, anomaly detection, a few steps per epoch."""
+    cfg.data.num_workers = 0
+    cfg.train.detect_anomaly = True
+    cfg.train.max_steps_per_epoch = cfg.train.max_steps_per_epoch or DEBUG_MAX_STEPS
+
+
+def _configure_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        # cuBLAS reads this when its first handle is made (the first matmul, still to come); without it
+        # CUDA matmuls may use non-deterministic split reductions and resume would not be bit-exact.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _plain_sums(sums: dict[str, Any]) -> dict[str, Any]:
+    """Metric sums as floats and lists: what ``torch.load(weights_only=True)`` reads back."""
+    return {k: v.tolist() if hasattr(v, "tolist") else float(v) for k, v in sums.items()}
+
+
+def _upgrade_meter(sums: dict[str, Any]) -> dict[str, Any]:
+    """Partial-epoch sums of checkpoints written before tasks existed (``loss_sum``) under today's names."""
+    if "loss_sum" in sums:
+        sums = {("loss" if k == "loss_sum" else k): v for k, v in sums.items()}
+    return sums

@@ -32,8 +32,8 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 @data.command("synth")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--events", "-n", default=4000, show_default=True, help="Number of samples.")
-@click.option("--layout", type=click.Choice(["wch5", "image"]), default="wch5", show_default=True,
-              help="wch5: water-Cherenkov keys (16x40x38, 3 classes); image: (C,H,W) images (1x28x28, 10 classes).")
+@click.option("--layout", type=click.Choice(["wch5", "wch5_channels_last", "image"]), default="wch5", show_default=True,
+              help="wch5: water-Cherenkov keys (16x40x38, 3 classes, energies/positions/angles); wch5_channels_last: the same as (H, W, C) = 16x40 grid x 38 channels; image: (C,H,W) images (1x28x28, 10 classes).")
 @click.option("--shape", default=None, help="Sample shape C,H,W (default: the layout's).")
 @click.option("--classes", type=int, default=None, help="Number of classes (default: 3 for wch5, 10 for image).")
 @click.option("--seed", default=0, show_default=True)

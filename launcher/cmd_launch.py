@@ -76,6 +76,30 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
         )
     cfg.data.path = str(path)
     preflight_check(cfg)
+    check_custom_task(cfg)
+
+
+def check_custom_task(cfg: Config) -> None:
+    """A custom task imports and has loss/metrics, checked before any worker starts.
+
+    Workers run ``python -m dist_train`` in this directory, so they import from it; the check
+    looks there too. Only custom tasks pay for the import (and torch's, if the module needs it).
+    """
+    if not cfg.task.is_custom:
+        return
+    import sys
+
+    from dist_train.tasks.custom import import_task_class
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        import_task_class(cfg.task.name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def check_model_section(cfg: Config, overrides: tuple[str, ...] = ()) -> None:

@@ -21,6 +21,7 @@ from dist_train.config import (
     parse_override,
     save_config,
 )
+from dist_train.data.preflight import channels_first_shape
 from dist_train.data.synth import synth_dataset
 from dist_train.data.transforms import BatchTransforms
 from dist_train.errors import ConfigError
@@ -43,7 +44,7 @@ def _layout_shape(cfg: Config) -> tuple[int, ...]:
 
 def _model_input_shapes(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(train, eval) sample shapes after the data pipeline's own transforms."""
-    stored = _layout_shape(cfg)
+    stored = channels_first_shape(_layout_shape(cfg), cfg.data.layout)
     train = BatchTransforms(cfg.data.train_transforms, "data.train_transforms").output_shape(stored)
     evaluation = BatchTransforms(cfg.data.eval_transforms, "data.eval_transforms").output_shape(stored)
     return train, evaluation
@@ -53,6 +54,30 @@ def test_all_documented_example_configs_exist() -> None:
     names = {p.name for p in CONFIG_FILES}
     assert {"quickstart.toml", "wch5_mlp.toml", "mnist_mlp.toml", "fashion_cnn.toml", "resnet18.toml",
             "custom_model.toml"} <= names
+    assert {"wch5_energy.toml", "wch5_multitarget.toml", "tutorial_cnn.toml", "wch5_custom_task.toml"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if load_config(p).data.synth_if_missing], ids=lambda p: p.name)
+def test_example_config_builds_its_task_and_model_on_its_demo_data(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data, task and model as a worker builds them, on a small file of the config's demo layout."""
+    from dist_train.data.loader import build_data
+    from dist_train.tasks import build_model_for_task, build_task
+
+    monkeypatch.syspath_prepend(str(CONFIG_DIR))  # custom_model.toml's my_models.py, as PYTHONPATH=configs
+    cfg = load_config(path)
+    cfg.data.path = str(tmp_path / "demo.h5")
+    shape = tuple(cfg.data.synth_shape) or None
+    synth_dataset(cfg.data.path, layout=cfg.data.synth_if_missing, events=64, shape=shape, progress=False)
+    cfg.data.num_workers = 0
+    data = build_data(cfg, run_dir=tmp_path)
+    task = build_task(cfg, data)
+    model = build_model_for_task(cfg, data, task)
+    sample = data.val[list(range(4))]
+    outputs = model(sample["x"])
+    assert outputs.shape == (4, task.output_width or cfg.model.num_classes)
+    assert task.loss(outputs, sample).ndim == 0
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)

@@ -38,6 +38,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         std: list[float] | None = None,
         transforms: list[str] | None = None,
         name: str = "train",
+        layout: str = "channels_first",
     ) -> None:
         self.path = str(path)
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -47,6 +48,8 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         self.mean = list(mean) if mean is not None else None
         self.std = list(std) if std is not None else None
         self.name = name
+        # (H, W, C) samples are permuted to (C, H, W) once per batch, before transforms and normalisation.
+        self.channels_last = layout == "channels_last"
         self.transforms = BatchTransforms(list(transforms or []), f"data.{'train' if name == 'train' else 'eval'}_transforms")
         # Readers hold no handle until the first read in the process that reads (see RowReader).
         self._x = RowReader(self.path, x_key)
@@ -79,7 +82,19 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         return clone
 
     def sample_shape(self) -> tuple[int, ...]:
-        return self.transforms.output_shape(self._x.sample_shape())
+        return self.transforms.output_shape(self._channels_first_shape())
+
+    def _channels_first_shape(self) -> tuple[int, ...]:
+        stored = self._x.sample_shape()
+        if self.channels_last and len(stored) >= 2:
+            return (stored[-1], *stored[:-1])
+        return stored
+
+    def _as_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch as (B, C, H, W): for channels-last files one permuting copy of the whole batch."""
+        if not self.channels_last or x.ndim < 3:
+            return x
+        return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1)).contiguous()
 
     # ------------------------------------------------------------------ reading
     def __getitem__(self, batch: Any) -> dict[str, torch.Tensor] | PackedBatch:
@@ -149,7 +164,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         normalisation (random transforms, if any, are left to :meth:`finish_in_consumer`: they
         must run in the consuming thread, see ``dist_train.data.prefetch``). Thread-safe."""
         try:
-            x = torch.from_numpy(self._x.read(job.rows, out=job.raw))
+            x = self._as_channels_first(torch.from_numpy(self._x.read(job.rows, out=job.raw)))
             for key, reader in self._extra.items():
                 reader.read(job.rows, out=job.out[key].numpy())  # type: ignore[union-attr]
         except OSError as exc:
@@ -180,10 +195,11 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         packed = PackedBatch.allocate(specs)
         out = packed.unpack()
         x = out["x"]
-        if self.transforms:
+        if self.transforms or self.channels_last:
             raw = _empty((b, *self._x.sample_shape()), torch.float32)
             self._x.read(rows, out=raw.numpy())
-            x.copy_(self.transforms(raw, seed))
+            raw = self._as_channels_first(raw)
+            x.copy_(self.transforms(raw, seed) if self.transforms else raw)
         else:
             self._x.read(rows, out=x.numpy())
         if self.mean is not None and self.std is not None:
@@ -198,7 +214,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
     def _sample_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(key, dtype, per-sample shape) of each batch entry; worked out once per process."""
         if self._specs is None:
-            x_shape = self.transforms.output_shape(self._x.sample_shape())
+            x_shape = self.transforms.output_shape(self._channels_first_shape())
             specs = [("x", torch.float32, x_shape), ("y", torch.int64, ()), ("index", torch.int64, ())]
             for key, reader in self._extra.items():
                 specs.append((key, _torch_dtype(reader.dtype_after_open()), reader.sample_shape()))

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Sampler
 from dist_train.config import Config, DataConfig
 from dist_train.data.dataset import H5Split, PackedBatch
 from dist_train.data.prefetch import PrefetchLoader
-from dist_train.data.preflight import normalization_for, prepare_splits
+from dist_train.data.preflight import normalization_for, prepare_splits, rows_fingerprint
+from dist_train.data.targets import batch_keys, label_key, target_normalization_for
 from dist_train.data.transforms import BatchTransforms
 from dist_train.errors import ConfigError
 
@@ -44,6 +45,10 @@ class DataBundle:
     test: H5Split | None
     sample_shape: tuple[int, ...]  # one x sample as the model sees it (after transforms)
     num_classes: int
+    # Per-sample shape and dtype of every other key in a batch (targets, model inputs, extra keys).
+    key_specs: dict[str, tuple[tuple[int, ...], str]]
+    # Regression targets' per-column (mean, std) for target_norm, or None.
+    target_stats: tuple[list[float], list[float]] | None = None
 
 
 def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
@@ -56,24 +61,29 @@ def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
     info, splits = prepare_splits(cfg)
     stats = normalization_for(cfg, info, splits, run_dir)
     mean, std = stats if stats is not None else (None, None)
+    target_stats = target_normalization_for(cfg, info.extra, splits.train, rows_fingerprint(splits.train), run_dir)
 
     def split(name: str, rows: Any, transforms: list[str]) -> H5Split:
         return H5Split(
             info.path,
             rows,
             x_key=d.x_key,
-            y_key=d.y_key,
-            extra_keys=d.extra_keys,
+            y_key=label_key(cfg),
+            extra_keys=batch_keys(cfg),
             mean=mean,
             std=std,
             transforms=transforms,
             name=name,
+            layout=d.layout,
         )
 
     train = split("train", splits.train, d.train_transforms)
     val = split("val", splits.val, d.eval_transforms) if splits.val is not None else None
     test = split("test", splits.test, d.eval_transforms) if splits.test is not None else None
-    return DataBundle(train, val, test, _model_input_shape(d, info.sample_shape), cfg.model.num_classes)
+    key_specs = {k: (tuple(v["shape"]), str(v["dtype"])) for k, v in info.extra.items()}
+    return DataBundle(
+        train, val, test, _model_input_shape(d, info.sample_shape), cfg.model.num_classes, key_specs, target_stats
+    )
 
 
 def _model_input_shape(d: DataConfig, sample_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import numpy as np
 from dist_train.config import Config, resolve_data_path
 from dist_train.data.h5io import RowReader, Storage, file_size, get_dataset, open_h5, storage_of
 from dist_train.data.splits import SplitRows, make_splits
+from dist_train.data.targets import check_task_keys, is_classification, label_key, target_normalization_for
 from dist_train.data.transform_spec import parse_transforms
 from dist_train.errors import DataError
 
@@ -61,6 +62,13 @@ def channels_of(sample_shape: tuple[int, ...]) -> int:
     return int(sample_shape[0]) if sample_shape else 1
 
 
+def channels_first_shape(stored: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """A sample's shape as the model sees it: (H, W, C) files are handed over as (C, H, W)."""
+    if layout == "channels_last" and len(stored) >= 2:
+        return (stored[-1], *stored[:-1])
+    return tuple(stored)
+
+
 def preflight_check(cfg: Config) -> DatasetInfo:
     """Open the file and check keys, dtypes, lengths and the label range; DataError on problems."""
     info, _labels = inspect_config_data(cfg)
@@ -77,33 +85,27 @@ def inspect_config_data(cfg: Config) -> tuple[DatasetInfo, np.ndarray]:
     parse_transforms(d.eval_transforms, "data.eval_transforms")
     with open_h5(path) as f:
         x = get_dataset(f, d.x_key, path, "x_key")
-        y = get_dataset(f, d.y_key, path, "y_key")
+        y_key = label_key(cfg)
+        y = get_dataset(f, y_key, path, "task.targets" if y_key != d.y_key else "y_key")
         _check_x(x, path, d.x_key)
         num_rows = int(x.shape[0])
-        _check_y_shape(y, path, d.y_key, d.x_key, num_rows)
-        extra = {}
-        for key in d.extra_keys:
-            e = get_dataset(f, key, path, "extra_keys")
-            if e.ndim == 0 or e.shape[0] != num_rows:
-                raise DataError(
-                    f"{str(path)!r}: extra key {key!r} has shape {e.shape} but {d.x_key!r} has {num_rows} rows; "
-                    "every extra key needs one row per sample."
-                )
-            if e.dtype.kind not in "biuf":
-                raise DataError(f"{str(path)!r}: extra key {key!r} has non-numeric dtype {e.dtype}.")
-            extra[key] = {"shape": list(e.shape[1:]), "dtype": str(e.dtype)}
+        _check_y_shape(y, path, y_key, d.x_key, num_rows)
+        extra = check_task_keys(f, cfg, path, num_rows)
         storage = storage_of(x)
         _check_not_truncated(x, storage, path, d.x_key)
-        labels = read_labels(y, path, d.y_key)
+        labels = read_labels(y, path, y_key)
         y_dtype = str(y.dtype)
-        sample_shape = tuple(int(s) for s in x.shape[1:])
+        sample_shape = channels_first_shape(tuple(int(s) for s in x.shape[1:]), d.layout)
         x_dtype = str(x.dtype)
-    counts = _check_label_range(labels, cfg.model.num_classes, path, d.y_key)
+    if is_classification(cfg):
+        counts = _check_label_range(labels, cfg.model.num_classes, path, y_key)
+    else:  # labels only drive stratified splits for other tasks; any integers will do
+        counts = []
     info = DatasetInfo(
         path=path,
         num_rows=num_rows,
         x_key=d.x_key,
-        y_key=d.y_key,
+        y_key=y_key,
         sample_shape=sample_shape,
         x_dtype=x_dtype,
         y_dtype=y_dtype,
@@ -198,7 +200,13 @@ def prepare_splits(cfg: Config) -> tuple[DatasetInfo, SplitRows]:
 
 
 def compute_channel_stats(
-    path: Path | str, x_key: str, rows: np.ndarray, *, max_samples: int = MAX_STATS_SAMPLES, seed: int = 0
+    path: Path | str,
+    x_key: str,
+    rows: np.ndarray,
+    *,
+    max_samples: int = MAX_STATS_SAMPLES,
+    seed: int = 0,
+    layout: str = "channels_first",
 ) -> tuple[list[float], list[float], int]:
     """Per-channel mean and std (population) over ``rows``; a seeded subset if there are more than ``max_samples``."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -208,13 +216,16 @@ def compute_channel_stats(
     sample_shape = reader.sample_shape()
     row_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * 8)
     block_rows = max(1, _STATS_BLOCK_BYTES // row_bytes)
-    channels = channels_of(sample_shape)
+    channels_last = layout == "channels_last" and len(sample_shape) >= 2
+    channels = int(sample_shape[-1]) if channels_last else channels_of(sample_shape)
     count = 0.0
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     try:
         for lo in range(0, len(rows), block_rows):
             block = reader.read(rows[lo : lo + block_rows]).astype(np.float64, copy=False)
+            if channels_last:  # (B, H, W, C) -> (B, C, H*W): the statistics are per channel either way
+                block = block.reshape(len(block), -1, channels).transpose(0, 2, 1)
             block = block.reshape(len(block), channels, -1)
             n_b = float(block.shape[0] * block.shape[2])
             mean_b = block.mean(axis=(0, 2))
@@ -244,6 +255,8 @@ def ensure_normalization(cfg: Config, run_dir: Path) -> tuple[list[float], list[
     ``run_dir/normalization.json``; later calls (other ranks, restarts, resume) read that file.
     """
     info, splits = prepare_splits(cfg)
+    # Regression targets' statistics (target_norm = "auto") are made at the same moment, once.
+    target_normalization_for(cfg, info.extra, splits.train, rows_fingerprint(splits.train), run_dir)
     return normalization_for(cfg, info, splits, run_dir)
 
 
@@ -260,7 +273,7 @@ def normalization_for(
     target = Path(run_dir) / NORMALIZATION_FILE if run_dir is not None else None
     if target is not None and target.is_file():
         return _load_stats(target, info, fingerprint)
-    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed)
+    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed, layout=d.layout)
     if target is not None:
         from dist_train.fsutil import atomic_write_text
 
