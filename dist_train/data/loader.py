@@ -29,8 +29,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
 
-from dist_train.config import Config, DataConfig
+from dist_train.config import Config, DataConfig, resolve_geometry_path
 from dist_train.data.dataset import H5Split, PackedBatch
+from dist_train.data.hits import hit_spec
 from dist_train.data.prefetch import PrefetchLoader
 from dist_train.data.preflight import normalization_for, prepare_splits
 from dist_train.data.transforms import BatchTransforms
@@ -56,6 +57,7 @@ def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
     info, splits = prepare_splits(cfg)
     stats = normalization_for(cfg, info, splits, run_dir)
     mean, std = stats if stats is not None else (None, None)
+    hits = hit_spec(d, resolve_geometry_path(cfg))  # None: x is read as stored
 
     def split(name: str, rows: Any, transforms: list[str]) -> H5Split:
         return H5Split(
@@ -68,6 +70,7 @@ def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
             std=std,
             transforms=transforms,
             name=name,
+            hits=hits,
         )
 
     train = split("train", splits.train, d.train_transforms)
