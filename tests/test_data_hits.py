@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_train.data import hits
 from dist_train.data.hits import (
     HitReader,
     HitSpec,
@@ -58,6 +59,17 @@ def test_earliest_hits_mask_keeps_the_earliest_with_file_order_ties() -> None:
     assert keep.tolist() == [False, True, True, False, True, True, True, False, True]
 
 
+@pytest.fixture(params=["one block", "blocks of 1 event", "blocks of 3 events"])
+def block_bytes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are built in cache-sized blocks of events: one block, and many (as real images give)."""
+    sample_bytes = {"one block": 1 << 30, "blocks of 1 event": 1, "blocks of 3 events": 3}[request.param]
+    if sample_bytes == 3:
+        monkeypatch.setattr(hits, "BLOCK_BYTES", 3 * 4 * 2 * PPM * 5 * 4 + 1)  # 3 images of (2 * PPM, 5, 4) float32
+    else:
+        monkeypatch.setattr(hits, "BLOCK_BYTES", sample_bytes)
+
+
+@pytest.mark.usefixtures("block_bytes")
 @pytest.mark.parametrize("channels", [(), ("time",), ("charge",), ("time", "charge")])
 def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[str, ...]) -> None:
     data, geo, geometry, events = hit_setup
@@ -74,7 +86,8 @@ def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[st
     assert any(len(np.unique(events[r][0])) < len(events[r][0]) for r in rows)
 
 
-@pytest.mark.parametrize("n_points", [7, 25, 80])
+@pytest.mark.usefixtures("block_bytes")
+@pytest.mark.parametrize("n_points", [7, 25, 80, 500])  # truncating, full, sparse (the scatter path)
 @pytest.mark.parametrize("channels", [(), ("charge", "time"), ("orientation", "charge")])
 def test_point_clouds_equal_the_per_hit_reference(hit_setup: tuple, n_points: int, channels: tuple[str, ...]) -> None:
     data, geo, geometry, events = hit_setup
@@ -122,3 +135,18 @@ def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path) -> None:
     reader.read(np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"PMT id 12 is outside the geometry, which has 12 PMTs"):
         reader.read(np.array([2, 3]))
+
+
+def test_reader_threads_share_one_reader_once_it_is_open(hit_setup: tuple) -> None:
+    """The loader opens the reader (sample_shape) and then lets reader threads call read() at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data, geo, _, _ = hit_setup
+    batches = [np.random.default_rng(i).integers(0, 40, 16) for i in range(24)]
+    expected = [HitReader(data, spec(geo)).read(rows) for rows in batches]
+    for _ in range(3):
+        shared = HitReader(data, spec(geo))
+        shared.sample_shape()
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(shared.read, batches))
+        assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))

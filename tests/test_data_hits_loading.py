@@ -183,3 +183,28 @@ def test_bad_geometry_files_are_data_errors(files: tuple, tmp_path: Path) -> Non
         preflight_check(hits_config(data, tmp_path / "missing.npz"))
     with pytest.raises(DataError, match=r"key 'tube' \(hit_keys.pmt\) does not exist.*hit_pmt"):
         preflight_check(hits_config(data, tmp_path / "missing.npz", hit_keys={"pmt": "tube"}))
+
+
+def test_cli_convert_and_inspect(files: tuple, tmp_path: Path) -> None:
+    import json
+
+    from tests.helpers.run import assert_ok, dtrain
+
+    data, geo, events, geometry = files
+    out = dtrain("data", "convert", str(data), str(tmp_path / "img.h5"), "--geometry", str(geo),
+                 "--pmts-per-module", str(PPM), cwd=tmp_path)
+    assert_ok(out)
+    assert f"150 mpmt_image samples of shape {(2 * PPM, 4, 5)}" in out.stdout
+    with h5py.File(tmp_path / "img.h5", "r") as f:
+        assert np.array_equal(f["event_data"][7], reference_image(events[7], geometry["mpmt_image_positions"], PPM))
+    report = dtrain("data", "inspect", str(data), "--json", "--geometry", str(geo), "--pmts-per-module", str(PPM),
+                    "--n-points", "10", cwd=tmp_path)
+    assert_ok(report)
+    hits = json.loads(report.stdout)["hits"]
+    counts = [len(e[0]) for e in events]
+    assert hits["events"] == 150 and hits["hits"] == sum(counts) and hits["empty_events"] == counts.count(0)
+    assert hits["hits_per_event"]["max"] == max(counts) and hits["over_n_points"] == sum(c > 10 for c in counts)
+    assert hits["representations"]["mpmt_image"] == f"fits: samples of {2 * PPM}x4x5"
+    bad = dtrain("data", "convert", str(data), str(tmp_path / "bad.h5"), "--geometry", str(geo), "--pmts-per-module", "2",
+                 cwd=tmp_path)
+    assert bad.returncode == 2 and "outside the geometry" in bad.stderr and not (tmp_path / "bad.h5").exists()

@@ -197,37 +197,66 @@ def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def earliest_hits_mask(time: np.ndarray, counts: np.ndarray, n_points: int) -> np.ndarray:
-    """Per hit: whether it is among its event's ``n_points`` earliest (ties: earlier in the file).
+    """Per hit: whether it is among its event's ``n_points`` earliest (equal times: earlier in the file).
 
-    Only the hits of events with more than ``n_points`` hits are sorted, by one stable argsort of
-    a 64-bit key (event, time) over all of them.
+    Only events with more than ``n_points`` hits are looked at: their times, padded into one row
+    per event, give each event's ``n_points``-th smallest time with one ``np.partition`` (linear
+    time, no sort); hits before it are kept, and hits at it in file order until the event is full.
+    NaN times count as +inf (the latest).
     """
     counts = np.asarray(counts, dtype=np.int64)
     keep = np.ones(len(time), dtype=bool)
     over = np.flatnonzero(counts > n_points)
     if len(over) == 0:
         return keep
-    starts = np.cumsum(counts) - counts
     sub_counts = counts[over]
-    sub = concat_ranges(starts[over], sub_counts)
-    seg = np.repeat(np.arange(len(over), dtype=np.uint64), sub_counts)
-    key = (seg << np.uint64(32)) | _ordered_bits(time[sub])
-    order = np.argsort(key, kind="stable")
-    rank = np.empty(len(sub), dtype=np.int64)
-    rank[order] = concat_ranges(np.zeros(len(over), dtype=np.int64), sub_counts)  # place within its event
-    keep[sub] = rank < n_points
+    sub = concat_ranges((np.cumsum(counts) - counts)[over], sub_counts)  # the hits of those events
+    t = np.asarray(time, dtype=np.float32)[sub]
+    t = np.where(np.isnan(t), np.float32(np.inf), t)
+    row = np.repeat(np.arange(len(over), dtype=np.int64), sub_counts)
+    width = int(sub_counts.max())
+    sub_first = np.cumsum(sub_counts) - sub_counts
+    col = np.arange(len(sub), dtype=np.int64) - np.repeat(sub_first, sub_counts)
+    padded = np.full((len(over), width), np.inf, dtype=np.float32)
+    padded.reshape(-1)[row * width + col] = t
+    threshold = np.partition(padded, n_points - 1, axis=1)[:, n_points - 1][row]
+    before = t < threshold
+    tied = t == threshold
+    free = n_points - np.add.reduceat(before.astype(np.int64), sub_first)  # slots left for tied hits
+    tied_rank = np.cumsum(tied) - 1  # among the tied hits of the event, in file order
+    tied_rank -= np.repeat(tied_rank[sub_first] + 1 - tied[sub_first], sub_counts)
+    keep[sub] = before | (tied & (tied_rank < free[row]))
     return keep
 
 
-def _ordered_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> uint64 with the same order (-0.0 equals 0.0; NaN after +inf)."""
-    bits = (np.asarray(values, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 + 0.0 = +0.0
-    negative = (bits >> np.uint32(31)).astype(bool)
-    ordered = np.where(negative, ~bits, bits | np.uint32(0x80000000))
-    return ordered.astype(np.uint64)
+# Samples are built a few events at a time, about this many output bytes per block: each scatter
+# then lands in memory that is still in the CPU cache (a 38x16x40 image is 97 KB). Measured on
+# 3,000-hit events: 2-3x faster than one pass of each scatter over a whole 256-event batch, whose
+# output (25 MB) every pass would stream through the cache again. The per-block cost of a dozen
+# numpy calls is small against the block's thousands of hits.
+BLOCK_BYTES = 1 << 20
 
 
-class ImageBuilder:
+class _BlockBuilder:
+    """Drives a builder's ``_build_block`` over cache-sized blocks of a batch's events."""
+
+    shape: tuple[int, ...]
+
+    def build(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+        """Samples of ``len(counts)`` events whose hits are concatenated in ``pmt``/``time``/``charge``."""
+        counts = np.asarray(counts, dtype=np.int64)
+        step = max(1, BLOCK_BYTES // (int(np.prod(self.shape)) * out.itemsize))
+        ends = np.cumsum(counts).tolist()
+        for lo in range(0, len(counts), step):
+            hi = min(len(counts), lo + step)
+            a, z = (ends[lo - 1] if lo else 0), ends[hi - 1]
+            self._build_block(pmt[a:z], time[a:z], charge[a:z], counts[lo:hi], out[lo:hi])
+
+    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class ImageBuilder(_BlockBuilder):
     """Builds (B, C, H, W) mPMT images from the concatenated hits of B events."""
 
     def __init__(self, positions: np.ndarray, pmts_per_module: int, channels: tuple[str, ...]) -> None:
@@ -245,7 +274,7 @@ class ImageBuilder:
         self.charge_offset = channels.index("charge") * group if "charge" in channels else None
         self.time_offset = channels.index("time") * group if "time" in channels else None
 
-    def build(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         out.fill(0.0)
         if len(pmt) == 0:
             return
@@ -261,7 +290,7 @@ class ImageBuilder:
             np.minimum.at(times, flat, time)
 
 
-class PointCloudBuilder:
+class PointCloudBuilder(_BlockBuilder):
     """Builds (B, C, n_points) point clouds from the concatenated hits of B events."""
 
     def __init__(self, geometry: Geometry, channels: tuple[str, ...], n_points: int) -> None:
@@ -281,7 +310,7 @@ class PointCloudBuilder:
         self.shape = (len(self.sources), n_points)
         self.truncated_events = 0  # events cut to n_points by this builder (in this process)
 
-    def build(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         out.fill(0.0)
         n = self.n_points
         counts = np.asarray(counts, dtype=np.int64)
@@ -292,11 +321,18 @@ class PointCloudBuilder:
             counts = np.minimum(counts, n)
         if len(pmt) == 0:
             return
-        size = self.shape[0] * n
-        # Hit j of event b goes to column j: position b * C * n + j of channel 0's plane.
-        dest = concat_ranges(np.arange(len(counts), dtype=np.int64) * size, counts)
-        values = out.reshape(-1)
+        # Hit j of event b goes to column j. Full clouds: a boolean mask over (events, columns)
+        # selects the first counts[b] columns of each row in row-major order, i.e. in the hits'
+        # order; one mask assignment per channel costs ~0.5 ns a column, about half a fancy-index
+        # scatter per hit (~4 ns). Sparse clouds (under 1/8 full): the scatter, which costs per hit.
         hit_values = {"time": time, "charge": charge}
+        if len(pmt) * 8 >= len(counts) * n:
+            columns = np.arange(n)[None, :] < counts[:, None]
+            for c, source in enumerate(self.sources):
+                out[:, c, :][columns] = hit_values[source] if isinstance(source, str) else source[pmt]
+            return
+        dest = concat_ranges(np.arange(len(counts), dtype=np.int64) * self.shape[0] * n, counts)
+        values = out.reshape(-1)
         for c, source in enumerate(self.sources):
             values[c * n :][dest] = hit_values[source] if isinstance(source, str) else source[pmt]
 
@@ -352,8 +388,10 @@ class HitReader:
     def _ensure_open(self) -> tuple[dict[str, RowReader], Builder]:
         if self._readers is None or self._builder is None:
             readers = {role: RowReader(self.path, self.spec.key_of(role)) for role in self.ROLES}
-            self.num_events = readers["index"].num_rows()
-            self.num_hits = readers["pmt"].num_rows()
+            # All four opened now: reader threads then share open readers (opening is not thread-safe;
+            # the loader calls sample_shape() before it starts them).
+            rows = {role: reader.num_rows() for role, reader in readers.items()}
+            self.num_events, self.num_hits = rows["index"], rows["pmt"]
             self._builder = make_builder(self.spec, load_geometry(self.spec))
             self._readers = readers
         return self._readers, self._builder
