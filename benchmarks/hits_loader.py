@@ -207,6 +207,13 @@ def measure(hits: Path, converted: Path, geometry: Path, representation: str, ba
         for name, loader in loaders.items():
             rates[name].append(samples_per_s(lambda loader=loader: consume(loader)))
     best = {name: max(v) for name, v in rates.items()}
+    # CPU time per event of the in-process readers (time.process_time: what a pass costs whatever
+    # the machine's load; the per-event reader through a 0-worker DataLoader, same collate).
+    inline = DataLoader(PerEventHits(hits, geometry, representation), batch_size=batch, sampler=order, num_workers=0)
+    for name, loader in (("dtrain-w0", loaders["dtrain-w0"]), ("conv-w0", loaders["conv-w0"]), ("per-event-w0", inline)):
+        t0 = time.process_time()
+        events = consume(loader)
+        best[f"cpu-us/{name}"] = 1e6 * (time.process_time() - t0) / events
     # Ratios paired per round (the same load conditions), median kept.
     for a, b in (("dtrain-w0", "per-event-w2"), ("dtrain-w2", "per-event-w2"), ("dtrain-w0", "conv-w0"),
                  ("dtrain-w2", "conv-w2")):
@@ -252,6 +259,8 @@ def main() -> None:
                       f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
                       f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "
                       f"{r['dtrain-w0/conv-w0']:5.2f}  {r['dtrain-w2/conv-w2']:5.2f}  {os.getloadavg()[0]:.1f}")
+                print(f"  {'':>14}  CPU per event: dtrain {r['cpu-us/dtrain-w0']:.1f} us, per-event reader "
+                      f"{r['cpu-us/per-event-w0']:.1f} us, converted read {r['cpu-us/conv-w0']:.1f} us")
                 converted.unlink()
                 if occupancy != OCCUPANCIES[0]:
                     continue
