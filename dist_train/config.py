@@ -12,6 +12,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -32,6 +33,19 @@ class RunConfig:
     seed: int = 0
     # Deterministic algorithms make resume bit-exact on the CPU; they cost speed on GPU.
     deterministic: bool = False
+
+
+# Hit-list files (data.format = "hits"): dataset names by role, and the channels each
+# representation can build with how many values per point each adds (images: pmts_per_module each).
+HIT_KEY_DEFAULTS = {"index": "event_hits_index", "pmt": "hit_pmt", "time": "hit_time", "charge": "hit_charge"}
+HIT_CHANNELS: dict[str, dict[str, int]] = {
+    "mpmt_image": {"charge": 1, "time": 1},
+    "point_cloud": {"position": 3, "orientation": 3, "time": 1, "charge": 1},
+}
+DEFAULT_HIT_CHANNELS: dict[str, tuple[str, ...]] = {
+    "mpmt_image": ("charge", "time"),
+    "point_cloud": ("position", "orientation", "time", "charge"),
+}
 
 
 @dataclass
@@ -62,7 +76,7 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
-    synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image"] = ""
+    synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image", "hits"] = ""
     synth_events: int = 4000
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
     # DataLoader worker start method ("" = the platform default); all three are supported.
@@ -76,6 +90,16 @@ class DataConfig:
     layout: Literal["channels_first", "channels_last"] = "channels_first"
     # Extra per-sample inputs, read like x_key and passed to the model as keyword arguments.
     input_keys: list[str] = field(default_factory=list)
+    # ---- hit-list files (format = "hits": per-event PMT hits, built into samples while reading;
+    # see dist_train/data/hits.py). "array" reads x_key as stored.
+    format: Literal["array", "hits"] = "array"
+    representation: Literal["mpmt_image", "point_cloud"] = "mpmt_image"
+    geometry_file: str = ""  # .npz: mpmt_image_positions (M, 2); position, orientation (P, 3)
+    # Dataset names by role; roles left out keep their defaults (HIT_KEY_DEFAULTS).
+    hit_keys: dict[str, str] = field(default_factory=lambda: dict(HIT_KEY_DEFAULTS))
+    pmts_per_module: int = 19
+    n_points: int = 4000  # point clouds: events with more hits keep their n_points earliest
+    channels: list[str] = field(default_factory=list)  # [] = DEFAULT_HIT_CHANNELS[representation]
 
 
 @dataclass
@@ -465,6 +489,7 @@ def validate(cfg: Config, origin: str) -> None:
         fail("data.limit", d.limit, "must be >= 0 (0 = use every event).")
     if d.normalize == "given" and (not d.mean or len(d.mean) != len(d.std)):
         fail("data.mean/std", (d.mean, d.std), "must be non-empty lists of equal length when normalize = 'given'.")
+    _validate_hit_settings(d, fail)
     if cfg.model.num_classes < 1:
         fail("model.num_classes", cfg.model.num_classes, "must be at least 1.")
     if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
@@ -535,6 +560,39 @@ def _validate_task(cfg: Config, fail: Any) -> None:
     overlap = set(cfg.data.input_keys) & ({cfg.data.x_key} | set(t.resolved_targets(cfg.data.y_key)))
     if overlap:
         fail("data.input_keys", cfg.data.input_keys, f"repeats {sorted(overlap)}, already the model input or a target.")
+
+
+def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None]) -> None:
+    """The [data] keys of hit-list files (checked whatever the format, so typos surface early)."""
+    for role, key in d.hit_keys.items():
+        if role not in HIT_KEY_DEFAULTS:
+            hint = _did_you_mean(role, list(HIT_KEY_DEFAULTS))
+            fail(f"data.hit_keys.{role}", key, f"is not a hit-list role.{hint} Roles: {', '.join(HIT_KEY_DEFAULTS)}.")
+        if not isinstance(key, str) or not key:
+            fail(f"data.hit_keys.{role}", key, "must be the name of a dataset in the file (a non-empty string).")
+    d.hit_keys = {**HIT_KEY_DEFAULTS, **d.hit_keys}
+    allowed = HIT_CHANNELS[d.representation]
+    for name in d.channels:
+        if name not in allowed:
+            hint = _did_you_mean(name, list(allowed))
+            fail("data.channels", d.channels, f"names {name!r}, which {d.representation} samples cannot have.{hint} "
+                 f"Choose from {', '.join(allowed)}.")
+    if len(set(d.channels)) != len(d.channels):
+        fail("data.channels", d.channels, "names a channel twice.")
+    if d.pmts_per_module < 1:
+        fail("data.pmts_per_module", d.pmts_per_module, "must be at least 1 (19 for the mPMT modules).")
+    if d.n_points < 1:
+        fail("data.n_points", d.n_points, "must be at least 1 (points per point-cloud sample).")
+    if d.format == "hits" and not d.geometry_file:
+        fail("data.geometry_file", d.geometry_file, "is empty: hit-list files need the detector geometry (.npz with "
+             "mpmt_image_positions for images, position/orientation for point clouds).")
+    if d.synth_if_missing == "hits" and d.format != "hits":
+        fail("data.synth_if_missing", d.synth_if_missing, "writes a hit-list file: set data.format = \"hits\" too.")
+
+
+def resolve_geometry_path(cfg: Config) -> Path:
+    """``data.geometry_file``, relative to the working directory like ``data.path``."""
+    return Path(cfg.data.geometry_file).expanduser().absolute()
 
 
 # ----------------------------------------------------------------------------- serialisation

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from dist_train.config import Config, load_config, resolve_data_path, save_config
+from dist_train.config import Config, load_config, resolve_data_path, resolve_geometry_path, save_config
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
@@ -73,9 +73,15 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
             seed=cfg.run.seed,
             shape=shape,
             num_classes=cfg.model.num_classes,
+            geometry_path=resolve_geometry_path(cfg) if cfg.data.geometry_file else None,
         )
     cfg.data.path = str(path)
-    preflight_check(cfg)
+    if cfg.data.geometry_file:
+        # Like data.path: the run directory's config must name the same file from any directory.
+        cfg.data.geometry_file = str(resolve_geometry_path(cfg))
+    info = preflight_check(cfg)
+    for note in info.notes:
+        _echo(f"dtrain: {note}")
     check_custom_task(cfg)
 
 

@@ -37,6 +37,10 @@ DEFAULT_IMAGE_SHAPE = (1, 28, 28)
 
 def _layout_shape(cfg: Config) -> tuple[int, ...]:
     """The stored sample shape the config implies, without opening the data file."""
+    if cfg.data.format == "hits":  # built from hits with the demo geometry: 19 PMTs per module, 16x40 modules
+        if cfg.data.representation == "mpmt_image":
+            return (19 * len(cfg.data.channels or ["charge", "time"]), 16, 40)
+        return (8 if not cfg.data.channels else len(cfg.data.channels), cfg.data.n_points)
     if cfg.data.synth_if_missing == "image":
         return tuple(cfg.data.synth_shape) or DEFAULT_IMAGE_SHAPE
     return WCH5_SHAPE
@@ -68,6 +72,8 @@ def test_example_config_builds_its_task_and_model_on_its_demo_data(
     monkeypatch.syspath_prepend(str(CONFIG_DIR))  # custom_model.toml's my_models.py, as PYTHONPATH=configs
     cfg = load_config(path)
     cfg.data.path = str(tmp_path / "demo.h5")
+    if cfg.data.format == "hits":
+        cfg.data.geometry_file = str(tmp_path / "demo_geometry.npz")  # written by synth beside demo.h5
     shape = tuple(cfg.data.synth_shape) or None
     synth_dataset(cfg.data.path, layout=cfg.data.synth_if_missing, events=64, shape=shape, progress=False)
     cfg.data.num_workers = 0
@@ -100,6 +106,17 @@ def test_example_config_keys_match_the_files_dtrain_writes(path: Path, tmp_path:
     cfg = load_config(path)
     layout = cfg.data.synth_if_missing or "wch5"
     shape = tuple(cfg.data.synth_shape) or None
+    if cfg.data.format == "hits":
+        from dist_train.data.hits import HitReader, hit_spec
+
+        geometry = tmp_path / "tiny_geometry.npz"
+        data = synth_dataset(tmp_path / "tiny.h5", layout="hits", events=4, geometry_path=geometry, progress=False)
+        spec = hit_spec(cfg.data, geometry)
+        assert spec is not None
+        with h5py.File(data, "r") as f:
+            assert cfg.data.y_key in f and all(key in f for key in cfg.data.hit_keys.values()), list(f)
+        assert HitReader(data, spec).sample_shape() == _layout_shape(cfg)
+        return
     data = synth_dataset(tmp_path / "tiny.h5", layout=layout, events=4, shape=shape, progress=False)
     with h5py.File(data, "r") as f:
         assert cfg.data.x_key in f and cfg.data.y_key in f, f"{path.name}: keys {list(f)}"

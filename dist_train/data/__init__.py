@@ -11,11 +11,15 @@ Configuration (``[data]``): ``path``, ``x_key`` / ``y_key`` (default ``event_dat
   the data file), an ``.h5`` file with datasets of those names at its root, or ``"h5:/group"``
   for a group of such datasets inside the data file itself (``"h5:"`` = its root).
 
+With ``format = "hits"`` the samples are built from a hit-list file (per-event PMT hits; keys
+``hit_keys``) with the geometry ``geometry_file``: mPMT images or point clouds
+(``representation``, ``channels``, ``pmts_per_module``, ``n_points``); see :mod:`.hits`.
+
 A batch is a dict ``{"x": float32 (B, *sample_shape), "y": int64 (B,), "index": int64 file rows
 (B,), <extra_key>: tensor (B, ...)}`` in exactly the batch sampler's order.
 
-This package root and the modules ``h5io``, ``splits``, ``preflight``, ``transform_spec``,
-``synth`` and ``convert`` are torch-free (the launcher uses them before starting workers);
+This package root and the modules ``h5io``, ``hits``, ``splits``, ``preflight``, ``transform_spec``,
+``synth``, ``synth_hits``, ``convert`` and ``convert_hits`` are torch-free (the launcher uses them before starting workers);
 ``dataset``, ``transforms`` and ``loader`` import torch. The torch names are importable from
 here too, lazily: ``from dist_train.data import build_data`` imports torch only at that moment.
 """

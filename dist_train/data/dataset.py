@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from dist_train.data.h5io import RowReader
+from dist_train.data.hits import HitReader, HitSpec
 from dist_train.data.transforms import BatchTransforms
 from dist_train.errors import DataError
 
@@ -39,6 +40,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         transforms: list[str] | None = None,
         name: str = "train",
         layout: str = "channels_first",
+        hits: HitSpec | None = None,
     ) -> None:
         self.path = str(path)
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -51,8 +53,9 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         # (H, W, C) samples are permuted to (C, H, W) once per batch, before transforms and normalisation.
         self.channels_last = layout == "channels_last"
         self.transforms = BatchTransforms(list(transforms or []), f"data.{'train' if name == 'train' else 'eval'}_transforms")
+        self.hits = hits
         # Readers hold no handle until the first read in the process that reads (see RowReader).
-        self._x = RowReader(self.path, x_key)
+        self._x = self._new_x_reader()
         self._y = RowReader(self.path, y_key)
         self._extra = {k: RowReader(self.path, k) for k in self.extra_keys}
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -75,11 +78,15 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         """A copy that applies ``transforms`` (the same rows and files)."""
         clone = H5Split.__new__(H5Split)
         clone.__dict__.update(self.__getstate__())
-        clone._x = RowReader(self.path, self.x_key)
+        clone._x = self._new_x_reader()
         clone._y = RowReader(self.path, self.y_key)
         clone._extra = {k: RowReader(self.path, k) for k in self.extra_keys}
         clone.transforms = BatchTransforms(list(transforms), where or self.transforms.where)
         return clone
+
+    def _new_x_reader(self) -> RowReader | HitReader:
+        """x as stored (``x_key``), or built from a hit-list file (``data.format = "hits"``)."""
+        return HitReader(self.path, self.hits) if self.hits is not None else RowReader(self.path, self.x_key)
 
     def sample_shape(self) -> tuple[int, ...]:
         return self.transforms.output_shape(self._channels_first_shape())

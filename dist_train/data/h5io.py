@@ -217,6 +217,10 @@ class RowReader:
         self._ensure_open()
         return self.shape[1:]
 
+    def num_rows(self) -> int:
+        self._ensure_open()
+        return int(self.shape[0])
+
     def dtype_after_open(self) -> np.dtype:
         self._ensure_open()
         return self.dtype

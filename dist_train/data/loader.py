@@ -29,8 +29,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
 
-from dist_train.config import Config, DataConfig
+from dist_train.config import Config, DataConfig, resolve_geometry_path
 from dist_train.data.dataset import H5Split, PackedBatch
+from dist_train.data.hits import hit_spec
 from dist_train.data.prefetch import PrefetchLoader
 from dist_train.data.preflight import normalization_for, prepare_splits, rows_fingerprint
 from dist_train.data.targets import batch_keys, label_key, target_normalization_for
@@ -62,6 +63,7 @@ def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
     stats = normalization_for(cfg, info, splits, run_dir)
     mean, std = stats if stats is not None else (None, None)
     target_stats = target_normalization_for(cfg, info.extra, splits.train, rows_fingerprint(splits.train), run_dir)
+    hits = hit_spec(d, resolve_geometry_path(cfg))  # None: x is read as stored
 
     def split(name: str, rows: Any, transforms: list[str]) -> H5Split:
         return H5Split(
@@ -75,6 +77,7 @@ def build_data(cfg: Config, *, run_dir: Path | None) -> DataBundle:
             transforms=transforms,
             name=name,
             layout=d.layout,
+            hits=hits,
         )
 
     train = split("train", splits.train, d.train_transforms)

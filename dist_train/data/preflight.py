@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from dist_train.config import Config, resolve_data_path
+from dist_train.config import Config, resolve_data_path, resolve_geometry_path
 from dist_train.data.h5io import RowReader, Storage, file_size, get_dataset, open_h5, storage_of
+from dist_train.data.hits import HitReader, check_hit_file, hit_spec
 from dist_train.data.splits import SplitRows, make_splits
 from dist_train.data.targets import check_task_keys, is_classification, label_key, target_normalization_for
 from dist_train.data.transform_spec import parse_transforms
@@ -45,6 +46,7 @@ class DatasetInfo:
     class_counts: list[int]
     x_storage: Storage
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # facts the launcher prints (e.g. truncated point clouds)
 
     @property
     def fast_path(self) -> bool:
@@ -70,12 +72,16 @@ def channels_first_shape(stored: tuple[int, ...], layout: str) -> tuple[int, ...
 
 
 def preflight_check(cfg: Config) -> DatasetInfo:
-    """Open the file and check keys, dtypes, lengths and the label range; DataError on problems."""
-    info, _labels = inspect_config_data(cfg)
+    """Open the file and check keys, dtypes, lengths and the label range; DataError on problems.
+
+    For hit-list files this also checks the PMT ids of the hits against the geometry (a pass over
+    ``hit_pmt``), which the ranks' own checks (:func:`inspect_config_data`) skip.
+    """
+    info, _labels = inspect_config_data(cfg, at_launch=True)
     return info
 
 
-def inspect_config_data(cfg: Config) -> tuple[DatasetInfo, np.ndarray]:
+def inspect_config_data(cfg: Config, *, at_launch: bool = False) -> tuple[DatasetInfo, np.ndarray]:
     """:func:`preflight_check` plus the labels it read (int64, one per row)."""
     d = cfg.data
     path = resolve_data_path(cfg)
@@ -84,19 +90,17 @@ def inspect_config_data(cfg: Config) -> tuple[DatasetInfo, np.ndarray]:
     parse_transforms(d.train_transforms, "data.train_transforms")
     parse_transforms(d.eval_transforms, "data.eval_transforms")
     with open_h5(path) as f:
-        x = get_dataset(f, d.x_key, path, "x_key")
+        if d.format == "hits":
+            x_info = _hits_x_info(f, cfg, path, at_launch)
+        else:
+            x_info = _array_x_info(f, d.x_key, path, d.layout)
         y_key = label_key(cfg)
         y = get_dataset(f, y_key, path, "task.targets" if y_key != d.y_key else "y_key")
-        _check_x(x, path, d.x_key)
-        num_rows = int(x.shape[0])
-        _check_y_shape(y, path, y_key, d.x_key, num_rows)
+        num_rows, rows_key = x_info.num_rows, x_info.rows_key
+        _check_y_shape(y, path, y_key, rows_key, num_rows)
         extra = check_task_keys(f, cfg, path, num_rows)
-        storage = storage_of(x)
-        _check_not_truncated(x, storage, path, d.x_key)
         labels = read_labels(y, path, y_key)
         y_dtype = str(y.dtype)
-        sample_shape = channels_first_shape(tuple(int(s) for s in x.shape[1:]), d.layout)
-        x_dtype = str(x.dtype)
     if is_classification(cfg):
         counts = _check_label_range(labels, cfg.model.num_classes, path, y_key)
     else:  # labels only drive stratified splits for other tasks; any integers will do
@@ -106,17 +110,56 @@ def inspect_config_data(cfg: Config) -> tuple[DatasetInfo, np.ndarray]:
         num_rows=num_rows,
         x_key=d.x_key,
         y_key=y_key,
-        sample_shape=sample_shape,
-        x_dtype=x_dtype,
+        sample_shape=x_info.sample_shape,
+        x_dtype=x_info.dtype,
         y_dtype=y_dtype,
-        num_channels=channels_of(sample_shape),
+        num_channels=channels_of(x_info.sample_shape),
         class_counts=counts,
-        x_storage=storage,
+        x_storage=x_info.storage,
         extra=extra,
+        notes=x_info.notes,
     )
     if d.normalize == "given":
         _check_given_stats(d.mean, d.std, info.num_channels)
     return info, labels
+
+
+@dataclass
+class _XInfo:
+    """What the samples are: rows, the per-sample shape the model sees, storage (array or hit list)."""
+
+    num_rows: int
+    rows_key: str  # the dataset whose length is the number of samples
+    sample_shape: tuple[int, ...]
+    dtype: str
+    storage: Storage
+    notes: list[str] = field(default_factory=list)
+
+
+def _array_x_info(f: Any, x_key: str, path: Path, layout: str) -> _XInfo:
+    x = get_dataset(f, x_key, path, "x_key")
+    _check_x(x, path, x_key)
+    storage = storage_of(x)
+    _check_not_truncated(x, storage, path, x_key)
+    shape = channels_first_shape(tuple(int(s) for s in x.shape[1:]), layout)
+    return _XInfo(int(x.shape[0]), x_key, shape, str(x.dtype), storage)
+
+
+def _hits_x_info(f: Any, cfg: Config, path: Path, at_launch: bool) -> _XInfo:
+    """Samples built from a hit-list file (``data.format = "hits"``, see :mod:`dist_train.data.hits`)."""
+    spec = hit_spec(cfg.data, resolve_geometry_path(cfg))
+    assert spec is not None
+    hits = check_hit_file(f, path, spec, scan_ids=at_launch)
+    # One Storage for the whole x: mappable (offset 0 stands for "yes") only if every hit array is.
+    storage = Storage("hits", None, None, (), 0 if hits.memmap else None)
+    notes = []
+    if hits.over_n_points:
+        share = 100.0 * hits.over_n_points / hits.num_events
+        notes.append(
+            f"{hits.over_n_points} of {hits.num_events} events ({share:.1f}%) have more than data.n_points = "
+            f"{spec.n_points} hits (most: {hits.counts_max}); their point clouds keep the {spec.n_points} earliest hits."
+        )
+    return _XInfo(hits.num_events, spec.index_key, hits.sample_shape, "float32", storage, notes)
 
 
 def _check_x(x: Any, path: Path, key: str) -> None:
@@ -207,12 +250,16 @@ def compute_channel_stats(
     max_samples: int = MAX_STATS_SAMPLES,
     seed: int = 0,
     layout: str = "channels_first",
+    reader: RowReader | HitReader | None = None,
 ) -> tuple[list[float], list[float], int]:
-    """Per-channel mean and std (population) over ``rows``; a seeded subset if there are more than ``max_samples``."""
+    """Per-channel mean and std (population) over ``rows``; a seeded subset if there are more than ``max_samples``.
+
+    ``reader``: where the samples come from (default: the dataset ``x_key``); it is closed after.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) > max_samples:
         rows = np.sort(np.random.default_rng([seed, 4]).choice(rows, size=max_samples, replace=False))
-    reader = RowReader(path, x_key)
+    reader = reader if reader is not None else RowReader(path, x_key)
     sample_shape = reader.sample_shape()
     row_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * 8)
     block_rows = max(1, _STATS_BLOCK_BYTES // row_bytes)
@@ -273,7 +320,9 @@ def normalization_for(
     target = Path(run_dir) / NORMALIZATION_FILE if run_dir is not None else None
     if target is not None and target.is_file():
         return _load_stats(target, info, fingerprint)
-    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed, layout=d.layout)
+    spec = hit_spec(d, resolve_geometry_path(cfg))
+    reader = HitReader(info.path, spec) if spec is not None else None
+    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed, reader=reader, layout=d.layout)
     if target is not None:
         from dist_train.fsutil import atomic_write_text
 

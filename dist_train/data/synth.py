@@ -1,4 +1,6 @@
-"""Demo datasets with learnable structure (torch-free): ``wch5`` and ``image`` layouts.
+"""Demo datasets with learnable structure (torch-free): ``wch5``, ``image`` and ``hits`` layouts.
+
+``hits`` (a hit-list file and its geometry) lives in :mod:`dist_train.data.synth_hits`.
 
 ``wch5`` reproduces the keys, dtypes and storage of the water-Cherenkov files: ``event_data``
 (N, 16, 40, 38) float32 contiguous, ``labels`` (N,) int64 stored in class blocks (all 0s, then
@@ -36,7 +38,7 @@ WCH5_SHAPE = (16, 40, 38)
 WCH5_CLASSES = 3
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_CLASSES = 10
-LAYOUTS = ("wch5", "wch5_channels_last", "image")
+LAYOUTS = ("wch5", "wch5_channels_last", "image", "hits")
 _BLOCK_BYTES = 32 << 20
 
 
@@ -49,12 +51,27 @@ def synth_dataset(
     shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     progress: bool | None = None,
+    geometry_path: Path | None = None,
+    hits_per_event: int = 800,
 ) -> Path:
-    """Write a demo dataset to ``path`` (atomically) and return the path."""
+    """Write a demo dataset to ``path`` (atomically) and return the path.
+
+    ``hits``: a hit-list file plus its geometry at ``geometry_path`` (default ``<stem>_geometry.npz``
+    beside it), see :mod:`dist_train.data.synth_hits`; ``shape`` is then the pixel grid H, W.
+    """
     if layout not in LAYOUTS:
         raise DataError(f"unknown synthetic layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if events < 1:
         raise DataError(f"a synthetic dataset needs at least 1 event, got {events}.")
+    if layout == "hits":
+        from dist_train.data.synth_hits import write_hits_demo
+
+        grid = (int(shape[-2]), int(shape[-1])) if shape else None
+        write_hits_demo(
+            Path(path), events=events, seed=seed, classes=int(num_classes or WCH5_CLASSES), grid=grid,
+            hits_per_event=hits_per_event, geometry_path=geometry_path, progress=progress,
+        )
+        return Path(path)
     wch5 = layout.startswith("wch5")
     default_shape, default_classes = (WCH5_SHAPE, WCH5_CLASSES) if wch5 else (IMAGE_SHAPE, IMAGE_CLASSES)
     shape = tuple(int(s) for s in (shape or default_shape))
