@@ -41,7 +41,7 @@ def run(argv: list[str] | None = None) -> int:
     # so the launcher can say which rank failed and why.
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_run)(args)
+    return int(record(_run)(args) or 0)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import torch
 
@@ -529,7 +529,7 @@ class CheckpointManager:
         self._remove_stale_temp_files()
         previous = self._read_pointer()
         try:
-            size, sha256 = _write_data_file(final, lambda sink: torch.save(state, sink))
+            size, sha256 = _write_data_file(final, lambda sink: torch.save(state, cast(IO[bytes], sink)))
             try:
                 _write_sidecar(final, {**meta, "size": size, "sha256": sha256, "created": time.time()})
             except BaseException:

@@ -15,7 +15,7 @@ import importlib
 import inspect
 import math
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,7 +114,7 @@ def _flat_size(sample_shape: tuple[int, ...]) -> int:
 
 @register_model("mlp")
 def build_mlp(
-    sample_shape: tuple[int, ...], num_classes: int, hidden: list[int] | int = (128,), dropout: float = 0.0
+    sample_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | int = (128,), dropout: float = 0.0
 ) -> nn.Module:
     """Flatten, then Linear+ReLU(+Dropout) per ``hidden`` size, then a linear classifier."""
     sizes = [hidden] if isinstance(hidden, int) else list(hidden)
@@ -253,7 +253,8 @@ def _build_torchvision(name: str, num_classes: int, sample_shape: tuple[int, ...
     known = _parameter_names(builder) + list(_TORCHVISION_OPTIONS)
     model_cls = _torchvision_model_class(builder)
     if model_cls is not None:
-        known += [p for p in _parameter_names(model_cls.__init__) if p not in ("self", "num_classes")]
+        init = model_cls.__init__  # type: ignore[misc]  # the class's own signature, read, not called
+        known += [p for p in _parameter_names(init) if p not in ("self", "num_classes")]
     _check_kwargs(name, kwargs, known)
 
     in_channels = int(kwargs.pop("in_channels", 0) or (sample_shape[0] if len(sample_shape) == 3 else 3))

@@ -484,6 +484,7 @@ def choose_and_reserve(
             )
             try:
                 plan = plan_selection(parsed, statuses, force=force)
+                assert dir_fd is not None  # opened above; handed to a reservation only after this
                 held, lost = _lock_plan(dir_fd, plan, path)
                 if len(held) >= plan.needed:
                     reservation = Reservation([h.gpu for h in held], False, "", path, held, dir_fd)

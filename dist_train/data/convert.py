@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -178,7 +178,7 @@ def _npz_sources(path: Path, x_key: str, y_key: str) -> tuple[ArraySource, Array
 def _open_maybe_gzip(path: Path) -> IO[bytes]:
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115
+    return cast(IO[bytes], gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb"))  # noqa: SIM115
 
 
 def _looks_like_idx(path: Path) -> bool:

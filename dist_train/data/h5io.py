@@ -192,7 +192,8 @@ class RowReader:
             row_bytes = max(1, int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize)
             self._chunk_rows = max(1, _FALLBACK_BLOCK_BYTES // row_bytes)
         if storage.fast_path and dset.size > 0:
-            self._memmap = np.memmap(self.path, dtype=dset.dtype, mode="r", offset=storage.offset, shape=dset.shape)
+            offset = int(storage.offset) if storage.offset is not None else 0  # fast_path means it is set
+            self._memmap = np.memmap(self.path, dtype=dset.dtype, mode="r", offset=offset, shape=tuple(dset.shape))
             # The map needs no HDF5 handle. Keeping one open would make a user's own plain
             # h5py.File(path) in this process fail ("file locking flag values don't match").
             self._file.close()

@@ -49,7 +49,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -391,7 +391,7 @@ class RecycledBuffers:
         return max(self.max_bytes, 3 * self.largest_nbytes)
 
     def _hand_out(self, i: int) -> np.ndarray:
-        arr = np.asarray(memoryview(self._blocks[i]))
+        arr = np.asarray(memoryview(cast(Any, self._blocks[i])))
         self._handouts[i] = weakref.ref(arr)
         return arr
 

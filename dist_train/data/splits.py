@@ -76,7 +76,7 @@ def fraction_splits(num_rows: int, labels: np.ndarray | None, cfg: DataConfig) -
     if cfg.stratify:
         if labels is None:
             raise DataError("data.stratify = true needs labels, but none were read.")
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        parts: list[tuple[np.ndarray, ...]] = []
         row_labels = labels[rows]
         for cls in np.unique(row_labels):
             parts.append(_draw(rows[row_labels == cls], cfg.val_split, cfg.test_split, rng))
