@@ -243,7 +243,11 @@ class _BlockBuilder:
     shape: tuple[int, ...]
 
     def build(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
-        """Samples of ``len(counts)`` events whose hits are concatenated in ``pmt``/``time``/``charge``."""
+        """Samples of ``len(counts)`` events whose hits are concatenated in ``pmt``/``time``/``charge``.
+
+        Every id in ``pmt`` must be within the geometry (:func:`check_pmt_ids`): the per-PMT
+        lookups take with ``mode="clip"``, which skips numpy's bounds-checked gather.
+        """
         counts = np.asarray(counts, dtype=np.int64)
         step = max(1, BLOCK_BYTES // (int(np.prod(self.shape)) * out.itemsize))
         ends = np.cumsum(counts).tolist()
@@ -266,10 +270,11 @@ class ImageBuilder(_BlockBuilder):
         self.shape = (pmts_per_module * len(channels), height, width)
         self.num_pmts = len(positions) * pmts_per_module  # ids at or beyond have no module
         self.sample_size = int(np.prod(self.shape))
-        pmt = np.arange(self.num_pmts, dtype=np.int64)
+        pmt = np.arange(self.num_pmts, dtype=np.intp)
         module = pmt // pmts_per_module
-        # Offset of each PMT's value in a sample, within the first plane group (charge's or time's).
-        self.pixel = (pmt % pmts_per_module) * plane + rows[module] * width + cols[module]
+        # Offset of each PMT's value in a sample, within the first plane group (charge's or time's);
+        # intp, the index type numpy's scatters use without converting the index array first.
+        self.pixel = ((pmt % pmts_per_module) * plane + rows[module] * width + cols[module]).astype(np.intp)
         group = pmts_per_module * plane
         self.charge_offset = channels.index("charge") * group if "charge" in channels else None
         self.time_offset = channels.index("time") * group if "time" in channels else None
@@ -278,8 +283,10 @@ class ImageBuilder(_BlockBuilder):
         out.fill(0.0)
         if len(pmt) == 0:
             return
-        flat = np.repeat(np.arange(len(counts), dtype=np.int64) * self.sample_size, counts)
-        flat += self.pixel[pmt]
+        flat = np.repeat(np.arange(len(counts), dtype=np.intp) * self.sample_size, counts)
+        # take with mode="clip" (ids were checked by the reader) skips the bounds-checking
+        # buffer of pixel[pmt]: about 1 instead of 2 ns a hit.
+        flat += self.pixel.take(pmt, mode="clip")
         values = out.reshape(-1)
         if self.charge_offset is not None:
             # ufunc.at accumulates in index order: charges of a PMT hit twice add in file order.
@@ -326,15 +333,26 @@ class PointCloudBuilder(_BlockBuilder):
         # order; one mask assignment per channel costs ~0.5 ns a column, about half a fancy-index
         # scatter per hit (~4 ns). Sparse clouds (under 1/8 full): the scatter, which costs per hit.
         hit_values = {"time": time, "charge": charge}
+        # Per-PMT columns are gathered with one intp copy of the ids and take(mode="clip") into one
+        # reused buffer: ~1.2 ns a hit and column against ~2 ns for source[pmt] (which converts
+        # the int32 ids and bounds-checks through a buffer on every call).
+        ids = pmt.astype(np.intp)
+        gathered = np.empty(len(ids), dtype=np.float32)
+
+        def column(source: np.ndarray | str) -> np.ndarray:
+            if isinstance(source, str):
+                return hit_values[source]
+            return np.take(source, ids, out=gathered, mode="clip")
+
         if len(pmt) * 8 >= len(counts) * n:
             columns = np.arange(n)[None, :] < counts[:, None]
             for c, source in enumerate(self.sources):
-                out[:, c, :][columns] = hit_values[source] if isinstance(source, str) else source[pmt]
+                out[:, c, :][columns] = column(source)
             return
-        dest = concat_ranges(np.arange(len(counts), dtype=np.int64) * self.shape[0] * n, counts)
+        dest = concat_ranges(np.arange(len(counts), dtype=np.intp) * self.shape[0] * n, counts)
         values = out.reshape(-1)
         for c, source in enumerate(self.sources):
-            values[c * n :][dest] = hit_values[source] if isinstance(source, str) else source[pmt]
+            values[c * n :][dest] = column(source)
 
 
 Builder = ImageBuilder | PointCloudBuilder
