@@ -35,6 +35,7 @@ from dist_train.distributed import (
     broadcast_object,
     gather_objects_to_rank_zero,
     new_cpu_group,
+    settle_gradient_buckets,
 )
 from dist_train.errors import CheckpointError
 from dist_train.evaluation import evaluate_batches
@@ -160,6 +161,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.model, device_ids=ids)
+            # Same bucket layout at every step of fresh and resumed processes: exact resume from 3 ranks on.
+            settle_gradient_buckets(self.train_model, torch.zeros((2, *self.data.sample_shape), device=self.device))
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
         self.precision = resolve_precision(cfg.train.precision, self.device)
