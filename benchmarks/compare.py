@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -374,19 +375,60 @@ def worker_env(nproc: int, settings: Settings, threads: int | None = None) -> di
     return env
 
 
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def failure_report(output: str) -> str:
+    """What went wrong in a failed run, ending with the line that says why (the runner prints the last line).
+
+    torchrun's own output ends with its ``=====`` summary; the useful part is the root-cause rank's
+    exception. Workers run under ``@record``, so the summary's root-cause entry carries that rank's
+    traceback; without it (a rank killed by a signal, a failure before the worker function), the
+    last traceback the workers printed is the cause. Output that is not torchrun's (dtrain launch's
+    own failure report) is kept as it is."""
+    if _ROOT_CAUSE in output:
+        entry = output.split(_ROOT_CAUSE, 1)[1].split("=" * 20, 1)[0]
+        fields = dict(re.findall(r"^\s*(rank|exitcode)\s*:\s*(.*?)\s*$", entry, re.MULTILINE))
+        who = f"root cause: rank {fields.get('rank', '?')}, exit code {fields.get('exitcode', '?')}"
+        if _TRACEBACK in entry:
+            trace = entry.split(_TRACEBACK, 1)[1].rstrip()
+            return f"{who}\n{_TRACEBACK}\n{textwrap.dedent(trace).strip(chr(10))}"
+        # The workers' own tracebacks (torchrun's, raising ChildFailedError, is not one of them).
+        own = [block for block in output.split(_TRACEBACK)[1:] if "torch/distributed/run.py" not in block]
+        if own:
+            return f"{who}\n{_TRACEBACK}\n" + "\n".join(_one_traceback(own[-1]))
+        return who
+    return output.strip()[-2000:]
+
+
+def _one_traceback(text: str) -> list[str]:
+    """The frames of a traceback (indented) up to its first unindented line: the exception itself."""
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        lines.append(line)
+        if not line.startswith(" "):
+            break
+    return lines[-30:]
+
+
 def _run_process(argv: list[str], env: dict[str, str], timeout: float, verbose: bool) -> tuple[float, str]:
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return wall, (proc.stderr or proc.stdout)[-2000:]
+        return wall, failure_report(proc.stderr or proc.stdout)
     if verbose:
         print(proc.stderr[-1000:])
     return wall, ""
 
 
 def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: bool = False, threads: int | None = None) -> Run:
-    out = Path(tempfile.mkstemp(prefix="peer-", suffix=".json", dir=settings.workdir)[1])
+    fd, name = tempfile.mkstemp(prefix="peer-", suffix=".json", dir=settings.workdir)
+    os.close(fd)  # rank 0 writes it; the driver only needs the name
+    out = Path(name)
     spec = {
         "workload": run.workload, "data": str(data), "variant": run.variant, "device": settings.device,
         "batch": settings.batch[run.workload] // run.nproc, "steps": steps, "num_workers": settings.num_workers,
@@ -459,10 +501,20 @@ def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads:
 
 
 # ---------------------------------------------------------------------------- throughput
-def contender_list(variants: list[str]) -> list[tuple[str, str]]:
+PEER_PACKAGES = {"accelerate": "accelerate", "fabric": "lightning"}  # peers beyond torch's own DDP
+
+
+def missing_peers() -> list[str]:
+    """Peers whose framework is not installed here (``pip install .[bench]`` brings them)."""
+    import importlib.util
+
+    return [peer for peer, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]
+
+
+def contender_list(variants: list[str], skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """dtrain (always its HDF5 loader), then each peer with each data variant; the in-memory plain DDP
     loop is always there, since the plain-loop target compares against it."""
-    pairs = [("dtrain", "h5")] + [(peer, variant) for peer in PEERS for variant in variants]
+    pairs = [("dtrain", "h5")] + [(peer, variant) for peer in PEERS if peer not in skip for variant in variants]
     return pairs if ("ddp", "mem") in pairs else [*pairs[:2], ("ddp", "mem"), *pairs[2:]]
 
 
@@ -709,8 +761,11 @@ def startup(repeats: int, settings: Settings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- plot
 def plot(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], path: Path) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot: skipped, matplotlib is not installed (pip install .[bench])")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -760,19 +815,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        WORKERS[args.worker](json.loads(args.spec))
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        # record: a failing rank's exception goes into torchrun's summary (see failure_report).
+        record(WORKERS[args.worker])(json.loads(args.spec))
         return 0
     gpu = args.device == "cuda"
     default_workloads = "mlp,cnn,simple_mlp,resnet18" if gpu else "mlp,cnn,simple_mlp"
     workloads = (args.workloads or ("mlp" if args.quick else default_workloads)).split(",")
     nprocs = [int(n) for n in args.nprocs.split(",")]
-    contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","))
+    missing = missing_peers()
+    contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","), tuple(missing))
     repeats = args.repeats or (2 if args.quick else 3)
     sections = args.sections.split(",")
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_summary(), "date": time.strftime("%Y-%m-%d %H:%M"),
                               "command": " ".join([Path(PY).name, *sys.argv]), "device": args.device}
     print(report["machine"])
+    if missing:
+        print(f"not installed, so not measured: {', '.join(f'{p} ({PEER_PACKAGES[p]})' for p in missing)}; "
+              "pip install .[bench] adds them")
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="compare-", dir=BENCH_DIR) as tmp:
         steps = (GPU_QUICK_STEPS if args.quick else GPU_STEPS) if gpu else (QUICK_STEPS if args.quick else STEPS)

@@ -82,6 +82,43 @@ def init_distributed(pg_timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world, device=device)
 
 
+def settle_gradient_buckets(ddp: Any, example_input: torch.Tensor, example_kwargs: dict[str, torch.Tensor] | None = None) -> None:
+    """One forward/backward of ``ddp`` on ``example_input`` (and keyword inputs) before training, undone afterwards, so
+    that every process of a run (fresh or resumed) reduces every training step with the same
+    gradient bucket layout.
+
+    DDP starts with one bucket holding all parameters in registration order and, at the first
+    forward after the first synchronised backward, rebuilds its buckets in the order gradients
+    became ready. The layout decides where each gradient element sits in the all-reduce buffer,
+    and from three ranks on its position can change the order in which the ranks' values are summed
+    (float addition is not associative; on gloo the same gradients reduced in the two layouts differ
+    in the last bits). Without this, a process resumed at step N reduces step N with the initial
+    layout where the uninterrupted run used the rebuilt one, and the weights differ from then on. After this backward
+    the rebuild happens at the first training step everywhere, in the layout DDP would choose anyway
+    (gradient-ready order, which overlaps the all-reduce with the backward pass), so steps cost the
+    same; the one extra all-reduce happens here, at start-up.
+
+    Nothing of the run changes: buffers (BatchNorm statistics) and random streams are restored and
+    the gradients dropped. Runs in train mode, so the graph is the training graph.
+    """
+    from torch.utils._pytree import tree_leaves
+
+    module = ddp.module
+    was_training = module.training
+    saved_buffers = [b.detach().clone() for b in module.buffers()]
+    cuda_devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda_devices):
+        module.train()
+        outputs = [t for t in tree_leaves(ddp(example_input, **(example_kwargs or {}))) if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.stack([t.float().sum() for t in outputs]).sum().backward()
+    module.train(was_training)
+    with torch.no_grad():
+        for buffer, saved in zip(module.buffers(), saved_buffers, strict=True):
+            buffer.copy_(saved)
+    for param in module.parameters():
+        param.grad = None
+
+
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

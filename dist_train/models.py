@@ -474,14 +474,14 @@ def check_model_fits(
         )
 
 
-def _dry_inputs(inputs: InputSpecs, device: str) -> dict[str, torch.Tensor]:
+def dry_inputs(inputs: InputSpecs, device: str, batch: int = _DRY_BATCH) -> dict[str, torch.Tensor]:
     """Zeros for each extra input, with the batch's dtype (as the loader will give them)."""
     out = {}
     for key, (shape, dtype) in inputs.items():
         np_dtype = np.dtype(dtype)
         # As the loader gives them: unsigned integers wider than a byte arrive as int64.
         tensor_dtype = torch.int64 if np_dtype.kind == "u" and np_dtype.itemsize > 1 else torch.from_numpy(np.zeros(0, np_dtype)).dtype
-        out[key] = torch.zeros((_DRY_BATCH, *shape), dtype=tensor_dtype, device=device)
+        out[key] = torch.zeros((batch, *shape), dtype=tensor_dtype, device=device)
     return out
 
 
@@ -489,14 +489,14 @@ def _meta_forward(model: nn.Module, sample_shape: tuple[int, ...], inputs: Input
     state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
     x = torch.zeros((_DRY_BATCH, *sample_shape), device="meta")
     with torch.no_grad():
-        return torch.func.functional_call(model, state, (x,), _dry_inputs(inputs, "meta"), strict=False)
+        return torch.func.functional_call(model, state, (x,), dry_inputs(inputs, "meta"), strict=False)
 
 
 def _cpu_forward(model: nn.Module, name: str, sample_shape: tuple[int, ...], inputs: InputSpecs) -> Any:
     x = torch.zeros((_DRY_BATCH, *sample_shape))
     try:
         with torch.no_grad():
-            return model(x, **_dry_inputs(inputs, "cpu"))
+            return model(x, **dry_inputs(inputs, "cpu"))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ConfigError(
             f"model {name!r} cannot take samples of shape {sample_shape}: {_first_line(exc)}. "

@@ -35,6 +35,7 @@ from dist_train.distributed import (
     broadcast_object,
     gather_objects_to_rank_zero,
     new_cpu_group,
+    settle_gradient_buckets,
 )
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
@@ -204,9 +205,19 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.train.find_unused_parameters)
+            # Same bucket layout at every step of fresh and resumed processes: exact resume from 3 ranks on.
+            settle_gradient_buckets(wrapped, *self._example_inputs())
         if self.cfg.train.compile:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         return wrapped
+
+    def _example_inputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Two zero samples (and zero extra inputs) of the data's shapes, on the device."""
+        from dist_train.models import dry_inputs
+
+        x = torch.zeros((2, *self.data.sample_shape), device=self.device)
+        specs = {key: self.data.key_specs[key] for key in self.cfg.data.input_keys}
+        return x, dry_inputs(specs, str(self.device), batch=2)
 
     def _make_train_loader(self) -> Any:
         from dist_train.data.loader import make_loader

@@ -36,3 +36,20 @@ def test_startup_section_reads_every_launcher_phase(compare) -> None:  # type: i
 
 def test_startup_section_without_the_verbose_line_reports_no_phases(compare) -> None:  # type: ignore[no-untyped-def]
     assert compare.launcher_phases("dtrain: new run in /x\n") == {}
+
+
+def test_a_failed_peer_reports_its_rank_and_exception_not_torchruns_banner(compare, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real torchrun run of the plain DDP contender on a file that does not exist."""
+    missing = tmp_path / "no-such-file.h5"
+    settings = compare.Settings("cpu", 0, True, tmp_path, steps={"mlp": 2})
+    run = compare.run_peer(compare.Run("mlp", "ddp", "h5", 1), missing, 2, settings)
+    lines = run.error.strip().splitlines()
+    assert lines[0].startswith("root cause: rank 0"), run.error
+    # The runner prints the last line: the exception, naming the file.
+    assert lines[-1].startswith("FileNotFoundError") and str(missing) in lines[-1], run.error
+    assert "=====" not in run.error
+
+
+def test_output_without_torchruns_summary_is_kept(compare) -> None:  # type: ignore[no-untyped-def]
+    text = "dtrain: error: the run failed\nrank 1 raised ValueError: bad value\n"
+    assert compare.failure_report(text) == text.strip()

@@ -60,7 +60,21 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+def step_history(run_dir: Path, after: int) -> list[tuple]:
+    """The per-step records past step ``after``: running train metrics and learning rate."""
+    keys = ("train/loss_running", "train/accuracy_running", "lr")
+    return [(r["step"], *(r[k] for k in keys)) for r in records(run_dir, "step") if r["step"] > after]
+
+
+def held_out_metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k.startswith("test/")} for r in records(run_dir, "test")]
+
+
+# From 3 ranks on the all-reduce's summation order can change the last bits (a + b == b + a, but
+# (a + b) + c != a + (b + c)), so 3 ranks catch a resumed process that reduces differently from the
+# uninterrupted run (issue 12; without the fix 3 and 4 ranks fail here, 2 pass). 2 and 4 ranks run
+# with the slow tests, to keep the default suite short.
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, nproc: int) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=600)
     steps_per_epoch = -(-480 // (8 * nproc))
@@ -72,7 +86,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, nproc: int) 
     run_dir = tmp_path / "cut"
     args = ("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cut_cfg), "--run-dir", str(run_dir))
     proc = start_dtrain(*args, cwd=tmp_path)
-    wait_for_step(run_dir, steps_per_epoch + steps_per_epoch // 3, proc)  # a third into the second epoch
+    # Early in the second epoch: with 4 ranks an epoch is 15 steps, and the stop must still land inside it.
+    wait_for_step(run_dir, steps_per_epoch + 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, out
@@ -87,6 +102,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, nproc: int) 
 
     assert_same_state(load_final_model(tmp_path / "ref"), load_final_model(run_dir))
     assert metric_history(tmp_path / "ref") == metric_history(run_dir)
+    assert step_history(tmp_path / "ref", cut["step"]) == step_history(run_dir, cut["step"])
+    assert held_out_metrics(tmp_path / "ref") == held_out_metrics(run_dir) != []
     assert len(metric_history(run_dir)) == EPOCHS
     steps = [r["step"] for r in records(run_dir, "step")]
     assert steps == sorted(set(steps)), "no step is logged twice after the resume"
