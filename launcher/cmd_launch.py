@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from dist_train.config import Config, load_config, resolve_data_path, save_config
+from dist_train.config import Config, check_strategy_supported, load_config, resolve_data_path, save_config
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
@@ -388,6 +388,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")
     check_model_section(cfg, overrides)
+    check_strategy_supported(cfg)
     phases.mark("model check")
     ensure_data(cfg, dry_run=opts["dry_run"])
     phases.mark("data check")
