@@ -32,6 +32,10 @@ class Strategy(Protocol):
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
 
+    def grad_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
+        """fp16's loss scaler (disabled: a no-op, which is every bf16/fp32 run)."""
+        ...
+
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool) -> dict[str, Any]:
         """``{"model": ..., "optimizer": ...}`` for the checkpoint; every rank calls it, the writer gets the values."""
         ...
@@ -79,6 +83,9 @@ class DDPStrategy:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
+    def grad_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool) -> dict[str, Any]:
         if not writer:
             return {}
@@ -108,6 +115,7 @@ class FSDPStrategy:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        _ensure_process_group(self.device)
         # An explicit mesh: without one, on a machine with GPUs, parameters move to CUDA even for a
         # CPU run (pytorch #132471).
         mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -178,6 +186,13 @@ class FSDPStrategy:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
+    def grad_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
+        """Each rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found inf",
+        so every rank skips the same steps (a plain GradScaler would let the ranks diverge)."""
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.device.type, enabled=enabled)
+
     # -------------------------------------------------------------- state
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool) -> dict[str, Any]:
         """Consolidated (full) model and optimizer state on the writer; a collective, every rank calls it.
@@ -212,6 +227,19 @@ class FSDPStrategy:
             for unit in units:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.cfg.reshard_after_forward and unit is not model, recurse=False)
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """One process (world size 1, or --debug) has no process group; fully_shard needs one.
+
+    A private in-memory group keeps the rest of the trainer single-process (``is_distributed()``
+    stays false) while FSDP applies the same mixed precision and state-dict handling as on N ranks.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _fsdp_modules(model: nn.Module) -> list[Any]:

@@ -157,7 +157,7 @@ class Trainer:
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.train_model: nn.Module = self._wrap_model(self.model)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.scaler = self.strategy.grad_scaler(enabled=self.precision.use_scaler)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.sampler = ResumableDistributedBatchSampler(
             len(self.data.train),

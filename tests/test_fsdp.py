@@ -6,6 +6,8 @@ launch` as a user would and compares the checkpoints and metric histories of FSD
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,11 @@ def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dic
     assert_close_history(fsdp_dir, ddp_dir)
     test_a, test_b = records(fsdp_dir, "test"), records(ddp_dir, "test")
     assert test_a[0]["test/loss"] == pytest.approx(test_b[0]["test/loss"], abs=1e-5)
+    if nproc == 2:
+        # The FSDP checkpoint holds plain parameter names: `dtrain eval` loads it into the unwrapped model.
+        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--json", cwd=tmp_path)
+        assert_ok(out)
+        assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_a[0]["test/loss"], abs=1e-6)
 
 
 def test_fsdp_wrap_naming_no_module_is_a_clear_error(tmp_path: Path) -> None:
@@ -180,19 +187,46 @@ def test_fsdp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None
     assert len(metric_history(run_dir)) == EPOCHS
 
 
-def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_ranks_like_ddp(tmp_path: Path) -> None:
-    """Resharding 2 -> 3 ranks: FSDP continues exactly as DDP continues from its own 2-rank checkpoint."""
+def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_1_ranks_like_ddp(tmp_path: Path) -> None:
+    """Resharding 2 -> 3 and 2 -> 1 ranks: FSDP continues as DDP continues from its own 2-rank checkpoint.
+
+    Any value lost or misplaced while loading into a different sharding would change the continued
+    training, so equal final weights and optimizer state show the load was right.
+    """
     data = make_image_h5(tmp_path / "d.h5", events=400)
-    finals = {}
+    finals: dict[tuple[str, int], dict[str, Any]] = {}
     for strategy in ("ddp", "fsdp"):
         cfg = _equal_config(tmp_path, strategy, data, strategy, FSDP_SMALL_UNITS)
         run_dir = tmp_path / strategy
         _launch(cfg, run_dir, 2, "--set", "train.epochs=1")
         first = load_final_model(run_dir)
-        _launch(cfg, run_dir, 3, "--set", "train.epochs=2")
-        log = (run_dir / "logs" / "rank0.log").read_text()
-        assert "written by 2 ranks, this run has 3" in log and "resumed from" in log
-        finals[strategy] = load_final_model(run_dir)
-        assert finals[strategy]["step"] > first["step"] and finals[strategy]["world_size"] == 3
-    assert_close_state(finals["fsdp"], finals["ddp"])
-    assert_close_history(tmp_path / "fsdp", tmp_path / "ddp")
+        shutil.copytree(run_dir, tmp_path / f"{strategy}-1")
+        for nproc, directory in ((3, run_dir), (1, tmp_path / f"{strategy}-1")):
+            _launch(cfg, directory, nproc, "--set", "train.epochs=2")
+            log = (directory / "logs" / "rank0.log").read_text()
+            assert f"written by 2 ranks, this run has {nproc}" in log and "resumed from" in log
+            final = finals[strategy, nproc] = load_final_model(directory)
+            assert final["step"] > first["step"] and final["world_size"] == nproc
+    for nproc, suffix in ((3, ""), (1, "-1")):
+        assert_close_state(finals["fsdp", nproc], finals["ddp", nproc])
+        assert_close_history(tmp_path / f"fsdp{suffix}", tmp_path / f"ddp{suffix}")
+
+
+def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None:
+    """A damaged newest checkpoint is reported and the previous complete one is loaded into the shards."""
+    data = make_image_h5(tmp_path / "d.h5", events=300)
+    cfg = _equal_config(tmp_path, "fsdp", data, "fsdp", FSDP_SMALL_UNITS)
+    run_dir = tmp_path / "fsdp"
+    _launch(cfg, run_dir, 2)
+    checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
+    assert len(checkpoints) == 2
+    newest = checkpoints[-1]
+    older_step = int(checkpoints[0].name.split("-s")[1].split(".")[0])
+    data_bytes = bytearray(newest.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    newest.write_bytes(bytes(data_bytes))
+    _launch(cfg, run_dir, 2, "--set", "train.epochs=3")
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"checkpoint {newest} is invalid" in log and "falling back to an older checkpoint" in log
+    assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
+    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"
