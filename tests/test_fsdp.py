@@ -87,8 +87,10 @@ def _equal_config(tmp_path: Path, name: str, data: Path, strategy: str, fsdp: di
     )
 
 
-def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> None:
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent))
+def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> str:
+    proc = dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent)
+    assert_ok(proc)
+    return proc.stdout + proc.stderr
 
 
 def assert_close_state(a: dict[str, Any], b: dict[str, Any], atol: float = 1e-5) -> None:
@@ -225,8 +227,8 @@ def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None
     data_bytes = bytearray(newest.read_bytes())
     data_bytes[len(data_bytes) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
     newest.write_bytes(bytes(data_bytes))
-    _launch(cfg, run_dir, 2, "--set", "train.epochs=3")
+    console = _launch(cfg, run_dir, 2, "--set", "train.epochs=3")
+    assert f"checkpoint {newest} is invalid" in console and "falling back to an older checkpoint" in console
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert f"checkpoint {newest} is invalid" in log and "falling back to an older checkpoint" in log
     assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
     assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"
