@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from dist_train.config import Config, check_strategy_supported, load_config, resolve_data_path, save_config
+from dist_train.config import Config, load_config, resolve_data_path, save_config
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
@@ -122,6 +122,13 @@ def check_model_section(cfg: Config, overrides: tuple[str, ...] = ()) -> None:
         return from_set.get(key, cfg.source)
 
     check_model_config(cfg.model, origin=origin)
+
+
+def check_training_strategy(cfg: Config) -> None:
+    """``train.strategy = "fsdp"`` needs a newer torch than DDP; said before any worker starts."""
+    from dist_train.config import check_strategy_supported
+
+    check_strategy_supported(cfg)
 
 
 def _job_id() -> str:
@@ -388,7 +395,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")
     check_model_section(cfg, overrides)
-    check_strategy_supported(cfg)
+    check_training_strategy(cfg)
     phases.mark("model check")
     ensure_data(cfg, dry_run=opts["dry_run"])
     phases.mark("data check")
