@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.metadata
 import json
 import math
 import types
@@ -22,6 +23,8 @@ import tomllib
 from dist_train.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
+# FSDP2 (fully_shard) on the CPU with gloo, and its state_dict helpers, work from this torch on.
+FSDP_MIN_TORCH = (2, 7)
 
 
 @dataclass
@@ -198,6 +201,24 @@ class TrainConfig:
     test_at_end: bool = True
     # Passed to DDP: for multi-head models whose loss uses some heads only (costs a graph walk per step).
     find_unused_parameters: bool = False
+    # "ddp": every rank holds the whole model; "fsdp": parameters, gradients and optimizer state are
+    # sharded across ranks (FSDP2, see [fsdp]; needs torch >= 2.7).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class FSDPConfig:
+    """How ``train.strategy = "fsdp"`` shards the model (ignored under DDP)."""
+
+    # Module class names sharded as their own units; empty = every block with >= min_params parameters.
+    wrap: list[str] = field(default_factory=list)
+    min_params: int = 100_000
+    # Free the gathered parameters after each unit's forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
+    # true: recompute the sharded units' activations in backward; or a list of module class names.
+    activation_checkpointing: bool | list[str] = False
+    # Keep sharded parameters, gradients and optimizer state in host memory.
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -270,6 +291,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Where the config was read from, for error messages and relative data paths; not serialised.
@@ -507,6 +529,13 @@ def validate(cfg: Config, origin: str) -> None:
         fail("train.log_every", t.log_every, "must be at least 1.")
     if t.clip_grad_norm < 0:
         fail("train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off).")
+    f = cfg.fsdp
+    if f.min_params < 1:
+        fail("fsdp.min_params", f.min_params, "must be at least 1 (parameters per automatically sharded block).")
+    for key in ("wrap", "activation_checkpointing"):
+        names = getattr(f, key)
+        if isinstance(names, list) and not all(n.strip() and n.isidentifier() for n in names):
+            fail(f"fsdp.{key}", names, "must list module class names such as \"TransformerBlock\".")
     c = cfg.checkpoint
     if c.keep_last < 1:
         fail("checkpoint.keep_last", c.keep_last, "must be at least 1, or the resume point would be deleted.")
@@ -666,3 +695,29 @@ def resolve_data_path(cfg: Config) -> Path:
     elsewhere (SLURM nodes, restarts) read the same file.
     """
     return Path(cfg.data.path).expanduser().absolute()
+
+
+def torch_version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_strategy_supported(cfg: Config, torch_version: str | None = None) -> None:
+    """``strategy = "fsdp"`` with a torch that has no CPU/gloo FSDP2 is a config error, before any worker starts.
+
+    Reads the installed version from package metadata: the launcher must not import torch.
+    """
+    if cfg.train.strategy != "fsdp":
+        return
+    if torch_version is None:
+        try:
+            torch_version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return  # the workers' own import reports a missing torch
+    if torch_version_tuple(torch_version) < FSDP_MIN_TORCH:
+        need = ".".join(map(str, FSDP_MIN_TORCH))
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: train.strategy = 'fsdp' needs torch >= {need} (fully_shard on the CPU "
+            f"and GPUs); this environment has torch {torch_version}. Install torch>={need}, "
+            "or use train.strategy = 'ddp'."
+        )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import dist_train
 from dist_train import envvars
@@ -44,6 +45,7 @@ from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
+from dist_train.strategy import Strategy, build_strategy
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
 from dist_train.tasks.base import add_sums
 from dist_train.watchdog import HangWatchdog
@@ -79,6 +81,7 @@ INCOMPATIBLE_ON_RESUME = (
     "optim.name",
     "sched.name",
     "run.seed",
+    "train.strategy",  # the optimizer state is keyed by parameter index (DDP) or by name (FSDP)
 )
 DEBUG_MAX_STEPS = 5
 
@@ -124,6 +127,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     old, new = _flatten(saved), _flatten(current)
+    old.setdefault("train.strategy", "ddp")  # written before strategies existed
     diffs = []
     for key in sorted(set(old) | set(new)):
         if any(key == p or key.startswith(p + ".") for p in INCOMPATIBLE_ON_RESUME) and old.get(key) != new.get(key):
@@ -159,9 +163,10 @@ class Trainer:
         self.data = build_data(cfg, run_dir=run_dir)
         self.task: Task = build_task(cfg, self.data)
         self.model: nn.Module = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.train_model: nn.Module = self._wrap_model(self.model)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.scaler = self.strategy.grad_scaler(enabled=self.precision.use_scaler)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.sampler = ResumableDistributedBatchSampler(
             len(self.data.train),
@@ -199,12 +204,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction helpers
     def _wrap_model(self, model: nn.Module) -> nn.Module:
-        wrapped = model
-        if self.dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.train.find_unused_parameters)
+        wrapped = self.strategy.wrap(model)
+        if isinstance(wrapped, DistributedDataParallel):
             # Same bucket layout at every step of fresh and resumed processes: exact resume from 3 ranks on.
             settle_gradient_buckets(wrapped, *self._example_inputs())
         if self.cfg.train.compile:
@@ -269,9 +270,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def stateful_components(self) -> dict[str, Any]:
+        """Everything but model and optimizer, whose state the strategy collects (sharded under FSDP)."""
         return {
-            "model": self.model,
-            "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "scaler": self.scaler,
             "sampler": self.sampler,
@@ -300,7 +300,9 @@ class Trainer:
         if self.dist.is_main:
             self.meter.load_sums(add_sums([_upgrade_meter(s["meter"]) for s in rank_states]))
 
-    def build_checkpoint(self, reason: str, metrics: dict[str, float], rank_states: list[Any]) -> dict[str, Any]:
+    def build_checkpoint(
+        self, reason: str, metrics: dict[str, float], rank_states: list[Any], model_and_optimizer: dict[str, Any]
+    ) -> dict[str, Any]:
         state: dict[str, Any] = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "dtrain_version": dist_train.__version__,
@@ -313,6 +315,7 @@ class Trainer:
             "metrics": {k: float(v) for k, v in metrics.items()},
             "world_size": self.dist.world_size,
             "rank_states": rank_states,
+            **model_and_optimizer,
         }
         for name, component in self.stateful_components().items():
             state[name] = component.state_dict()
@@ -323,9 +326,11 @@ class Trainer:
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return
         rank_states = gather_objects_to_rank_zero(self._rank_state(), group=self.control_group)
+        # A collective under FSDP: every rank takes part, the writer receives the values.
+        model_and_optimizer = self.strategy.state_dicts(self.model, self.optimizer, writer=self.ckpt_manager is not None)
         if self.ckpt_manager is not None:
             assert rank_states is not None
-            state = self.build_checkpoint(reason, metrics or {}, rank_states)
+            state = self.build_checkpoint(reason, metrics or {}, rank_states, model_and_optimizer)
             path = self.ckpt_manager.save(
                 state, epoch=self.counters.epoch, step=self.counters.step, metrics=metrics or {}, is_best=is_best
             )
@@ -367,6 +372,10 @@ class Trainer:
                 + "; ".join(diffs)
                 + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
             )
+        try:
+            self.strategy.load_state_dicts(self.model, self.optimizer, state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():
             try:
                 component.load_state_dict(state[name])
@@ -395,9 +404,7 @@ class Trainer:
         Every rank holds the same number of samples per window (the sampler pads the epoch), so
         DDP's average over ranks makes this the mean over the global samples of the step.
         """
-        no_sync = getattr(self.train_model, "no_sync", None)
-        ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
-        with ctx:
+        with self.strategy.grad_sync(self.train_model, sync):
             with self._autocast():
                 outputs = forward(self.train_model, batch, self.cfg.data.input_keys)
             loss_sum = self.task.loss(outputs, batch)
@@ -408,7 +415,7 @@ class Trainer:
     def _optimizer_step(self) -> None:
         if self.cfg.train.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+            self.strategy.clip_grad_norm(self.model, self.cfg.train.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -504,16 +511,17 @@ class Trainer:
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}
-        result = evaluate_batches(
-            self.model,
-            loader,
-            self.device,
-            self.task,
-            input_keys=self.cfg.data.input_keys,
-            autocast=self._autocast,
-            prefix=split,
-            limit=DEBUG_MAX_STEPS if self.debug else None,
-        )
+        with self.strategy.eval_context(self.model):
+            result = evaluate_batches(
+                self.model,
+                loader,
+                self.device,
+                self.task,
+                input_keys=self.cfg.data.input_keys,
+                autocast=self._autocast,
+                prefix=split,
+                limit=DEBUG_MAX_STEPS if self.debug else None,
+            )
         self._write_reports(split, result.reports)
         return result.metrics
 

@@ -130,6 +130,13 @@ def check_model_section(cfg: Config, overrides: tuple[str, ...] = ()) -> None:
     check_model_config(cfg.model, origin=origin)
 
 
+def check_training_strategy(cfg: Config) -> None:
+    """``train.strategy = "fsdp"`` needs a newer torch than DDP; said before any worker starts."""
+    from dist_train.config import check_strategy_supported
+
+    check_strategy_supported(cfg)
+
+
 def _job_id() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
 
@@ -394,6 +401,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")
     check_model_section(cfg, overrides)
+    check_training_strategy(cfg)
     phases.mark("model check")
     ensure_data(cfg, dry_run=opts["dry_run"])
     phases.mark("data check")

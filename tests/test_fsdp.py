@@ -1,0 +1,234 @@
+"""train.strategy = "fsdp": FSDP2 over real torchrun/gloo processes computes what DDP computes.
+
+Configuration and the torch version check are tested in-process; everything else runs `dtrain
+launch` as a user would and compares the checkpoints and metric histories of FSDP and DDP runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_train.config import check_strategy_supported, config_from_dict, dumps_toml, read_toml
+from dist_train.envvars import PREEMPTED_EXIT_CODE
+from dist_train.errors import ConfigError
+from tests.helpers.run import (
+    assert_ok,
+    dtrain,
+    load_final_model,
+    make_image_h5,
+    metric_history,
+    records,
+    start_dtrain,
+    write_config,
+)
+from tests.test_resume import EPOCHS, assert_same_state, slow_config, wait_for_step
+
+# Small enough that the MLP's layers become separate FSDP units (the automatic policy), not just the root.
+FSDP_SMALL_UNITS = {"min_params": 50}
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_strategy_defaults_to_ddp_and_fsdp_section_has_its_defaults() -> None:
+    cfg = config_from_dict({})
+    assert cfg.train.strategy == "ddp"
+    assert cfg.fsdp.wrap == [] and cfg.fsdp.reshard_after_forward is True
+    assert cfg.fsdp.activation_checkpointing is False and cfg.fsdp.cpu_offload is False
+    cfg = config_from_dict({"train": {"strategy": "fsdp"}, "fsdp": {"activation_checkpointing": ["Block"], "wrap": ["Block"]}})
+    assert cfg.fsdp.activation_checkpointing == ["Block"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train": {"strategy": "fsd"}}, "Did you mean 'fsdp'?"),
+        ({"fsdp": {"min_param": 5}}, "Did you mean 'min_params'?"),
+        ({"fsdp": {"min_params": 0}}, "fsdp.min_params = 0 must be at least 1"),
+        ({"fsdp": {"wrap": ["not a class"]}}, "fsdp.wrap = ['not a class'] must list module class names"),
+        ({"fsdp": {"activation_checkpointing": "yes"}}, "fsdp.activation_checkpointing = 'yes' has the wrong type"),
+    ],
+)
+def test_bad_fsdp_settings_name_the_key(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, origin="c.toml")
+    assert message in str(info.value)
+    assert "c.toml" in str(info.value)
+
+
+def test_fsdp_with_an_old_torch_is_a_config_error_naming_the_version() -> None:
+    cfg = config_from_dict({"train": {"strategy": "fsdp"}}, origin="c.toml")
+    with pytest.raises(ConfigError) as info:
+        check_strategy_supported(cfg, "2.6.0+cpu")
+    text = str(info.value)
+    assert "torch >= 2.7" in text and "torch 2.6.0+cpu" in text and "c.toml" in text
+    assert info.value.exit_code == 2
+    for ok in ("2.7.0", "2.7.1+cu126", "2.14.1+cu130", "3.0.0"):
+        check_strategy_supported(cfg, ok)
+    check_strategy_supported(config_from_dict({}), "2.1.0")  # DDP runs on the package's whole torch range
+
+
+# ---------------------------------------------------------------------------------------- training
+def _equal_config(tmp_path: Path, name: str, data: Path, strategy: str, fsdp: dict[str, Any]) -> Path:
+    return write_config(
+        tmp_path / f"{name}.toml",
+        data,
+        run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 3},
+        model={"name": "mlp", "num_classes": 3, "hidden": [16, 16]},
+        optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        # Accumulation exercises set_requires_gradient_sync(False); clipping the sharded-gradient norm.
+        train={"epochs": 2, "log_every": 1, "precision": "fp32", "grad_accum": 2, "clip_grad_norm": 0.3, "strategy": strategy},
+        fsdp=fsdp,
+    )
+
+
+def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> str:
+    proc = dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent)
+    assert_ok(proc)
+    return proc.stdout + proc.stderr
+
+
+def assert_close_state(a: dict[str, Any], b: dict[str, Any], atol: float = 1e-5) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], atol=atol, rtol=0, msg=f"model tensor {name}")
+    # FSDP keys optimizer state by parameter name, DDP by index in model.parameters() order.
+    names = list(a["model"])
+    for index, name in enumerate(names):
+        for key, value in b["optimizer"]["state"][index].items():
+            mine = a["optimizer"]["state"][name][key]
+            torch.testing.assert_close(torch.as_tensor(mine), torch.as_tensor(value), atol=atol, rtol=0, msg=f"{name}.{key}")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+
+
+def assert_close_history(a: Path, b: Path) -> None:
+    ha, hb = metric_history(a), metric_history(b)
+    assert len(ha) == len(hb) > 0
+    for ra, rb in zip(ha, hb, strict=True):
+        assert ra[:2] == rb[:2]
+        assert ra[2:] == pytest.approx(rb[2:], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("nproc", "fsdp"),
+    [
+        (2, FSDP_SMALL_UNITS),
+        # 3 ranks (uneven shards of every layer, uneven evaluation shards), recomputed activations, offload.
+        (3, {**FSDP_SMALL_UNITS, "activation_checkpointing": True, "cpu_offload": True, "reshard_after_forward": False}),
+    ],
+    ids=["2ranks", "3ranks-ac-offload"],
+)
+def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dict[str, Any]) -> None:
+    data = make_image_h5(tmp_path / "d.h5", events=400)
+    ddp_dir, fsdp_dir = tmp_path / "ddp", tmp_path / "fsdp"
+    _launch(_equal_config(tmp_path, "ddp", data, "ddp", {}), ddp_dir, nproc)
+    _launch(_equal_config(tmp_path, "fsdp", data, "fsdp", fsdp), fsdp_dir, nproc)
+    log = (fsdp_dir / "logs" / "rank0.log").read_text()
+    assert f"over {nproc} rank(s)" in log and "3 sharded unit(s)" in log
+    if fsdp.get("activation_checkpointing"):
+        assert "activation checkpointing, CPU offload" in log
+    assert_close_state(load_final_model(fsdp_dir), load_final_model(ddp_dir))
+    assert_close_history(fsdp_dir, ddp_dir)
+    test_a, test_b = records(fsdp_dir, "test"), records(ddp_dir, "test")
+    assert test_a[0]["test/loss"] == pytest.approx(test_b[0]["test/loss"], abs=1e-5)
+    if nproc == 2:
+        # The FSDP checkpoint holds plain parameter names: `dtrain eval` loads it into the unwrapped model.
+        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--json", cwd=tmp_path)
+        assert_ok(out)
+        assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_a[0]["test/loss"], abs=1e-6)
+
+
+def test_fsdp_wrap_naming_no_module_is_a_clear_error(tmp_path: Path) -> None:
+    data = make_image_h5(tmp_path / "d.h5", events=100)
+    cfg = _equal_config(tmp_path, "bad", data, "fsdp", {"wrap": ["TransformerBlock"]})
+    proc = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "fsdp.wrap = ['TransformerBlock'] matches no module of this model" in text
+    assert "Linear" in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _slow_fsdp_config(tmp_path: Path, name: str, data: Path) -> Path:
+    """test_resume's slow, deterministic run, sharded."""
+    path = slow_config(tmp_path, name, data, fsdp=FSDP_SMALL_UNITS)
+    cfg = read_toml(path)
+    cfg["train"]["strategy"] = "fsdp"
+    path.write_text(dumps_toml(cfg))
+    return path
+
+
+def test_fsdp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    nproc = 2
+    data = make_image_h5(tmp_path / "d.h5", events=600)
+    steps_per_epoch = -(-480 // (8 * nproc))
+    ref_cfg = _slow_fsdp_config(tmp_path, "ref", data)
+    _launch(ref_cfg, tmp_path / "ref", nproc)
+
+    cut_cfg = _slow_fsdp_config(tmp_path, "cut", data)
+    run_dir = tmp_path / "cut"
+    args = ("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cut_cfg), "--run-dir", str(run_dir))
+    proc = start_dtrain(*args, cwd=tmp_path)
+    wait_for_step(run_dir, steps_per_epoch + steps_per_epoch // 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    cut = load_final_model(run_dir)
+    assert cut["reason"] == "preempt" and steps_per_epoch < cut["step"] < 2 * steps_per_epoch
+
+    assert_ok(dtrain(*args, cwd=tmp_path))
+    assert "FSDP:" in (run_dir / "logs" / "rank0.log").read_text()
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert_same_state(load_final_model(tmp_path / "ref"), load_final_model(run_dir))
+    assert metric_history(tmp_path / "ref") == metric_history(run_dir)
+    assert len(metric_history(run_dir)) == EPOCHS
+
+
+def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_1_ranks_like_ddp(tmp_path: Path) -> None:
+    """Resharding 2 -> 3 and 2 -> 1 ranks: FSDP continues as DDP continues from its own 2-rank checkpoint.
+
+    Any value lost or misplaced while loading into a different sharding would change the continued
+    training, so equal final weights and optimizer state show the load was right.
+    """
+    data = make_image_h5(tmp_path / "d.h5", events=400)
+    finals: dict[tuple[str, int], dict[str, Any]] = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = _equal_config(tmp_path, strategy, data, strategy, FSDP_SMALL_UNITS)
+        run_dir = tmp_path / strategy
+        _launch(cfg, run_dir, 2, "--set", "train.epochs=1")
+        first = load_final_model(run_dir)
+        shutil.copytree(run_dir, tmp_path / f"{strategy}-1")
+        for nproc, directory in ((3, run_dir), (1, tmp_path / f"{strategy}-1")):
+            _launch(cfg, directory, nproc, "--set", "train.epochs=2")
+            log = (directory / "logs" / "rank0.log").read_text()
+            assert f"written by 2 ranks, this run has {nproc}" in log and "resumed from" in log
+            final = finals[strategy, nproc] = load_final_model(directory)
+            assert final["step"] > first["step"] and final["world_size"] == nproc
+    for nproc, suffix in ((3, ""), (1, "-1")):
+        assert_close_state(finals["fsdp", nproc], finals["ddp", nproc])
+        assert_close_history(tmp_path / f"fsdp{suffix}", tmp_path / f"ddp{suffix}")
+
+
+def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None:
+    """A damaged newest checkpoint is reported and the previous complete one is loaded into the shards."""
+    data = make_image_h5(tmp_path / "d.h5", events=300)
+    cfg = _equal_config(tmp_path, "fsdp", data, "fsdp", FSDP_SMALL_UNITS)
+    run_dir = tmp_path / "fsdp"
+    _launch(cfg, run_dir, 2)
+    checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
+    assert len(checkpoints) == 2
+    newest = checkpoints[-1]
+    older_step = int(checkpoints[0].name.split("-s")[1].split(".")[0])
+    data_bytes = bytearray(newest.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    newest.write_bytes(bytes(data_bytes))
+    console = _launch(cfg, run_dir, 2, "--set", "train.epochs=3")
+    assert f"checkpoint {newest} is invalid" in console and "falling back to an older checkpoint" in console
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
+    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"
