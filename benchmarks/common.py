@@ -27,13 +27,18 @@ BENCH_DIR = REPO / ".bench_tmp"
 
 @dataclass(frozen=True)
 class Workload:
-    """One model on one data layout, as a dtrain [model] section and a synthetic file."""
+    """One model on one data layout, as a dtrain [model] section and a synthetic file.
+
+    ``targets`` empty: classification of ``labels``; else regression (MSE) of those datasets of the
+    wch5 layout, flattened per sample and concatenated (the model's output width is their total).
+    """
 
     name: str
     model: dict[str, Any]
     layout: str  # synth_dataset layout: "image" or "wch5"
     shape: tuple[int, int, int]
-    num_classes: int
+    num_classes: int  # classes in the synthetic file (the model's width is in ``model``)
+    targets: tuple[str, ...] = ()
 
     def data_file(self, events: int) -> Path:
         shape = "x".join(str(s) for s in self.shape)
@@ -47,6 +52,20 @@ WORKLOADS: dict[str, Workload] = {
     "resnet18": Workload(
         "resnet18", {"name": "resnet18", "num_classes": 10, "small_input": True}, "image", (3, 32, 32), 10
     ),
+    # Regression on the demo water-Cherenkov layout: the tutorial's SimpleMLP predicting the energy...
+    "regression": Workload(
+        "regression", {"name": "simple_mlp", "num_classes": 1}, "wch5", (16, 40, 38), 3, targets=("energies",)
+    ),
+    # ...and a step as small as mlp's (784 inputs, 128 hidden, batch 32) predicting energy, vertex and
+    # direction at once: the workload where a task's per-step cost would show.
+    "multitarget": Workload(
+        "multitarget",
+        {"name": "mlp", "hidden": [128], "num_classes": 6},
+        "wch5",
+        (4, 14, 14),
+        3,
+        targets=("energies", "positions", "angles"),
+    ),
 }
 
 
@@ -55,17 +74,29 @@ def ensure_data(workload: Workload, events: int) -> Path:
     from dist_train.data.synth import synth_dataset
 
     path = workload.data_file(events)
-    if not path.exists():
+    # A wch5 file cached by an older dtrain has no regression targets: write it again.
+    if not path.exists() or (workload.targets and not _has_datasets(path, workload.targets)):
         synth_dataset(
             path,
             layout=workload.layout,
             events=events,
             seed=0,
-            shape=workload.shape if workload.layout == "image" else None,
+            shape=workload.shape,
             num_classes=workload.num_classes,
             progress=False,
         )
     return path
+
+
+def _has_datasets(path: Path, keys: tuple[str, ...]) -> bool:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:  # already open in this process with locking=False (dtrain's reader); see LazyH5Dataset
+        f = h5py.File(path, "r", locking=False)
+    with f:
+        return all(key in f for key in keys)
 
 
 def build_workload_model(workload: Workload) -> Any:
@@ -89,10 +120,12 @@ class LazyH5Dataset:
     """The map-style h5py Dataset from the PyTorch forums / peers' docs: one sample per ``__getitem__``,
     the file opened lazily in each process (h5py handles must not cross a fork)."""
 
-    def __init__(self, path: Path, x_key: str = "event_data", y_key: str = "labels") -> None:
+    def __init__(
+        self, path: Path, x_key: str = "event_data", y_key: str = "labels", targets: tuple[str, ...] = ()
+    ) -> None:
         import h5py
 
-        self.path, self.x_key, self.y_key = str(path), x_key, y_key
+        self.path, self.x_key, self.y_key, self.targets = str(path), x_key, y_key, targets
         try:
             f = h5py.File(self.path, "r")
         except OSError:  # see __getitem__
@@ -116,19 +149,32 @@ class LazyH5Dataset:
                 # process first: HDF5 insists on equal locking flags within a process.
                 self._file = h5py.File(self.path, "r", locking=False)
         x = torch.from_numpy(np.asarray(self._file[self.x_key][index], dtype=np.float32))
+        if self.targets:  # regression: the targets' values of this sample, flattened and concatenated
+            values = [np.asarray(self._file[key][index], dtype=np.float32).reshape(-1) for key in self.targets]
+            return x, torch.from_numpy(np.concatenate(values))
         y = int(self._file[self.y_key][index])
         return x, y
 
 
-def in_memory_dataset(path: Path, x_key: str = "event_data", y_key: str = "labels") -> Any:
-    """The whole file as a TensorDataset (what users do when the data fits in RAM)."""
+def in_memory_dataset(
+    path: Path, x_key: str = "event_data", y_key: str = "labels", targets: tuple[str, ...] = ()
+) -> Any:
+    """The whole file as a TensorDataset (what users do when the data fits in RAM).
+
+    ``targets``: y is those float datasets, flattened per sample and concatenated (N, width),
+    as a regression user would prepare them; else y is the int64 labels.
+    """
     import h5py
     import torch
     from torch.utils.data import TensorDataset
 
     with h5py.File(path, "r") as f:
         x = torch.from_numpy(np.asarray(f[x_key][...], dtype=np.float32))
-        y = torch.from_numpy(np.asarray(f[y_key][...]).astype(np.int64).reshape(-1))
+        if targets:
+            columns = [np.asarray(f[key][...], dtype=np.float32).reshape(len(x), -1) for key in targets]
+            y = torch.from_numpy(np.concatenate(columns, axis=1))
+        else:
+            y = torch.from_numpy(np.asarray(f[y_key][...]).astype(np.int64).reshape(-1))
     return TensorDataset(x, y)
 
 
@@ -187,6 +233,8 @@ def dtrain_config(
         "log": {"tensorboard": False, "jsonl": True},
         "checkpoint": {"enabled": checkpoint},
     }
+    if workload.targets:
+        sections["task"] = {"name": "regression", "targets": list(workload.targets), "loss": "mse"}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dumps_toml(sections))
     return path

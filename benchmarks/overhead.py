@@ -9,7 +9,9 @@ optimizer steps (A B C A B C ...), each block starting from a fresh iterator, af
 * ``plain-batched`` THE BASELINE (the strongest plain loop): the whole file in a TensorDataset,
                     a DataLoader that hands it whole index batches (BatchSampler over a RandomSampler,
                     ``batch_size=None``), forward, CrossEntropyLoss, zero_grad, backward, step, and the
-                    course's AverageMeter for loss and accuracy (``.item()`` per batch).
+                    course's AverageMeter for loss and accuracy (``.item()`` per batch). Regression
+                    workloads: targets concatenated per sample in the TensorDataset, ``nn.MSELoss()``
+                    and an AverageMeter of the loss; dtrain runs ``[task] name = "regression"``.
 * ``plain-course``  the course's loop verbatim: ``DataLoader(TensorDataset, batch_size, shuffle=True)``
                     (per-sample indexing + default_collate); for information.
 * ``plain-h5``      the course's loop over a lazily opened per-sample h5py Dataset; for information.
@@ -19,7 +21,12 @@ of this process (``time.process_time``) and per wall-second. Everything runs in 
 data in the page cache, so CPU time is the work each loop does per sample; on a shared machine it is
 far steadier than wall time, which other users' load inflates. The target uses the CPU-time ratio.
 
-Usage: python benchmarks/overhead.py [--quick] [--workloads mlp,cnn] [--repeats N] [--steps N]
+Workloads: ``mlp`` and ``cnn`` (classification, 10 classes, 1x28x28 images); ``regression`` (the
+tutorial's SimpleMLP on the demo water-Cherenkov layout 16x40x38, MSE on ``energies``); ``multitarget``
+(784-128-6 MLP on a 4x14x14 water-Cherenkov layout, MSE on energies + positions + angles: a step as
+small as mlp's, where a task's per-step cost shows).
+
+Usage: python benchmarks/overhead.py [--quick] [--workloads mlp,cnn,regression,multitarget] [--repeats N] [--steps N]
 """
 
 from __future__ import annotations
@@ -55,9 +62,13 @@ from common import (  # noqa: E402
 )
 
 TARGET_RATIO = 0.98
-BATCH_SIZES = {"mlp": 32, "cnn": 64}  # the batch sizes of configs/mnist_mlp.toml and fashion_cnn.toml
+# mlp/cnn: the batch sizes of configs/mnist_mlp.toml and fashion_cnn.toml; regression: configs/wch5_mlp.toml's.
+BATCH_SIZES = {"mlp": 32, "cnn": 64, "regression": 64, "multitarget": 32}
 BASELINE = "plain-batched"
-STEP_COST = {"cnn": 4}  # a cnn step costs ~10x an mlp step: fewer steps per block keeps the run short
+# A cnn step costs ~10x an mlp step, a SimpleMLP step on 16x40x38 events ~40x (3.9M parameters):
+# fewer steps per block keeps the run short.
+STEP_COST = {"cnn": 4, "regression": 8}
+DEFAULT_WORKLOADS = "mlp,cnn,regression,multitarget"
 
 Block = Callable[[int], float]  # runs one timed block of N steps, returns the samples it trained on
 
@@ -86,12 +97,13 @@ class DtrainContender:
 
 
 class PlainContender:
-    """The plain loop: model, CrossEntropyLoss, Adam, AverageMeters, over any DataLoader."""
+    """The plain loop: model, CrossEntropyLoss (regression: MSELoss), Adam, AverageMeters, over any DataLoader."""
 
     def __init__(self, workload: Workload, loader: DataLoader) -> None:  # type: ignore[type-arg]
         torch.manual_seed(0)
         self.model = build_workload_model(workload)
-        self.criterion = nn.CrossEntropyLoss()
+        self.regression = bool(workload.targets)
+        self.criterion: nn.Module = nn.MSELoss() if self.regression else nn.CrossEntropyLoss()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.loader = loader
         self._batches: Iterator[Any] = iter(())
@@ -117,19 +129,21 @@ class PlainContender:
             self.optimizer.step()
             n = y.shape[0]
             losses.update(loss.item(), n)
-            accuracy.update((output.argmax(dim=1) == y).float().mean().item(), n)
+            if not self.regression:  # a regression user's loop tracks its loss (the MSE) only
+                accuracy.update((output.argmax(dim=1) == y).float().mean().item(), n)
             samples += n
         return samples
 
 
 def make_contenders(workload: Workload, data: Path, batch: int, steps: int, workdir: Path) -> dict[str, Block]:
-    memory = in_memory_dataset(data)
+    memory = in_memory_dataset(data, targets=workload.targets)
     batched = DataLoader(memory, sampler=BatchSampler(RandomSampler(memory), batch, drop_last=False), batch_size=None)
+    per_sample_h5 = LazyH5Dataset(data, targets=workload.targets)
     return {
         "dtrain": DtrainContender(workload, data, batch, steps, workdir),
         BASELINE: PlainContender(workload, batched),
         "plain-course": PlainContender(workload, DataLoader(memory, batch_size=batch, shuffle=True)),
-        "plain-h5": PlainContender(workload, DataLoader(LazyH5Dataset(data), batch_size=batch, shuffle=True)),
+        "plain-h5": PlainContender(workload, DataLoader(per_sample_h5, batch_size=batch, shuffle=True)),
     }
 
 
@@ -156,8 +170,16 @@ def measure(contenders: dict[str, Block], steps: int, repeats: int) -> dict[str,
     return rates
 
 
-def report(workload: str, batch: int, steps: int, rates: dict[str, dict[str, list[float]]]) -> dict[str, float]:
-    print(f"\n{workload}: batch {batch}, {steps} steps per block, {len(rates['cpu'][BASELINE])} interleaved repeats")
+def describe(workload: Workload) -> str:
+    """What is trained: the model on its data shape, and the task."""
+    shape = "x".join(str(s) for s in workload.shape)
+    task = f"MSE on {'+'.join(workload.targets)}" if workload.targets else f"{workload.num_classes} classes"
+    return f"{workload.model['name']} on {workload.layout} {shape}, {task}"
+
+
+def report(workload: Workload, batch: int, steps: int, rates: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    repeats = len(rates["cpu"][BASELINE])
+    print(f"\n{workload.name} ({describe(workload)}): batch {batch}, {steps} steps per block, {repeats} interleaved repeats")
     ratios = {}
     for clock, label in (("cpu", "samples per CPU-second"), ("wall", "samples per wall-second")):
         base = median(rates[clock][BASELINE])
@@ -172,7 +194,7 @@ def report(workload: str, batch: int, steps: int, rates: dict[str, dict[str, lis
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about a minute)")
-    parser.add_argument("--workloads", default="mlp,cnn")
+    parser.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     parser.add_argument("--repeats", type=int, default=0, help="timed blocks per contender (default 9; quick 5)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per block (default 200; quick 60)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
@@ -188,10 +210,10 @@ def main() -> int:
         for name in args.workloads.split(","):
             workload = WORKLOADS[name]
             batch = BATCH_SIZES.get(name, 64)
-            data = ensure_data(workload, max(2000, batch * steps))  # one block never wraps an epoch
             block_steps = max(5, steps // STEP_COST.get(name, 1))
+            data = ensure_data(workload, max(2000, batch * block_steps))  # one block never wraps an epoch
             contenders = make_contenders(workload, data, batch, block_steps, Path(tmp))
-            ratios[name] = report(name, batch, block_steps, measure(contenders, block_steps, repeats))
+            ratios[name] = report(workload, batch, block_steps, measure(contenders, block_steps, repeats))
     print(f"\nload average after the run: {load_average()}")
     for name, ratio in ratios.items():
         print(f"wall-clock ratio {name}: {ratio['wall']:.3f} (load-sensitive; the target uses CPU time)")

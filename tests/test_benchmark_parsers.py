@@ -53,3 +53,38 @@ def test_a_failed_peer_reports_its_rank_and_exception_not_torchruns_banner(compa
 def test_output_without_torchruns_summary_is_kept(compare) -> None:  # type: ignore[no-untyped-def]
     text = "dtrain: error: the run failed\nrank 1 raised ValueError: bad value\n"
     assert compare.failure_report(text) == text.strip()
+
+
+@pytest.fixture(scope="module")
+def overhead():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("overhead")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_overhead_regression_contenders_train_one_network_on_the_same_targets(overhead, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dtrain's regression task and the plain MSE loop see the same target columns in the same order,
+    and train networks of the same shape: otherwise the ratio compares different work."""
+    import torch
+
+    from dist_train.data.synth import synth_dataset
+    from dist_train.tasks import RegressionTask
+
+    workload = overhead.WORKLOADS["multitarget"]
+    data = synth_dataset(tmp_path / "wch5.h5", events=40, seed=0, shape=workload.shape, progress=False)
+    contenders = overhead.make_contenders(workload, data, 8, 2, tmp_path)
+    trainer, plain = contenders["dtrain"].trainer, contenders[overhead.BASELINE]
+    assert isinstance(trainer.task, RegressionTask)
+    assert trainer.task.batch_keys == workload.targets
+    assert isinstance(plain.criterion, torch.nn.MSELoss)
+    dtrain_shapes = {k: v.shape for k, v in trainer.model.state_dict().items()}
+    assert dtrain_shapes == {k: v.shape for k, v in plain.model.state_dict().items()}
+    assert trainer.task.width == 6  # energies (1) + positions (1x3) + angles (2)
+
+    batch = next(iter(trainer.train_loader))
+    targets = overhead.in_memory_dataset(data, targets=workload.targets).tensors[1]
+    assert torch.equal(trainer.task.true_values(batch), targets[batch["index"]])
+    assert contenders["dtrain"](2) == 16
+    assert plain(2) == 16
