@@ -82,6 +82,7 @@ def config(tmp_path: Path, name: str, data: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 22+ launches of 3 ranks: past the default 600 s on a loaded 2-core machine
 def test_random_sigkills_never_break_resume(tmp_path: Path) -> None:
     rng = random.Random(1234)
     data = make_image_h5(tmp_path / "d.h5", events=600)
