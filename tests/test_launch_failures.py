@@ -125,9 +125,10 @@ def test_hung_rank_is_ended_by_the_watchdog_and_reported(tmp_path: Path, data: P
 
 @pytest.mark.slow
 def test_max_restarts_restarts_and_resumes_from_the_latest_checkpoint(tmp_path: Path, data: Path) -> None:
-    # 5 steps per epoch; checkpoints every 2 steps; rank 1 fails on its 4th forward. The restart
-    # resumes at step 2 and needs only 3 more forwards: it finishes unless it starts from scratch.
-    cfg = faulty_config(tmp_path, data, "raise", checkpoint={"every_steps": 2, "keep_last": 3})
+    # 5 steps per epoch; checkpoints every 2 steps. Every start makes one training-mode forward
+    # before step 1 (DDP's bucket settling), so rank 1 fails on its 5th forward, in step 4. The
+    # restart resumes at step 2 and needs only 1 + 3 forwards: it finishes unless it starts from scratch.
+    cfg = faulty_config(tmp_path, data, "raise", checkpoint={"every_steps": 2, "keep_last": 3}, model={"after": 4})
     proc = dtrain("launch", "--gpus", "cpu", "--nproc", "2", "--max-restarts", "1", str(cfg), cwd=tmp_path)
     assert_ok(proc)
     run_dir = only_run_dir(tmp_path / "runs")
