@@ -339,9 +339,9 @@ def test_channels_first_cnn_with_38_channels_trains_on_a_channels_last_file(tmp_
     with h5py.File(data, "r") as f:
         x = f["event_data"][:].astype(np.float64)
     assert stats["channels"] == 38
-    train_rows = None  # the statistics are of the training split: compare loosely with the whole file
+    # The statistics are of the training split (80% of the events): close to the whole file's, per last axis.
     np.testing.assert_allclose(stats["mean"], x.mean(axis=(0, 1, 2)), rtol=0.2, atol=0.05)
-    assert train_rows is None and records(run_dir, "epoch")
+    assert records(run_dir, "epoch")
 
 
 def test_channels_last_batches_are_the_files_samples_transposed(tmp_path: Path) -> None:
