@@ -49,7 +49,8 @@ WRITE_CHUNK_BYTES = 8 << 20
 _READ_CHUNK_BYTES = 8 << 20
 
 _CKPT_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?\.pt$")
-_PICKLED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# A real pickled object names "module.Class"; garbage bytes can also trip this message, with junk for a name.
+_PICKLED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*\.[A-Za-z_]\w*)")
 # Exactly these leaf types load back under torch.load(weights_only=True); subclasses (numpy scalars) do not.
 _PLAIN_LEAF_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -401,8 +402,10 @@ def _torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any
                 "containers; re-save the file with plain state_dicts, or load it yourself only if you trust its source."
             ) from None
         raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not written by torch.save).") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        # torch's messages run to several sentences of advice; its first sentence says what broke.
+    except Exception as exc:
+        # Garbage bytes can break the unpickler anywhere (IndexError, KeyError, struct.error, ...), so every
+        # failure of torch.load means "not a checkpoint". torch's messages run to several sentences of advice;
+        # its first sentence says what broke.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first_line = first_line.split(". ")[0].rstrip(".")
         raise CheckpointError(

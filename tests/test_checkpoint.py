@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -431,7 +432,14 @@ def test_pickled_python_object_is_refused(tmp_path: Path) -> None:
 
 def test_garbage_and_missing_files_raise_checkpoint_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
+    rng = random.Random(0)
+    # Random bytes break torch's unpickler in many different ways (EOFError, IndexError, UnpicklingError, ...);
+    # 200 seeded files cover the kinds a single os.urandom draw would only hit now and then.
+    for _ in range(200):
+        garbage.write_bytes(rng.randbytes(rng.choice([1, 7, 64, 4096])))
+        with pytest.raises(CheckpointError, match="not a valid checkpoint"):
+            load_checkpoint(garbage, verify=False)
+    garbage.write_bytes(b"PK\x03\x04" + rng.randbytes(2000))  # looks like a zip (torch.save's format), is not
     with pytest.raises(CheckpointError, match="not a valid checkpoint"):
         load_checkpoint(garbage, verify=False)
     with pytest.raises(CheckpointError, match="does not exist"):
