@@ -13,6 +13,10 @@ the uint32 views of both against each other and against the per-hit Python refer
 * point clouds keep an over-full event's ``n_points`` earliest hits (NaN counts as +inf; equal
   times: the earlier in the file) in file order, zero-padded.
 
+Indices are unsigned (``np.uint64``) where a loop does not start at 0: numba handles negative
+indices of signed ones with a branch per access, which keeps LLVM from vectorising the loop
+(zeroing a cloud's padding: 18 vs 8 us per 128 KB event). Ids are range-checked first.
+
 ``nogil=True``: dtrain's reader threads run kernels side by side. ``cache=True``: the machine code
 is written next to this file (``__pycache__``) or, where that is read-only, to numba's per-user
 cache directory, so a worker process loads it instead of compiling (about 1-2 s per kernel).
@@ -55,24 +59,26 @@ def build_images(pmt, time, charge, starts, counts, pixel, charge_offset, time_o
             sample[j] = 0.0
         for j in range(num_pmts):
             seen[j] = 0
-        first = starts[b]
-        for i in range(first, first + counts[b]):
+        first = np.uint64(starts[b])
+        for i in range(first, first + np.uint64(counts[b])):
             p = pmt[i]
             if p < 0 or p >= num_pmts:
                 return i
-            k = pixel[p]
+            p = np.uint64(p)
+            k = np.uint64(pixel[p])
             if charge_offset >= 0:
-                sample[charge_offset + k] += np.float32(charge[i])
+                sample[np.uint64(charge_offset) + k] += np.float32(charge[i])
             if time_offset >= 0:
                 t = np.float32(time[i])
+                at = np.uint64(time_offset) + k
                 if seen[p] == 0:
                     seen[p] = 1
-                    sample[time_offset + k] = t
+                    sample[at] = t
                 else:
-                    now = sample[time_offset + k]
+                    now = sample[at]
                     # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
                     if not (now < t or now != now):
-                        sample[time_offset + k] = t
+                        sample[at] = t
     return -1
 
 
@@ -141,29 +147,49 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
             if p < 0 or p >= num_pmts:
                 return i, truncated
         used = min(count, n_points)
+        cloud = out[b]
         if count > n_points:
             truncated += 1
             _earliest_hits(time, first, count, n_points, keys, work, kept)
-        else:
-            for j in range(count):
-                kept[j] = first + j
-        # Channel by channel: each row of the cloud written in order (one store stream at a time).
-        cloud = out[b]
-        for c in range(sources.shape[0]):
+            for c in range(sources.shape[0]):
+                _fill_row_kept(cloud[c], sources[c], pmt, time, charge, table, kept, used)
+        else:  # channel by channel: each row written in order, one store stream at a time
+            for c in range(sources.shape[0]):
+                _fill_row(cloud[c], sources[c], pmt, time, charge, table, first, used)
+        for c in range(sources.shape[0]):  # loops, not slices: slice assignments compile several times slower
             row = cloud[c]
-            s = sources[c]
-            if s >= 0:
-                for j in range(used):
-                    row[j] = table[pmt[kept[j]], s]
-            elif s == SOURCE_TIME:
-                for j in range(used):
-                    row[j] = np.float32(time[kept[j]])
-            else:
-                for j in range(used):
-                    row[j] = np.float32(charge[kept[j]])
-            for j in range(used, n_points):  # a loop: slice assignments compile several times slower
+            for j in range(np.uint64(used), np.uint64(n_points)):
                 row[j] = 0.0
     return -1, truncated
+
+
+@_jit
+def _fill_row(row, source, pmt, time, charge, table, first, used):  # type: ignore[no-untyped-def]
+    """``row[:used]``: channel ``source`` of hits ``first : first + used``: a plain gather or copy, in order."""
+    first, used = np.uint64(first), np.uint64(used)
+    if source >= 0:
+        for j in range(used):
+            row[j] = table[np.uint64(pmt[first + j]), source]
+    elif source == SOURCE_TIME:
+        for j in range(used):
+            row[j] = np.float32(time[first + j])
+    else:
+        for j in range(used):
+            row[j] = np.float32(charge[first + j])
+
+
+@_jit
+def _fill_row_kept(row, source, pmt, time, charge, table, kept, used):  # type: ignore[no-untyped-def]
+    """``row[:used]``: channel ``source`` of hits ``kept[:used]`` (an over-full event's earliest)."""
+    if source >= 0:
+        for j in range(used):
+            row[j] = table[pmt[kept[j]], source]
+    elif source == SOURCE_TIME:
+        for j in range(used):
+            row[j] = np.float32(time[kept[j]])
+    else:
+        for j in range(used):
+            row[j] = np.float32(charge[kept[j]])
 
 
 @_jit
