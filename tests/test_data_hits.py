@@ -220,6 +220,28 @@ def test_builder_selection_falls_back_to_numpy_without_numba(hit_setup: tuple) -
     assert same_bits(np.load(out), HitReader(data, spec(geo)).read(np.arange(40)))
 
 
+@pytest.mark.slow  # compiles a kernel without the cache: seconds
+def test_compiled_builder_works_where_no_cache_can_be_written(hit_setup: tuple) -> None:
+    """No writable cache location (read-only install, no home): numba compiles in memory instead of failing."""
+    needs("numba")
+    data, geo, _, _ = hit_setup
+    script = textwrap.dedent(f"""
+        import sys
+        import numba.core.caching
+        numba.core.caching.CacheImpl._locator_classes = []  # no cache directory is usable
+        import numpy as np
+        from dist_train.data import hits, hits_jit
+        assert type(hits_jit.build_images._cache).__name__ == "NullCache"
+        reader = hits.HitReader({str(data)!r}, hits.HitSpec(geometry_file={str(geo)!r}, pmts_per_module={PPM}, builder="numba"))
+        np.save(sys.argv[1], reader.read(np.arange(40)))
+    """)
+    out = data.parent / "nocache.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert same_bits(np.load(out), HitReader(data, spec(geo, builder="numpy")).read(np.arange(40)))
+
+
 def test_reader_pickles_without_handles_and_reads_after(hit_setup: tuple) -> None:
     data, geo, _, _ = hit_setup
     reader = HitReader(data, spec(geo))

@@ -19,7 +19,8 @@ The geometry file (``data.geometry_file``, an ``.npz``) maps PMT ids to the samp
 Rules (the tests compare every one against a per-hit Python reference):
 
 * A PMT hit more than once in an event: its charges add (in file order, in float32) and its
-  time is the earliest one. Pixels and points without hits are 0.
+  time is the earliest one (``np.minimum`` in file order, to the bit: a NaN time wins, and of
+  -0.0 and +0.0 the later hit's is kept). Pixels and points without hits are 0.
 * Point clouds hold the event's hits in file order, zero-padded to ``n_points``; an event with
   more hits keeps its ``n_points`` earliest ones (equal times: the one earlier in the file),
   still in file order. How many events that truncates is known before training from
