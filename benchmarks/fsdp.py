@@ -5,7 +5,8 @@ The model is ``benchmarks/fsdp_model.py:BlockStack`` (pre-norm residual MLP bloc
 
 * ``memory``      dtrain itself, ``dtrain launch --gpus cpu --nproc 2``, ``train.strategy`` ddp vs fsdp on the
                   101.6M model, Adam, fp32: the epoch record's ``memory/*`` (the largest rank's parameter,
-                  gradient and Adam-state MiB, and its peak RSS: ``ru_maxrss``; CUDA: ``max_memory_allocated``).
+                  gradient and Adam-state MiB, and its peak RSS: ``ru_maxrss``; CUDA: ``max_memory_allocated``),
+                  with glibc's default malloc settings and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (see ALLOCATORS).
 * ``throughput``  the same data (the same HDF5 file), global batch, Adam, fp32 and steps for: dtrain ddp,
                   dtrain fsdp (``dtrain launch``), Accelerate with its FSDP2 plugin
                   (``FullyShardedDataParallelPlugin(fsdp_version=2)``, transformer-layer policy on ``Block``),
