@@ -142,25 +142,76 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
     for b in range(starts.shape[0]):
         first = starts[b]
         count = counts[b]
-        for i in range(first, first + count):
-            p = pmt[i]
-            if p < 0 or p >= num_pmts:
-                return i, truncated
+        bad = _first_bad_id(pmt, first, count, num_pmts)
+        if bad >= 0:
+            return bad, truncated
         used = min(count, n_points)
         cloud = out[b]
         if count > n_points:
             truncated += 1
             _earliest_hits(time, first, count, n_points, keys, work, kept)
-            for c in range(sources.shape[0]):
-                _fill_row_kept(cloud[c], sources[c], pmt, time, charge, table, kept, used)
-        else:  # channel by channel: each row written in order, one store stream at a time
-            for c in range(sources.shape[0]):
-                _fill_row(cloud[c], sources[c], pmt, time, charge, table, first, used)
+            _fill_rows_kept(cloud, sources, pmt, time, charge, table, kept, used)
+        else:
+            _fill_rows(cloud, sources, pmt, time, charge, table, first, used)
         for c in range(sources.shape[0]):  # loops, not slices: slice assignments compile several times slower
             row = cloud[c]
             for j in range(np.uint64(used), np.uint64(n_points)):
                 row[j] = 0.0
     return -1, truncated
+
+
+@_jit
+def _first_bad_id(pmt, first, count, num_pmts):  # type: ignore[no-untyped-def]
+    """-1, or the index of the first of hits ``first : first + count`` whose id is not in ``0 .. num_pmts - 1``.
+
+    The largest id seen as unsigned (a negative one wraps above any PMT count) is a reduction
+    LLVM vectorises; a loop that returns at the first bad id is not (3 vs 0.3 us an event of
+    3,000 hits). The slow search runs only when there is a bad id.
+    """
+    first, count = np.uint64(first), np.uint64(count)
+    largest = np.uint32(0)
+    for i in range(first, first + count):
+        largest = max(largest, np.uint32(pmt[i]))
+    if np.int64(largest) < num_pmts:
+        return -1
+    for i in range(first, first + count):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+    return -1
+
+
+@_jit
+def _fill_rows(cloud, sources, pmt, time, charge, table, first, used):  # type: ignore[no-untyped-def]
+    """``cloud[:, :used]`` from hits ``first : first + used``: three table rows per pass where they can be.
+
+    A position or orientation is three consecutive table columns going to three consecutive
+    rows: one pass over the hits reads each hit's three values from one table row (one cache
+    line) and writes the three rows side by side, instead of three passes that each fetch the
+    line again. Measured on 3,000-hit events (the default 8 channels): 26.4 -> ~16 us an event.
+    """
+    c = 0
+    channels = sources.shape[0]
+    while c < channels:
+        s = sources[c]
+        if s >= 0 and c + 2 < channels and sources[c + 1] == s + 1 and sources[c + 2] == s + 2:
+            _fill_rows3(cloud[c], cloud[c + 1], cloud[c + 2], table, s, pmt, first, used)
+            c += 3
+        else:
+            _fill_row(cloud[c], s, pmt, time, charge, table, first, used)
+            c += 1
+
+
+@_jit
+def _fill_rows3(row0, row1, row2, table, column, pmt, first, used):  # type: ignore[no-untyped-def]
+    """``row0..row2[:used]``: table columns ``column .. column + 2`` of hits ``first : first + used``."""
+    first, used, column = np.uint64(first), np.uint64(used), np.uint64(column)
+    one, two = np.uint64(1), np.uint64(2)
+    for j in range(used):
+        p = np.uint64(pmt[first + j])
+        row0[j] = table[p, column]
+        row1[j] = table[p, column + one]
+        row2[j] = table[p, column + two]
 
 
 @_jit
@@ -176,6 +227,26 @@ def _fill_row(row, source, pmt, time, charge, table, first, used):  # type: igno
     else:
         for j in range(used):
             row[j] = np.float32(charge[first + j])
+
+
+@_jit
+def _fill_rows_kept(cloud, sources, pmt, time, charge, table, kept, used):  # type: ignore[no-untyped-def]
+    """``cloud[:, :used]`` from hits ``kept[:used]``, three table rows per pass where they can be (as :func:`_fill_rows`)."""
+    c = 0
+    channels = sources.shape[0]
+    while c < channels:
+        s = sources[c]
+        if s >= 0 and c + 2 < channels and sources[c + 1] == s + 1 and sources[c + 2] == s + 2:
+            row0, row1, row2 = cloud[c], cloud[c + 1], cloud[c + 2]
+            for j in range(used):
+                p = pmt[kept[j]]
+                row0[j] = table[p, s]
+                row1[j] = table[p, s + 1]
+                row2[j] = table[p, s + 2]
+            c += 3
+        else:
+            _fill_row_kept(cloud[c], s, pmt, time, charge, table, kept, used)
+            c += 1
 
 
 @_jit
