@@ -13,6 +13,9 @@ the uint32 views of both against each other and against the per-hit Python refer
 * point clouds keep an over-full event's ``n_points`` earliest hits (NaN counts as +inf; equal
   times: the earlier in the file) in file order, zero-padded.
 
+Point clouds' zero padding is written with streaming (non-temporal) stores, which skip reading
+the output's cache lines from memory first (see "streaming stores" below); the values are the same.
+
 Indices are unsigned (``np.uint64``) where a loop does not start at 0: numba handles negative
 indices of signed ones with a branch per access, which keeps LLVM from vectorising the loop
 (zeroing a cloud's padding: 18 vs 8 us per 128 KB event). Ids are range-checked first.
@@ -25,7 +28,9 @@ cache directory, so a worker process loads it instead of compiling (about 1-2 s 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit  # type: ignore[import-untyped]
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types  # type: ignore[import-untyped]
+from numba.extending import intrinsic  # type: ignore[import-untyped]
 
 # Codes of a point-cloud channel's source (non-negative: a row of the per-PMT table).
 SOURCE_TIME = -1
@@ -153,11 +158,70 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
             _fill_rows_kept(cloud, sources, pmt, time, charge, table, kept, used)
         else:
             _fill_rows(cloud, sources, pmt, time, charge, table, first, used)
-        for c in range(sources.shape[0]):  # loops, not slices: slice assignments compile several times slower
-            row = cloud[c]
-            for j in range(np.uint64(used), np.uint64(n_points)):
-                row[j] = 0.0
+        for c in range(sources.shape[0]):
+            _stream_zeros(cloud[c], used)
+    _store_fence()
     return -1, truncated
+
+
+# ----------------------------------------------------------------------------- streaming stores
+# A batch of samples (32 MB of point clouds) does not stay in the cache, so ordinary stores
+# first read every output line from memory (read for ownership) and later write it back.
+# Non-temporal ("streaming") stores write whole lines without reading them: measured here,
+# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. Only
+# the padding is streamed: streaming the hits' values (eight at a time through a small buffer,
+# or a whole staged cloud) measured slower than plain stores (21 and 20 vs 17.5 us an event).
+# LLVM's ``!nontemporal`` store (x86: vmovntdq; other targets lower it to what they have, at
+# worst a plain store), 8 floats at a 32-byte aligned address; the ends are written plainly.
+
+_VECTOR = 8  # floats per streaming store (32 bytes)
+
+
+def _nontemporal_store(builder, value, pointer):  # type: ignore[no-untyped-def]
+    store = builder.store(value, builder.bitcast(pointer, value.type.as_pointer()), align=4 * _VECTOR)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+@intrinsic
+def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
+    """8 float32 zeros to ``dst_address`` (32-byte aligned) with one streaming store."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        zeros = ir.Constant(vector, [0.0] * _VECTOR)
+        _nontemporal_store(builder, zeros, builder.inttoptr(args[0], vector.as_pointer()))
+        return context.get_dummy_value()
+    return types.void(types.uint64), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):  # type: ignore[no-untyped-def]
+    """Orders the streaming stores before anything this thread does next (they are weakly ordered)."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@_jit
+def _stream_zeros(row, used):  # type: ignore[no-untyped-def]
+    """``row[used:] = 0`` (float32, contiguous): plain stores up to a 32-byte boundary, then streamed."""
+    n = row.shape[0]
+    address = row.ctypes.data
+    start = n
+    if address % 4 == 0:
+        start = used + ((4 * _VECTOR - (address + 4 * used) % (4 * _VECTOR)) % (4 * _VECTOR)) // 4
+        start = min(n, start)
+    for j in range(np.uint64(used), np.uint64(start)):
+        row[j] = 0.0
+    at = np.uint64(address + 4 * start)
+    step = np.uint64(4 * _VECTOR)
+    j = start
+    while j + _VECTOR <= n:
+        _stream_zero8(at)
+        at += step
+        j += _VECTOR
+    for k in range(np.uint64(j), np.uint64(n)):
+        row[k] = 0.0
 
 
 @_jit
