@@ -13,6 +13,9 @@ the uint32 views of both against each other and against the per-hit Python refer
 * point clouds keep an over-full event's ``n_points`` earliest hits (NaN counts as +inf; equal
   times: the earlier in the file) in file order, zero-padded.
 
+Point clouds' zero padding is written with streaming (non-temporal) stores, which skip reading
+the output's cache lines from memory first (see "streaming stores" below); the values are the same.
+
 Indices are unsigned (``np.uint64``) where a loop does not start at 0: numba handles negative
 indices of signed ones with a branch per access, which keeps LLVM from vectorising the loop
 (zeroing a cloud's padding: 18 vs 8 us per 128 KB event). Ids are range-checked first.
@@ -25,7 +28,9 @@ cache directory, so a worker process loads it instead of compiling (about 1-2 s 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit  # type: ignore[import-untyped]
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types  # type: ignore[import-untyped]
+from numba.extending import intrinsic  # type: ignore[import-untyped]
 
 # Codes of a point-cloud channel's source (non-negative: a row of the per-PMT table).
 SOURCE_TIME = -1
@@ -142,25 +147,135 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
     for b in range(starts.shape[0]):
         first = starts[b]
         count = counts[b]
-        for i in range(first, first + count):
-            p = pmt[i]
-            if p < 0 or p >= num_pmts:
-                return i, truncated
+        bad = _first_bad_id(pmt, first, count, num_pmts)
+        if bad >= 0:
+            return bad, truncated
         used = min(count, n_points)
         cloud = out[b]
         if count > n_points:
             truncated += 1
             _earliest_hits(time, first, count, n_points, keys, work, kept)
-            for c in range(sources.shape[0]):
-                _fill_row_kept(cloud[c], sources[c], pmt, time, charge, table, kept, used)
-        else:  # channel by channel: each row written in order, one store stream at a time
-            for c in range(sources.shape[0]):
-                _fill_row(cloud[c], sources[c], pmt, time, charge, table, first, used)
-        for c in range(sources.shape[0]):  # loops, not slices: slice assignments compile several times slower
-            row = cloud[c]
-            for j in range(np.uint64(used), np.uint64(n_points)):
-                row[j] = 0.0
+            _fill_rows_kept(cloud, sources, pmt, time, charge, table, kept, used)
+        else:
+            _fill_rows(cloud, sources, pmt, time, charge, table, first, used)
+        for c in range(sources.shape[0]):
+            _stream_zeros(cloud[c], used)
+    _store_fence()
     return -1, truncated
+
+
+# ----------------------------------------------------------------------------- streaming stores
+# A batch of samples (32 MB of point clouds) does not stay in the cache, so ordinary stores
+# first read every output line from memory (read for ownership) and later write it back.
+# Non-temporal ("streaming") stores write whole lines without reading them: measured here,
+# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. Only
+# the padding is streamed: streaming the hits' values (eight at a time through a small buffer,
+# or a whole staged cloud) measured slower than plain stores (21 and 20 vs 17.5 us an event).
+# LLVM's ``!nontemporal`` store (x86: vmovntdq; other targets lower it to what they have, at
+# worst a plain store), 8 floats at a 32-byte aligned address; the ends are written plainly.
+
+_VECTOR = 8  # floats per streaming store (32 bytes)
+
+
+def _nontemporal_store(builder, value, pointer):  # type: ignore[no-untyped-def]
+    store = builder.store(value, builder.bitcast(pointer, value.type.as_pointer()), align=4 * _VECTOR)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+@intrinsic
+def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
+    """8 float32 zeros to ``dst_address`` (32-byte aligned) with one streaming store."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        zeros = ir.Constant(vector, [0.0] * _VECTOR)
+        _nontemporal_store(builder, zeros, builder.inttoptr(args[0], vector.as_pointer()))
+        return context.get_dummy_value()
+    return types.void(types.uint64), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):  # type: ignore[no-untyped-def]
+    """Orders the streaming stores before anything this thread does next (they are weakly ordered)."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@_jit
+def _stream_zeros(row, used):  # type: ignore[no-untyped-def]
+    """``row[used:] = 0`` (float32, contiguous): plain stores up to a 32-byte boundary, then streamed."""
+    n = row.shape[0]
+    address = row.ctypes.data
+    start = n
+    if address % 4 == 0:
+        start = used + ((4 * _VECTOR - (address + 4 * used) % (4 * _VECTOR)) % (4 * _VECTOR)) // 4
+        start = min(n, start)
+    for j in range(np.uint64(used), np.uint64(start)):
+        row[j] = 0.0
+    at = np.uint64(address + 4 * start)
+    step = np.uint64(4 * _VECTOR)
+    j = start
+    while j + _VECTOR <= n:
+        _stream_zero8(at)
+        at += step
+        j += _VECTOR
+    for k in range(np.uint64(j), np.uint64(n)):
+        row[k] = 0.0
+
+
+@_jit
+def _first_bad_id(pmt, first, count, num_pmts):  # type: ignore[no-untyped-def]
+    """-1, or the index of the first of hits ``first : first + count`` whose id is not in ``0 .. num_pmts - 1``.
+
+    The largest id seen as unsigned (a negative one wraps above any PMT count) is a reduction
+    LLVM vectorises; a loop that returns at the first bad id is not (3 vs 0.3 us an event of
+    3,000 hits). The slow search runs only when there is a bad id.
+    """
+    first, count = np.uint64(first), np.uint64(count)
+    largest = np.uint32(0)
+    for i in range(first, first + count):
+        largest = max(largest, np.uint32(pmt[i]))
+    if np.int64(largest) < num_pmts:
+        return -1
+    for i in range(first, first + count):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+    return -1
+
+
+@_jit
+def _fill_rows(cloud, sources, pmt, time, charge, table, first, used):  # type: ignore[no-untyped-def]
+    """``cloud[:, :used]`` from hits ``first : first + used``: three table rows per pass where they can be.
+
+    A position or orientation is three consecutive table columns going to three consecutive
+    rows: one pass over the hits reads each hit's three values from one table row (one cache
+    line) and writes the three rows side by side, instead of three passes that each fetch the
+    line again. Measured on 3,000-hit events (the default 8 channels): 26.4 -> ~16 us an event.
+    """
+    c = 0
+    channels = sources.shape[0]
+    while c < channels:
+        s = sources[c]
+        if s >= 0 and c + 2 < channels and sources[c + 1] == s + 1 and sources[c + 2] == s + 2:
+            _fill_rows3(cloud[c], cloud[c + 1], cloud[c + 2], table, s, pmt, first, used)
+            c += 3
+        else:
+            _fill_row(cloud[c], s, pmt, time, charge, table, first, used)
+            c += 1
+
+
+@_jit
+def _fill_rows3(row0, row1, row2, table, column, pmt, first, used):  # type: ignore[no-untyped-def]
+    """``row0..row2[:used]``: table columns ``column .. column + 2`` of hits ``first : first + used``."""
+    first, used, column = np.uint64(first), np.uint64(used), np.uint64(column)
+    one, two = np.uint64(1), np.uint64(2)
+    for j in range(used):
+        p = np.uint64(pmt[first + j])
+        row0[j] = table[p, column]
+        row1[j] = table[p, column + one]
+        row2[j] = table[p, column + two]
 
 
 @_jit
@@ -176,6 +291,26 @@ def _fill_row(row, source, pmt, time, charge, table, first, used):  # type: igno
     else:
         for j in range(used):
             row[j] = np.float32(charge[first + j])
+
+
+@_jit
+def _fill_rows_kept(cloud, sources, pmt, time, charge, table, kept, used):  # type: ignore[no-untyped-def]
+    """``cloud[:, :used]`` from hits ``kept[:used]``, three table rows per pass where they can be (as :func:`_fill_rows`)."""
+    c = 0
+    channels = sources.shape[0]
+    while c < channels:
+        s = sources[c]
+        if s >= 0 and c + 2 < channels and sources[c + 1] == s + 1 and sources[c + 2] == s + 2:
+            row0, row1, row2 = cloud[c], cloud[c + 1], cloud[c + 2]
+            for j in range(used):
+                p = pmt[kept[j]]
+                row0[j] = table[p, s]
+                row1[j] = table[p, s + 1]
+                row2[j] = table[p, s + 2]
+            c += 3
+        else:
+            _fill_row_kept(cloud[c], s, pmt, time, charge, table, kept, used)
+            c += 1
 
 
 @_jit
