@@ -161,8 +161,10 @@ class OpenedCheckpoint:
             strategy.load_state_dicts(model, optimizer, self.state)
 
 
-def open_checkpoint(path: Path, *, verify: bool = True) -> OpenedCheckpoint:
+def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> OpenedCheckpoint:
+    """``for_rank = (rank, world_size)`` of the reading process: a sharded checkpoint of the same world
+    size then reads only that rank's own state file."""
     path = Path(path)
     if path.is_dir():
-        return OpenedCheckpoint(path, read_sharded_state(path, verify=verify))
+        return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
     return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))

@@ -31,6 +31,7 @@ Safety: only tensors go through DCP (non-tensor leaves such as ``param_groups`` 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -485,7 +487,8 @@ class ShardedCheckpointManager:
         }
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True, overwrite=False)
         if not self.async_save:
-            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            with self._failures_named(tmp, final_name):
+                dcp.save(tensors, storage_writer=writer, process_group=self.group)
             return self._finish(tmp, meta, common if self.rank == 0 else {}, is_best)
         staged = dcp.async_save(tensors, storage_writer=writer, process_group=self.group)
         if self._executor is None:
@@ -495,8 +498,28 @@ class ShardedCheckpointManager:
         return self.directory / final_name if self.rank == 0 else None
 
     def _finish_after(self, upload: Any, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool) -> Path | None:
-        upload.result()
+        with self._failures_named(tmp, meta["name"]):
+            upload.result()
         return self._finish(tmp, meta, common, is_best)
+
+    @contextlib.contextmanager
+    def _failures_named(self, tmp: Path, final_name: str) -> Iterator[None]:
+        """A failed DCP write (every rank sees it: DCP reduces the ranks' errors) as one clear error;
+        the temporary directory goes (rank 0), ``latest`` still names the previous checkpoint."""
+        try:
+            yield
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = _read_pointer(self.directory, LATEST_POINTER)
+            kept = f" The previous checkpoint ({previous}) and the 'latest' pointer are intact." if previous else ""
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise CheckpointError(
+                f"could not write sharded checkpoint {self.directory / final_name}: {first_line}.{kept} "
+                "Check free disk space (lower checkpoint.keep_last) and that the filesystem is healthy."
+            ) from exc
 
     def _own_files(self, tmp: Path) -> list[Path]:
         """The files this rank wrote: its DCP shards, its rank file (rank 0: also metadata and common)."""
@@ -600,8 +623,11 @@ def _load_pt(path: Path) -> Any:
     return _torch_load_safely(path, "cpu")
 
 
-def read_sharded_state(path: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Everything but the model and optimizer tensors: the common state plus every rank's own state."""
+def read_sharded_state(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Everything but the model and optimizer tensors: the common state plus the ranks' own states.
+
+    ``for_rank = (rank, world_size)``: when the checkpoint has that world size only this rank's own
+    state is read (the others are None); otherwise all of them (a new world size merges them)."""
     path = Path(path)
     if verify:
         problem = verify_sharded_checkpoint(path)
@@ -614,7 +640,8 @@ def read_sharded_state(path: Path, *, verify: bool = True) -> dict[str, Any]:
     if not isinstance(common, dict):
         raise CheckpointError(f"{path / COMMON_NAME} is not a dtrain checkpoint dict.")
     world = int(common.get("world_size") or 1)
-    common["rank_states"] = [_load_pt(path / rank_file_name(r)) for r in range(world)]
+    wanted = range(world) if for_rank is None or for_rank[1] != world else [for_rank[0]]
+    common["rank_states"] = [_load_pt(path / rank_file_name(r)) if r in wanted else None for r in range(world)]
     return common
 
 

@@ -286,7 +286,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         return {"rng": capture_rng(), "meter": _plain_sums(self.meter.local_sums())}
 
-    def _restore_rank_state(self, rank_states: list[dict[str, Any]]) -> None:
+    def _restore_rank_state(self, rank_states: list[Any]) -> None:
         if len(rank_states) == self.dist.world_size:
             mine = rank_states[self.dist.rank]
             restore_rng(mine["rng"])
@@ -365,7 +365,7 @@ class Trainer:
         if path is None:
             return None
         # Rank 0 checks sizes and sha256s (of every shard) before anything is loaded.
-        opened = open_checkpoint(path, verify=self.dist.is_main)
+        opened = open_checkpoint(path, verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
         state = opened.state
         diffs = incompatible_changes(state.get("config", {}), config_to_dict(self.cfg))
         if diffs:

@@ -438,3 +438,25 @@ def test_random_sigkills_of_an_fsdp_job_never_leave_an_unloadable_latest(tmp_pat
     for name, tensor in expected["model"].items():
         assert torch.equal(final["model"][name], tensor), name
     assert metric_history(run_dir) == metric_history(tmp_path / "ref")
+
+
+def test_disk_full_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    writer = manager(tmp_path)
+    model, optimizer = trained(9)
+    previous = save(writer, model, optimizer, step=1)
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_fs, "_write_item", disk_full)
+    with pytest.raises(CheckpointError) as info:
+        save(writer, model, optimizer, step=2)
+    message = str(info.value)
+    assert "could not write sharded checkpoint" in message and "No space left on device" in message
+    assert f"The previous checkpoint ({previous.name})" in message
+    assert pointer(tmp_path) == previous.name and latest_valid_checkpoint(tmp_path) == previous
+    assert list(tmp_path.glob(".ckpt-*.tmp")) == [] and not (tmp_path / "ckpt-e0000-s00000002").exists()
