@@ -358,6 +358,15 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     a, b = json.loads(from_sharded.stdout), json.loads(from_export.stdout)
     assert {k: v for k, v in a.items() if k != "checkpoint"} == {k: v for k, v in b.items() if k != "checkpoint"}
     assert a["test/loss"] == pytest.approx(records(run_dir, "test")[-1]["test/loss"], abs=1e-6)  # 1 process vs 2 ranks
+    best = dtrain("eval", str(run_dir), "--checkpoint", "best", "--json", cwd=tmp_path)
+    assert_ok(best)
+    assert Path(json.loads(best.stdout)["checkpoint"]).name == pointer(checkpoints, BEST_POINTER)
+
+    # A config change the checkpoint cannot follow is refused before anything is loaded or written.
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    refused = dtrain(*args, "--set", "train.epochs=3", "--set", "model.hidden=[16, 16]", cwd=tmp_path)
+    assert refused.returncode == 2 and "model.hidden: [32, 32] -> [16, 16]" in refused.stdout + refused.stderr
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before and pointer(checkpoints) == final.name
 
 
 @pytest.mark.slow
