@@ -469,3 +469,15 @@ def test_disk_full_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path:
     assert f"The previous checkpoint ({previous.name})" in message
     assert pointer(tmp_path) == previous.name and latest_valid_checkpoint(tmp_path) == previous
     assert list(tmp_path.glob(".ckpt-*.tmp")) == [] and not (tmp_path / "ckpt-e0000-s00000002").exists()
+
+
+def test_launch_resume_accepts_a_sharded_checkpoint_directory_only_with_a_manifest(tmp_path: Path) -> None:
+    data = make_image_h5(tmp_path / "d.h5", events=100)
+    cfg = fsdp_config(tmp_path, "r", data)
+    model, optimizer = trained(10)
+    path = save(manager(tmp_path / "old" / "checkpoints"), model, optimizer, step=3)
+    ok = dtrain("launch", str(cfg), "--gpus", "cpu", "--resume", str(path), "--dry-run", cwd=tmp_path)
+    assert_ok(ok)
+    (path / MANIFEST_NAME).unlink()
+    refused = dtrain("launch", str(cfg), "--gpus", "cpu", "--resume", str(path), "--dry-run", cwd=tmp_path)
+    assert refused.returncode == 2 and "no such checkpoint" in refused.stderr and "Traceback" not in refused.stderr
