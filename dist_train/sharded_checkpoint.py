@@ -390,6 +390,7 @@ class ShardedCheckpointManager:
         self._saves = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future[Path | None] | None = None
+        self._stager: Any = None
         if self.rank == 0:
             self._ensure_directory()
             self.remove_stale_temp_dirs()
@@ -490,12 +491,27 @@ class ShardedCheckpointManager:
             with self._failures_named(tmp, final_name):
                 dcp.save(tensors, storage_writer=writer, process_group=self.group)
             return self._finish(tmp, meta, common if self.rank == 0 else {}, is_best)
-        staged = dcp.async_save(tensors, storage_writer=writer, process_group=self.group)
+        staged = dcp.async_save(tensors, storage_writer=writer, process_group=self.group, async_stager=self._async_stager())
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-ckpt")
         upload = staged.upload_completion if hasattr(staged, "upload_completion") else staged
         self._pending = self._executor.submit(self._finish_after, upload, tmp, meta, common if self.rank == 0 else {}, is_best)
         return self.directory / final_name if self.rank == 0 else None
+
+    def _async_stager(self) -> Any:
+        """One stager for the manager's life: it keeps its CPU (pinned, with CUDA) buffers per storage, so
+        every save after the first is a plain copy instead of fresh allocations. Reuse is safe because a
+        save first waits for the previous write. None (DCP's default, a fresh copy) where torch lacks it."""
+        if self._stager is None:
+            try:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            except ImportError:
+                return None
+            gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(
+                StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=gpu)
+            )
+        return self._stager
 
     def _finish_after(self, upload: Any, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool) -> Path | None:
         with self._failures_named(tmp, meta["name"]):
@@ -595,6 +611,9 @@ class ShardedCheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
 
 
 _COMMON_META_KEYS = (

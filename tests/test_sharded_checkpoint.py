@@ -481,3 +481,17 @@ def test_launch_resume_accepts_a_sharded_checkpoint_directory_only_with_a_manife
     (path / MANIFEST_NAME).unlink()
     refused = dtrain("launch", str(cfg), "--gpus", "cpu", "--resume", str(path), "--dry-run", cwd=tmp_path)
     assert refused.returncode == 2 and "no such checkpoint" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_async_reused_staging_buffers_never_leak_into_an_earlier_checkpoint(tmp_path: Path) -> None:
+    writer = manager(tmp_path, async_save=True, keep_last=0)
+    weights = {"w": torch.zeros(1000), "b": torch.zeros(10)}
+    common = {"epoch": 0, "world_size": 1, "config": {}}
+    first = writer.save({"model": weights}, {**common, "step": 1}, {}, epoch=0, step=1)
+    weights["w"].fill_(1.0)
+    second = writer.save({"model": weights}, {**common, "step": 2}, {}, epoch=0, step=2)  # waits for `first`, reuses its buffers
+    weights["w"].fill_(2.0)
+    writer.close()
+    assert first is not None and second is not None
+    assert torch.equal(consolidate(first)["model"]["w"], torch.zeros(1000))
+    assert torch.equal(consolidate(second)["model"]["w"], torch.ones(1000))
