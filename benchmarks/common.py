@@ -207,8 +207,11 @@ def dtrain_config(
     log_every: int = 50,
     precision: str = "fp32",
     checkpoint: bool = False,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """A dtrain config for benchmarking: no val/test split, no normalisation, no TensorBoard."""
+    """A dtrain config for benchmarking: no val/test split, no normalisation, no TensorBoard.
+
+    ``extra``: more keys per section (``{"train": {"strategy": "fsdp"}, "fsdp": {...}}``), merged in."""
     from dist_train.config import dumps_toml
 
     sections: dict[str, dict[str, Any]] = {
@@ -235,6 +238,8 @@ def dtrain_config(
     }
     if workload.targets:
         sections["task"] = {"name": "regression", "targets": list(workload.targets), "loss": "mse"}
+    for name, values in (extra or {}).items():
+        sections.setdefault(name, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dumps_toml(sections))
     return path

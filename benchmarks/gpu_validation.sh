@@ -10,6 +10,9 @@
 #   compare     benchmarks/compare.py --device cuda, bf16 then fp16, 1 process (one GPU: NCCL cannot run two ranks on it)
 #   loader      benchmarks/h5_loader.py (CPU only; this machine's cores are otherwise idle)
 #   startup     compare.py start-up section on the GPU
+#   fsdp        sharded training on the GPU, world size 1 (one GPU): tests/test_fsdp.py, then benchmarks/fsdp.py
+#               --device cuda --quick (dtrain fsdp vs ddp in bf16 on CUDA, sharded and async DCP saves from GPU
+#               memory, checked to hold the values of the save moment); skipped without CUDA; ~5 min on an H100
 #   suite       the default test suite (must pass with a GPU present too)
 # Needs torch with CUDA, h5py, nvidia-ml-py, accelerate, lightning, tensorboard, click, psutil, tqdm,
 # matplotlib, pytest, pytest-timeout in `python3` (or $PYTHON); dtrain runs from this checkout.
@@ -17,7 +20,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-validation}
 shift || true
-STEPS=${*:-env tests checkpoint compare loader startup suite}
+STEPS=${*:-env tests checkpoint compare loader startup fsdp suite}
 PY=${PYTHON:-python3}
 COMPARE_ARGS=${COMPARE_ARGS:-}  # e.g. "--quick --repeats 1"
 PRECISIONS=${PRECISIONS:-bf16 fp16}
@@ -56,6 +59,12 @@ for name in $STEPS; do
             done ;;
         loader) step loader $PY benchmarks/h5_loader.py ;;
         startup) step startup $PY benchmarks/compare.py --device cuda --sections startup ${STARTUP_ARGS:-} ;;
+        fsdp) if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+                step fsdp_tests $PY -m pytest -v -p no:cacheprovider --timeout 300 tests/test_fsdp.py ${FSDP_TEST_ARGS:-}
+                step fsdp $PY benchmarks/fsdp.py --device cuda --quick --json "$OUT_DIR/fsdp.json" ${FSDP_ARGS:-}
+            else
+                echo "=== fsdp: skipped, torch sees no CUDA device"
+            fi ;;
         suite) step suite $PY -m pytest -q -p no:cacheprovider -x --timeout 300 ;;
         *) echo "unknown step $name" ;;
     esac

@@ -4,9 +4,9 @@ A hit-list file with realistic occupancy (2,000-4,000 hits per event, uniform; t
 616 mPMT modules of 19 PMTs; about 1% of hits repeat a PMT) is read in the training sampler's
 random order, as mPMT images (38x16x40) and as point clouds (8x4000), by:
 
-  dtrain-w0     dtrain's loader (``make_loader``, ``data.format = "hits"``), num_workers 0: each batch's
-                hit ranges gathered from memory maps, the batch built by vectorised scatters, in the
-                calling thread;
+  dtrain-w0     dtrain's loader (``make_loader``, ``data.format = "hits"``), num_workers 0: each batch
+                built from the memory-mapped hit arrays in the calling thread (``--builder``: numba's
+                fused pass per event when it imports, else numpy's vectorised scatters);
   dtrain-w2     the same with num_workers 2 (``worker_mode = "auto"``: reader threads on these contiguous
                 hit arrays, as many as there are other CPUs);
   dtrain-p2     the same with 2 fork worker processes (``worker_mode = "process"``), for information;
@@ -20,7 +20,7 @@ random order, as mPMT images (38x16x40) and as point clouds (8x4000), by:
 The consumer only takes each batch's length: the loader's own cost. Files are freshly written, so
 they are in the page cache: this measures CPU cost, not the disk.
 
-    python benchmarks/hits_loader.py [--quick] [--dir DIR] [--batch 256]
+    python benchmarks/hits_loader.py [--quick] [--dir DIR] [--batch 256] [--builder auto|numba|numpy]
 
 Ends with RESULT lines: dtrain (0 and 2 workers) >= 10x the per-event reader and >= 0.5x the
 converted-sample read of the same worker count, for images and for point clouds.
@@ -48,7 +48,7 @@ from benchmarks.common import BENCH_DIR, load_average, machine_summary, result_l
 from dist_train.config import DataConfig  # noqa: E402
 from dist_train.data.convert_hits import convert_hits  # noqa: E402
 from dist_train.data.dataset import H5Split  # noqa: E402
-from dist_train.data.hits import HitSpec  # noqa: E402
+from dist_train.data.hits import HitSpec, builder_kind  # noqa: E402
 from dist_train.data.loader import make_loader  # noqa: E402
 from dist_train.data.synth_hits import demo_geometry  # noqa: E402
 from dist_train.sampler import IndexBatch, ResumableDistributedBatchSampler  # noqa: E402
@@ -177,9 +177,9 @@ def samples_per_s(run: Callable[[], int]) -> float:
 
 
 def measure(hits: Path, converted: Path, geometry: Path, representation: str, batch: int, samples: int,
-            repeats: int) -> dict[str, float]:
+            repeats: int, builder: str = "auto") -> dict[str, float]:
     """Events/s of each reader (best of ``repeats``); readers take turns so load bursts hit them alike."""
-    spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS)
+    spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS, builder=builder)
     with h5py.File(hits, "r") as f:
         n = len(f["event_hits_index"])
     batches = fixed_batches(n, batch, samples)
@@ -227,12 +227,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller files and fewer events (a few minutes)")
     ap.add_argument("--dir", type=Path, default=BENCH_DIR, help="scratch directory for the test files (removed after)")
     ap.add_argument("--batch", type=int, default=256, help="events per batch")
+    ap.add_argument("--builder", choices=["auto", "numba", "numpy"], default="auto",
+                    help="dtrain's hit-list builder (auto: numba when it imports)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     events = 3_000 if args.quick else 12_000
     samples = 1_536 if args.quick else 6_144
     repeats = 3 if args.quick else 5
     print(machine_summary())
+    print(f"dtrain hit-list builder: {builder_kind(args.builder)} (--builder {args.builder})")
     args.dir.mkdir(parents=True, exist_ok=True)
     results: list[str] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -254,7 +257,7 @@ def main() -> None:
                 converted = Path(tmp) / f"{short}.h5"
                 spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS)
                 convert_hits(hits, converted, spec, progress=False)
-                r = measure(hits, converted, geometry, representation, args.batch, samples, repeats)
+                r = measure(hits, converted, geometry, representation, args.batch, samples, repeats, args.builder)
                 print(f"  {representation:>14}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  {r['dtrain-p2']:>10.0f}  "
                       f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
                       f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "

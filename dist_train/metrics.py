@@ -7,6 +7,7 @@ The task metrics (loss, accuracy, regression errors) are sums and counts kept by
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,3 +81,36 @@ def rss_anon_mb() -> float | None:
     except OSError:
         return None
     return None
+
+
+def _tensors_bytes(tensors: Iterable[object]) -> int:
+    """Bytes this rank holds of ``tensors``: a DTensor's (FSDP2's) own shard, any other tensor whole."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 has no public DTensor, and no FSDP2 strategy in dtrain either
+        DTensor = ()  # type: ignore[assignment,misc]  # noqa: N806
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            held = t.to_local() if isinstance(t, DTensor) else t
+            total += held.numel() * held.element_size()
+    return total
+
+
+def training_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """This rank's share of what training keeps between steps: parameters, gradients, optimizer state (MiB).
+
+    Call it after the optimizer's step and before ``zero_grad``: gradients and the optimizer's
+    state (Adam's moments) exist then. Under DDP every rank holds all of it; under FSDP each rank
+    holds its shards, about 1/world of each. Communication buffers (DDP's gradient buckets, FSDP's
+    all-gathered units) and activations are not state: they show in the peak memory instead.
+    """
+    params = list(model.parameters())
+    optimizer_tensors = (v for per_param in optimizer.state.values() for v in per_param.values())
+    state = {
+        "memory/params_mb": _tensors_bytes(params) / 2**20,
+        "memory/grads_mb": _tensors_bytes(p.grad for p in params) / 2**20,
+        "memory/optimizer_mb": _tensors_bytes(optimizer_tensors) / 2**20,
+    }
+    state["memory/state_mb"] = sum(state.values())
+    return state

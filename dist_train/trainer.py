@@ -32,6 +32,7 @@ from dist_train.config import Config, config_to_dict
 from dist_train.distributed import (
     AsyncFlags,
     DistInfo,
+    all_reduce_max,
     barrier,
     broadcast_object,
     new_cpu_group,
@@ -40,7 +41,7 @@ from dist_train.distributed import (
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
-from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb
+from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
 from dist_train.preempt import PreemptionHandler, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
@@ -183,6 +184,7 @@ class Trainer:
         self.counters = TrainerCounters()
         self.meter = MetricSums(self.device)
         self.timer = StepTimer()
+        self._state_mb: dict[str, float] | None = None  # this rank's parameters/gradients/optimizer state
         self.control_group = new_cpu_group(cfg.checkpoint.barrier_timeout)
         # On NCCL the flags travel over the CPU group, so reading them never waits for the GPU; on
         # gloo a second group would only compete with the gradient all-reduce for the same cores.
@@ -420,6 +422,8 @@ class Trainer:
             self.strategy.clip_grad_norm(self.model, self.cfg.train.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self._state_mb is None and self.optimizer.state:  # once: gradients and Adam's moments exist now
+            self._state_mb = training_state_mb(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_batch()
         self.counters.step += 1
@@ -550,10 +554,16 @@ class Trainer:
             metrics.update(self.evaluate("val"))
         metrics["lr"] = self.scheduler.lr()
         metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        metrics.update(self._largest_rank_memory())
         anon = rss_anon_mb()
         if anon is not None:
             metrics["rss_anon_mb"] = anon
         return metrics
+
+    def _largest_rank_memory(self) -> dict[str, float]:
+        """``memory/*``: the largest value over the ranks (the rank that must fit the device) of the peak
+        memory (CUDA: max allocated; CPU: peak RSS) and of the parameter/gradient/optimizer-state MiB."""
+        return all_reduce_max({"memory/peak_mb": peak_memory_mb(self.device), **(self._state_mb or {})})
 
     def _check_monitors(self, reported: list[str]) -> None:
         """checkpoint.monitor and sched.monitor must name a metric the run reports (any task's)."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -21,6 +26,7 @@ from tests.helpers.hits import (
     random_geometry,
     reference_cloud,
     reference_image,
+    same_bits,
     write_geometry,
     write_hit_file,
 )
@@ -43,6 +49,18 @@ def spec(geo: Path, **kw: object) -> HitSpec:
     return HitSpec(geometry_file=str(geo), pmts_per_module=PPM, **kw)  # type: ignore[arg-type]
 
 
+def needs(kind: str) -> str:
+    """The builder ``kind``; skips where numba is missing (the test extra installs it, so CI runs both)."""
+    if kind == "numba":
+        pytest.importorskip("numba")
+    return kind
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def builder(request: pytest.FixtureRequest) -> str:
+    return needs(request.param)
+
+
 def test_concat_ranges_equals_the_loop() -> None:
     starts = np.array([5, 0, 9, 3, 3], dtype=np.int64)
     counts = np.array([2, 0, 3, 1, 0], dtype=np.int64)
@@ -59,58 +77,169 @@ def test_earliest_hits_mask_keeps_the_earliest_with_file_order_ties() -> None:
     assert keep.tolist() == [False, True, True, False, True, True, True, False, True]
 
 
-@pytest.fixture(params=["one block", "blocks of 1 event", "blocks of 3 events"])
-def block_bytes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches are built in cache-sized blocks of events: one block, and many (as real images give)."""
-    sample_bytes = {"one block": 1 << 30, "blocks of 1 event": 1, "blocks of 3 events": 3}[request.param]
+@pytest.fixture(params=["numpy, one block", "numpy, blocks of 1 event", "numpy, blocks of 3 events", "numba"])
+def block_builder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both builders; numpy's builds batches in cache-sized blocks of events: one block, and many (as real images give)."""
+    if request.param == "numba":
+        return needs("numba")
+    sample_bytes = {"one block": 1 << 30, "blocks of 1 event": 1, "blocks of 3 events": 3}[request.param.split(", ")[1]]
     if sample_bytes == 3:
         monkeypatch.setattr(hits, "BLOCK_BYTES", 3 * 4 * 2 * PPM * 5 * 4 + 1)  # 3 images of (2 * PPM, 5, 4) float32
     else:
         monkeypatch.setattr(hits, "BLOCK_BYTES", sample_bytes)
+    return "numpy"
 
 
-@pytest.mark.usefixtures("block_bytes")
 @pytest.mark.parametrize("channels", [(), ("time",), ("charge",), ("time", "charge")])
-def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[str, ...]) -> None:
+def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[str, ...], block_builder: str) -> None:
     data, geo, geometry, events = hit_setup
-    reader = HitReader(data, spec(geo, channels=channels))
+    reader = HitReader(data, spec(geo, channels=channels, builder=block_builder))
     chans = channels or ("charge", "time")
     rows = np.array([3, 1, 0, 39, 1, 17, 6, 6, 22], dtype=np.int64)  # unsorted, empty events, duplicates, the last event
     got = reader.read(rows)
     assert got.shape == (len(rows), PPM * len(chans), 5, 4) and got.dtype == np.float32
+    assert (reader._builder.kernels is not None) == (block_builder == "numba")  # type: ignore[union-attr]
     for b, row in enumerate(rows):
         expected = reference_image(events[row], geometry["mpmt_image_positions"], PPM, chans)
-        assert np.array_equal(got[b], expected), f"event {row}"
+        assert same_bits(got[b], expected), f"event {row}"
     assert not got[1].any(), "an empty event is an all-zero image"
     # events really have a PMT hit twice, so the add / earliest-time rules were exercised
     assert any(len(np.unique(events[r][0])) < len(events[r][0]) for r in rows)
 
 
-@pytest.mark.usefixtures("block_bytes")
 @pytest.mark.parametrize("n_points", [7, 25, 80, 500])  # truncating, full, sparse (the scatter path)
 @pytest.mark.parametrize("channels", [(), ("charge", "time"), ("orientation", "charge")])
-def test_point_clouds_equal_the_per_hit_reference(hit_setup: tuple, n_points: int, channels: tuple[str, ...]) -> None:
+def test_point_clouds_equal_the_per_hit_reference(hit_setup: tuple, n_points: int, channels: tuple[str, ...],
+                                                  block_builder: str) -> None:
     data, geo, geometry, events = hit_setup
-    reader = HitReader(data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels))
+    reader = HitReader(data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels,
+                                  builder=block_builder))
     chans = channels or ("position", "orientation", "time", "charge")
     rows = np.arange(40)[::-1].copy()
     got = reader.read(rows)
     for b, row in enumerate(rows):
-        assert np.array_equal(got[b], reference_cloud(events[row], geometry, n_points, chans)), f"event {row}"
+        assert same_bits(got[b], reference_cloud(events[row], geometry, n_points, chans)), f"event {row}"
     over = sum(len(events[r][0]) > n_points for r in rows)
     assert reader.truncated_events == over
     if n_points == 7:
         assert over > 10, "the test must truncate events"
 
 
-def test_chunked_and_contiguous_hit_arrays_give_the_same_samples(hit_setup: tuple, tmp_path: Path) -> None:
+def test_chunked_and_contiguous_hit_arrays_give_the_same_samples(hit_setup: tuple, tmp_path: Path, builder: str) -> None:
     data, geo, _, events = hit_setup
     chunked = write_hit_file(tmp_path / "chunked.h5", events, chunked=True)
     rows = np.random.default_rng(1).integers(0, 40, 64)
-    for s in (spec(geo), spec(geo, representation="point_cloud", n_points=20)):
+    for s in (spec(geo, builder=builder), spec(geo, representation="point_cloud", n_points=20, builder=builder)):
         fast, slow = HitReader(data, s), HitReader(chunked, s)
         assert fast.uses_memmap and not slow.uses_memmap
-        assert np.array_equal(fast.read(rows), slow.read(rows))
+        assert same_bits(fast.read(rows), slow.read(rows))
+
+
+def test_other_dtypes_give_the_same_samples_with_both_builders(hit_setup: tuple, tmp_path: Path) -> None:
+    """int64 / uint16 ids, big-endian and float64 times and charges: cast as the numpy builder reads them.
+
+    The compiled builder reads int32 / float32 memory maps directly and gathers anything else.
+    """
+    data, geo, geometry, events = hit_setup
+    with h5py.File(data, "r") as f:
+        arrays = {k: f[k][...] for k in f}
+    odd = tmp_path / "odd.h5"
+    for pmt_dtype, time_dtype, charge_dtype in (("<i8", ">f4", "<f8"), ("<u2", "<f8", ">f4")):
+        with h5py.File(odd, "w") as f:
+            for k, v in arrays.items():
+                f[k] = v
+            del f["hit_pmt"], f["hit_time"], f["hit_charge"]
+            f.create_dataset("hit_pmt", data=arrays["hit_pmt"].astype(pmt_dtype))
+            f.create_dataset("hit_time", data=arrays["hit_time"].astype(time_dtype))
+            f.create_dataset("hit_charge", data=arrays["hit_charge"].astype(charge_dtype))
+        rows = np.random.default_rng(2).integers(0, 40, 50)
+        for kw in ({}, {"representation": "point_cloud", "n_points": 9}):
+            got = {kind: HitReader(odd, spec(geo, builder=needs(kind), **kw)).read(rows) for kind in ("numpy", "numba")}
+            assert same_bits(got["numpy"], got["numba"]), (pmt_dtype, time_dtype, charge_dtype, kw)
+            if not kw:
+                for b in (0, 1, 2):
+                    expected = reference_image(events[int(rows[b])], geometry["mpmt_image_positions"], PPM)
+                    assert same_bits(got["numba"][b], expected)
+
+
+def test_special_times_follow_the_documented_rules(tmp_path: Path, builder: str) -> None:
+    """NaN, +-inf and -0.0 / +0.0 times on PMTs hit several times, with both builders, to the bit."""
+    rng = np.random.default_rng(11)
+    geometry = random_geometry(rng, modules=4, height=3, width=3, pmts_per_module=PPM)
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    specials = [
+        ([1, 1], [-0.0, 0.0]), ([1, 1], [0.0, -0.0]), ([2, 2, 2], [3.0, nan, 1.0]), ([2, 2], [nan, 1.0]),
+        ([3, 3], [inf, 5.0]), ([3], [inf]), ([4, 4, 5], [-inf, 2.0, inf]), ([0, 6, 0, 6, 0], [nan, nan, inf, -0.0, 0.0]),
+    ]
+    events = [(np.array(p, np.int32), np.array(t, np.float32), rng.exponential(1.0, len(p)).astype(np.float32))
+              for p, t in specials]
+    data = write_hit_file(tmp_path / "special.h5", events)
+    geo = write_geometry(tmp_path / "g.npz", geometry)
+    rows = np.arange(len(events))
+    images = HitReader(data, spec(geo, builder=builder)).read(rows)
+    clouds = HitReader(data, spec(geo, representation="point_cloud", n_points=2, builder=builder)).read(rows)
+    for row in rows:
+        assert same_bits(images[row], reference_image(events[row], geometry["mpmt_image_positions"], PPM)), f"event {row}"
+        assert same_bits(clouds[row], reference_cloud(events[row], geometry, 2)), f"event {row}"
+    assert np.signbit(images[0, PPM + 1]).any() == False  # noqa: E712  (-0.0 then +0.0: the later +0.0)
+    assert np.signbit(images[1]).any(), "+0.0 then -0.0: the later -0.0"
+
+
+def test_builder_selection_falls_back_to_numpy_without_numba(hit_setup: tuple) -> None:
+    """One place picks the builder: numba when it imports, else numpy (logged once); "numba" without it is an error."""
+    data, geo, _, _ = hit_setup
+    numba_here = importlib.util.find_spec("numba") is not None
+    assert hits.builder_kind("auto") == ("numba" if numba_here else "numpy")
+    assert hits.builder_kind("numpy") == "numpy"
+    with pytest.raises(ValueError, match="unknown hit-list builder 'fast'"):
+        hits.builder_kind("fast")
+    script = textwrap.dedent(f"""
+        import logging, sys
+        sys.modules["numba"] = None  # what `import numba` meets where it is not installed
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        import numpy as np
+        from dist_train.data import hits
+        from dist_train.errors import DataError
+        assert hits.builder_kind("auto") == "numpy"
+        s = hits.HitSpec(geometry_file={str(geo)!r}, pmts_per_module={PPM})
+        reader = hits.HitReader({str(data)!r}, s)
+        images = reader.read(np.arange(40))
+        assert reader._builder.kernels is None
+        np.save(sys.argv[1], images)
+        try:
+            hits.builder_kind("numba")
+        except DataError as exc:
+            print("ERROR", exc)
+    """)
+    out = data.parent / "fallback.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("samples built by the numpy builder (numba is not importable") == 1, done.stderr
+    assert "ERROR The numba hit-list builder was requested but numba is not importable" in done.stdout
+    assert same_bits(np.load(out), HitReader(data, spec(geo)).read(np.arange(40)))
+
+
+@pytest.mark.slow  # compiles a kernel without the cache: seconds
+def test_compiled_builder_works_where_no_cache_can_be_written(hit_setup: tuple) -> None:
+    """No writable cache location (read-only install, no home): numba compiles in memory instead of failing."""
+    needs("numba")
+    data, geo, _, _ = hit_setup
+    script = textwrap.dedent(f"""
+        import sys
+        import numba.core.caching
+        numba.core.caching.CacheImpl._locator_classes = []  # no cache directory is usable
+        import numpy as np
+        from dist_train.data import hits, hits_jit
+        assert type(hits_jit.build_images._cache).__name__ == "NullCache"
+        reader = hits.HitReader({str(data)!r}, hits.HitSpec(geometry_file={str(geo)!r}, pmts_per_module={PPM}, builder="numba"))
+        np.save(sys.argv[1], reader.read(np.arange(40)))
+    """)
+    out = data.parent / "nocache.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert same_bits(np.load(out), HitReader(data, spec(geo, builder="numpy")).read(np.arange(40)))
 
 
 def test_reader_pickles_without_handles_and_reads_after(hit_setup: tuple) -> None:
@@ -125,28 +254,36 @@ def test_reader_pickles_without_handles_and_reads_after(hit_setup: tuple) -> Non
     reader.close()
 
 
-def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("representation", ["mpmt_image", "point_cloud"])
+def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path, builder: str, representation: str) -> None:
     rng = np.random.default_rng(0)
     geometry = random_geometry(rng, modules=4, height=3, width=3, pmts_per_module=PPM)
     events = random_events(rng, 6, 4 * PPM, max_hits=10)
     events[3] = (np.array([0, 4 * PPM], np.int32), np.zeros(2, np.float32), np.ones(2, np.float32))
+    events[5] = (np.array([0, 1, -1], np.int32), np.zeros(3, np.float32), np.ones(3, np.float32))
     data = write_hit_file(tmp_path / "bad.h5", events)
-    reader = HitReader(data, spec(write_geometry(tmp_path / "g.npz", geometry)))
+    reader = HitReader(data, spec(write_geometry(tmp_path / "g.npz", geometry), builder=builder,
+                                  representation=representation))
     reader.read(np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"PMT id 12 is outside the geometry, which has 12 PMTs"):
         reader.read(np.array([2, 3]))
+    with pytest.raises(DataError, match=r"PMT id -1 is outside the geometry"):
+        reader.read(np.array([4, 5]))
 
 
-def test_reader_threads_share_one_reader_once_it_is_open(hit_setup: tuple) -> None:
+@pytest.mark.parametrize("representation", ["mpmt_image", "point_cloud"])
+def test_reader_threads_share_one_reader_once_it_is_open(hit_setup: tuple, builder: str, representation: str) -> None:
     """The loader opens the reader (sample_shape) and then lets reader threads call read() at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     data, geo, _, _ = hit_setup
+    s = spec(geo, builder=builder, representation=representation, n_points=20)
     batches = [np.random.default_rng(i).integers(0, 40, 16) for i in range(24)]
-    expected = [HitReader(data, spec(geo)).read(rows) for rows in batches]
+    expected = [HitReader(data, spec(geo, representation=representation, n_points=20, builder="numpy")).read(rows)
+                for rows in batches]
     for _ in range(3):
-        shared = HitReader(data, spec(geo))
+        shared = HitReader(data, s)
         shared.sample_shape()
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(shared.read, batches))
-        assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+        assert all(same_bits(a, b) for a, b in zip(expected, got, strict=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -70,6 +72,21 @@ def test_config_keys_are_checked_with_hints() -> None:
         config_from_dict({"data": {"format": "hit"}})
     cfg = config_from_dict({"data": {"format": "hits", "geometry_file": "g.npz", "hit_keys": {"pmt": "tube"}}})
     assert cfg.data.hit_keys == {"index": "event_hits_index", "pmt": "tube", "time": "hit_time", "charge": "hit_charge"}
+
+
+def test_launch_checks_do_not_import_numba(files: tuple) -> None:
+    """The launcher's checks of a hit-list file use the numpy builder's tables: no numba import (~1.3 s) there."""
+    data, geo, _, _ = files
+    raw = {"data": {"path": str(data), "format": "hits", "geometry_file": str(geo), "pmts_per_module": PPM},
+           "model": {"num_classes": 3}}
+    code = ("import sys; from dist_train.config import config_from_dict; "
+            "from dist_train.data.preflight import preflight_check; "
+            f"info = preflight_check(config_from_dict({raw!r}, 'test')); "
+            f"assert info.sample_shape == {(2 * PPM, 4, 5)!r}, info.sample_shape; "
+            "sys.exit(3 if 'numba' in sys.modules else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr or "numba was imported"
 
 
 def test_preflight_describes_the_samples(files: tuple, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ launch` as a user would and compares the checkpoints and metric histories of FSD
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from pathlib import Path
@@ -134,6 +135,7 @@ def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dic
         assert "activation checkpointing, CPU offload" in log
     assert_close_state(load_final_model(fsdp_dir), load_final_model(ddp_dir))
     assert_close_history(fsdp_dir, ddp_dir)
+    assert_state_memory_is_sharded(fsdp_dir, ddp_dir, nproc)
     test_a, test_b = records(fsdp_dir, "test"), records(ddp_dir, "test")
     assert test_a[0]["test/loss"] == pytest.approx(test_b[0]["test/loss"], abs=1e-5)
     if nproc == 2:
@@ -141,6 +143,22 @@ def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dic
         out = dtrain("eval", str(fsdp_dir), "--split", "test", "--json", cwd=tmp_path)
         assert_ok(out)
         assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_a[0]["test/loss"], abs=1e-6)
+
+
+def assert_state_memory_is_sharded(fsdp_dir: Path, ddp_dir: Path, nproc: int) -> None:
+    """The epoch records' ``memory/*``: DDP ranks hold every parameter, gradient and momentum buffer;
+    the largest FSDP rank holds its dim-0 shard of each (rank 0's, ceil(rows / ranks) rows)."""
+    shapes = [tuple(t.shape) for t in load_final_model(ddp_dir)["model"].values()]
+    whole = sum(math.prod(shape) * 4 for shape in shapes) / 2**20  # fp32
+    shard = sum(-(-shape[0] // nproc) * math.prod(shape[1:]) * 4 for shape in shapes) / 2**20
+    for run_dir, expected in ((ddp_dir, whole), (fsdp_dir, shard)):
+        for epoch in records(run_dir, "epoch"):
+            # SGD with momentum: one buffer per parameter, as large as the parameter.
+            for key in ("memory/params_mb", "memory/grads_mb", "memory/optimizer_mb"):
+                assert epoch[key] == pytest.approx(expected, rel=1e-12), (run_dir.name, key)
+            assert epoch["memory/state_mb"] == pytest.approx(3 * expected, rel=1e-12)
+            assert epoch["memory/peak_mb"] >= epoch["peak_memory_mb"] > 0, "the largest rank's peak, rank 0's"
+    assert shard < whole
 
 
 def test_fsdp_wrap_naming_no_module_is_a_clear_error(tmp_path: Path) -> None:

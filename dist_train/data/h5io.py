@@ -222,6 +222,11 @@ class RowReader:
         self._ensure_open()
         return int(self.shape[0])
 
+    def memmap_array(self) -> np.memmap | None:
+        """The read-only memory map of the whole dataset (contiguous, uncompressed data), else None."""
+        self._ensure_open()
+        return self._memmap
+
     def dtype_after_open(self) -> np.dtype:
         self._ensure_open()
         return self.dtype

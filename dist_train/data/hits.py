@@ -19,24 +19,35 @@ The geometry file (``data.geometry_file``, an ``.npz``) maps PMT ids to the samp
 Rules (the tests compare every one against a per-hit Python reference):
 
 * A PMT hit more than once in an event: its charges add (in file order, in float32) and its
-  time is the earliest one. Pixels and points without hits are 0.
+  time is the earliest one (``np.minimum`` in file order, to the bit: a NaN time wins, and of
+  -0.0 and +0.0 the later hit's is kept). Pixels and points without hits are 0.
 * Point clouds hold the event's hits in file order, zero-padded to ``n_points``; an event with
   more hits keeps its ``n_points`` earliest ones (equal times: the one earlier in the file),
   still in file order. How many events that truncates is known before training from
   ``event_hits_index`` alone (the launcher prints it; ``dtrain data inspect`` shows it).
 
 Reading (:class:`HitReader`, the same interface as :class:`~dist_train.data.h5io.RowReader` for
-x) is batched: a batch's hit ranges become one index array and each hit array is read with one
-gather (a memory map when the arrays are contiguous and uncompressed, the usual case; touched
-chunks otherwise), and the batch's samples are built with a few vectorised numpy scatters over
-all its hits (``np.add.at`` / ``np.minimum.at`` for images, fancy assignment for point clouds):
-no Python loop over events or hits.
+x) is batched, with one of two builders (``HitSpec.builder``; "auto" picks the first, chosen in
+one place, :func:`builder_kind`, and logged once per process):
+
+* numba (``pip install 'dtrain[hits]'``): one compiled pass over each event's hit range straight
+  from the memory maps of the hit arrays (:mod:`dist_train.data.hits_jit`), id check included;
+* numpy (the fallback when numba is not importable): a batch's hit ranges become one index array,
+  each hit array is read with one gather (a memory map when the arrays are contiguous and
+  uncompressed, the usual case; touched chunks otherwise), and the samples are built with a few
+  vectorised numpy scatters over all the hits (``np.add.at`` / ``np.minimum.at`` for images,
+  fancy assignment for point clouds).
+
+Neither has a Python loop over events or hits, and both give the same bits.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -44,6 +55,8 @@ import numpy as np
 from dist_train.config import DEFAULT_HIT_CHANNELS, HIT_KEY_DEFAULTS, DataConfig
 from dist_train.data.h5io import RowReader, get_dataset, storage_of
 from dist_train.errors import DataError
+
+log = logging.getLogger("dtrain")
 
 IMAGE_POSITIONS_KEY = "mpmt_image_positions"
 POSITION_KEY = "position"
@@ -68,6 +81,9 @@ class HitSpec:
     pmts_per_module: int = 19
     n_points: int = 4000
     channels: tuple[str, ...] = ()
+    # "auto": numba's fused builder when numba imports, else numpy's; "numba" / "numpy" force one
+    # (tests and benchmarks compare them; "numba" without numba is an error).
+    builder: str = "auto"
 
     @property
     def resolved_channels(self) -> tuple[str, ...]:
@@ -238,9 +254,14 @@ BLOCK_BYTES = 1 << 20
 
 
 class _BlockBuilder:
-    """Drives a builder's ``_build_block`` over cache-sized blocks of a batch's events."""
+    """Drives a builder's ``_build_block`` over cache-sized blocks of a batch's events.
+
+    With ``kernels`` (the compiled module, set by :func:`make_builder`) the reader calls
+    ``build_ranges`` instead: one fused pass per event, no concatenated hit arrays.
+    """
 
     shape: tuple[int, ...]
+    kernels: ModuleType | None = None
 
     def build(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         """Samples of ``len(counts)`` events whose hits are concatenated in ``pmt``/``time``/``charge``.
@@ -251,10 +272,11 @@ class _BlockBuilder:
         counts = np.asarray(counts, dtype=np.int64)
         step = max(1, BLOCK_BYTES // (int(np.prod(self.shape)) * out.itemsize))
         ends = np.cumsum(counts).tolist()
-        for lo in range(0, len(counts), step):
-            hi = min(len(counts), lo + step)
-            a, z = (ends[lo - 1] if lo else 0), ends[hi - 1]
-            self._build_block(pmt[a:z], time[a:z], charge[a:z], counts[lo:hi], out[lo:hi])
+        with np.errstate(invalid="ignore"):  # NaN times are data (they propagate), not a warning per batch
+            for lo in range(0, len(counts), step):
+                hi = min(len(counts), lo + step)
+                a, z = (ends[lo - 1] if lo else 0), ends[hi - 1]
+                self._build_block(pmt[a:z], time[a:z], charge[a:z], counts[lo:hi], out[lo:hi])
 
     def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         raise NotImplementedError
@@ -275,9 +297,21 @@ class ImageBuilder(_BlockBuilder):
         # Offset of each PMT's value in a sample, within the first plane group (charge's or time's);
         # intp, the index type numpy's scatters use without converting the index array first.
         self.pixel = ((pmt % pmts_per_module) * plane + rows[module] * width + cols[module]).astype(np.intp)
+        # The compiled builder's copy: uint16 where the offsets fit (any detector up to 65,536
+        # pixels per plane group), a quarter of the bytes, so it stays in the L1 cache.
+        self.compact_pixel = self.pixel.astype(np.uint16 if plane * pmts_per_module <= 1 << 16 else np.int32)
         group = pmts_per_module * plane
         self.charge_offset = channels.index("charge") * group if "charge" in channels else None
         self.time_offset = channels.index("time") * group if "time" in channels else None
+
+    def build_ranges(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                     out: np.ndarray) -> int:
+        """Compiled: the images of hits ``starts[b]:starts[b] + counts[b]``; -1 or the first hit with a bad id."""
+        assert self.kernels is not None
+        charge_at = -1 if self.charge_offset is None else self.charge_offset
+        time_at = -1 if self.time_offset is None else self.time_offset
+        flat = out.reshape(len(out), self.sample_size)
+        return int(self.kernels.build_images(pmt, time, charge, starts, counts, self.compact_pixel, charge_at, time_at, flat))
 
     def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         out.fill(0.0)
@@ -316,6 +350,26 @@ class PointCloudBuilder(_BlockBuilder):
                 self.sources.append(name)
         self.shape = (len(self.sources), n_points)
         self.truncated_events = 0  # events cut to n_points by this builder (in this process)
+        # The compiled builder's form of the sources: one (PMTs, columns) table, each PMT's values
+        # side by side (one cache line per hit, not one per column), and a code per channel.
+        tables = [src for src in self.sources if not isinstance(src, str)]
+        self.table = np.ascontiguousarray(np.stack(tables, axis=1) if tables else np.zeros((self.num_pmts, 0), np.float32))
+        codes, row = [], 0
+        for src in self.sources:
+            if isinstance(src, str):
+                codes.append(-1 if src == "time" else -2)  # hits_jit.SOURCE_TIME / SOURCE_CHARGE
+            else:
+                codes.append(row)
+                row += 1
+        self.source_codes = np.array(codes, dtype=np.int64)
+
+    def build_ranges(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                     out: np.ndarray) -> int:
+        """Compiled: the clouds of hits ``starts[b]:starts[b] + counts[b]``; -1 or the first hit with a bad id."""
+        assert self.kernels is not None
+        bad, truncated = self.kernels.build_clouds(pmt, time, charge, starts, counts, self.table, self.source_codes, out)
+        self.truncated_events += int(truncated)
+        return int(bad)
 
     def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         out.fill(0.0)
@@ -358,11 +412,48 @@ class PointCloudBuilder(_BlockBuilder):
 Builder = ImageBuilder | PointCloudBuilder
 
 
-def make_builder(spec: HitSpec, geometry: Geometry) -> Builder:
+def make_builder(spec: HitSpec, geometry: Geometry, kind: str = "numpy") -> Builder:
+    """The builder of ``spec``; ``kind`` "numba" (from :func:`builder_kind`) attaches the compiled kernels.
+
+    The default, numpy, is what shape and id checks need (the launcher never imports numba).
+    """
+    builder: Builder
     if spec.representation == "mpmt_image":
         assert geometry.image_positions is not None
-        return ImageBuilder(geometry.image_positions, spec.pmts_per_module, spec.resolved_channels)
-    return PointCloudBuilder(geometry, spec.resolved_channels, spec.n_points)
+        builder = ImageBuilder(geometry.image_positions, spec.pmts_per_module, spec.resolved_channels)
+    else:
+        builder = PointCloudBuilder(geometry, spec.resolved_channels, spec.n_points)
+    if kind == "numba":
+        builder.kernels = compiled_kernels()
+        assert builder.kernels is not None, "builder_kind() returns numba only when it imports"
+    return builder
+
+
+@functools.cache
+def compiled_kernels() -> ModuleType | None:
+    """The numba kernels (:mod:`dist_train.data.hits_jit`), or None when numba does not import; logged once."""
+    try:
+        from dist_train.data import hits_jit
+    except ImportError as exc:
+        log.info("hit-list files: samples built by the numpy builder (numba is not importable: %s); "
+                 "`pip install 'dtrain[hits]'` adds the compiled one, several times faster per hit", exc)
+        return None
+    log.info("hit-list files: samples built by the compiled numba builder")
+    return hits_jit
+
+
+def builder_kind(requested: str) -> str:
+    """Which builder reads hit-list files here: the one place that decides ("auto": numba if it imports)."""
+    if requested not in ("auto", "numba", "numpy"):
+        raise ValueError(f"unknown hit-list builder {requested!r}; expected auto, numba or numpy")
+    if requested == "numpy":
+        return "numpy"
+    if compiled_kernels() is not None:
+        return "numba"
+    if requested == "numba":
+        raise DataError("The numba hit-list builder was requested but numba is not importable; "
+                        "`pip install 'dtrain[hits]'` or use the numpy builder.")
+    return "numpy"
 
 
 def check_pmt_ids(pmt: np.ndarray, num_pmts: int, where: str) -> None:
@@ -410,7 +501,7 @@ class HitReader:
             # the loader calls sample_shape() before it starts them).
             rows = {role: reader.num_rows() for role, reader in readers.items()}
             self.num_events, self.num_hits = rows["index"], rows["pmt"]
-            self._builder = make_builder(self.spec, load_geometry(self.spec))
+            self._builder = make_builder(self.spec, load_geometry(self.spec), builder_kind(self.spec.builder))
             self._readers = readers
         return self._readers, self._builder
 
@@ -455,15 +546,65 @@ class HitReader:
             out = np.empty((len(rows), *builder.shape), dtype=np.float32)
         target = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
         starts, counts = self.hit_counts(rows)
-        hits = concat_ranges(starts, counts)
-        pmt = readers["pmt"].read(hits)
-        check_pmt_ids(pmt, builder.num_pmts, f"{self.path!r}: {self.spec.pmt_key!r}")
-        time = readers["time"].read(hits, out=np.empty(len(hits), dtype=np.float32))
-        charge = readers["charge"].read(hits, out=np.empty(len(hits), dtype=np.float32))
-        builder.build(pmt, time, charge, counts, target)
+        if builder.kernels is not None:
+            self._build_compiled(readers, builder, starts, counts, target)
+        else:
+            hits = concat_ranges(starts, counts)
+            pmt = readers["pmt"].read(hits)
+            check_pmt_ids(pmt, builder.num_pmts, self._pmt_where)
+            time = readers["time"].read(hits, out=np.empty(len(hits), dtype=np.float32))
+            charge = readers["charge"].read(hits, out=np.empty(len(hits), dtype=np.float32))
+            builder.build(pmt, time, charge, counts, target)
         if target is not out:
             out[...] = target
         return out
+
+    @property
+    def _pmt_where(self) -> str:
+        return f"{self.path!r}: {self.spec.pmt_key!r}"
+
+    def _build_compiled(self, readers: dict[str, RowReader], builder: Builder, starts: np.ndarray, counts: np.ndarray,
+                        out: np.ndarray) -> None:
+        """The fused kernel over the memory maps themselves, or over gathered copies of the batch's hits.
+
+        The maps are used as they are when they hold the common dtypes (int32 ids, float32 time and
+        charge, native byte order): one compiled signature, no copy of the hits at all. Anything
+        else (chunked arrays, other dtypes) is gathered and cast as the numpy builder does.
+        """
+        hit_arrays = self._direct_hit_arrays(readers)
+        if hit_arrays is None:
+            hit_arrays = self._gathered_hit_arrays(readers, builder.num_pmts, starts, counts)
+            starts = np.cumsum(counts) - counts
+        pmt, time, charge = hit_arrays
+        bad = builder.build_ranges(pmt, time, charge, np.ascontiguousarray(starts, dtype=np.int64),
+                                   np.ascontiguousarray(counts, dtype=np.int64), out)
+        if bad >= 0:
+            check_pmt_ids(np.asarray(pmt[bad : bad + 1]), builder.num_pmts, self._pmt_where)
+            raise AssertionError(f"the compiled builder rejected PMT id {int(pmt[bad])}, which is within the geometry")
+
+    @staticmethod
+    def _direct_hit_arrays(readers: dict[str, RowReader]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The (pmt, time, charge) memory maps when they hold int32 / float32 / float32 (native order)."""
+        pmt, time, charge = (readers[role].memmap_array() for role in ("pmt", "time", "charge"))
+        if pmt is None or time is None or charge is None:
+            return None
+        if pmt.dtype != np.int32 or time.dtype != np.float32 or charge.dtype != np.float32:
+            return None
+        return pmt, time, charge
+
+    def _gathered_hit_arrays(self, readers: dict[str, RowReader], num_pmts: int, starts: np.ndarray,
+                             counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's hits gathered one array after the other as int32 / float32 (read-only)."""
+        hits = concat_ranges(starts, counts)
+        pmt = readers["pmt"].read(hits)
+        if pmt.dtype != np.int32:
+            check_pmt_ids(pmt, num_pmts, self._pmt_where)  # before the cast could wrap an id into range
+            pmt = pmt.astype(np.int32)
+        time = readers["time"].read(hits, out=np.empty(len(hits), dtype=np.float32))
+        charge = readers["charge"].read(hits, out=np.empty(len(hits), dtype=np.float32))
+        for a in (pmt, time, charge):
+            a.flags.writeable = False  # read-only like the maps: the same compiled signature
+        return pmt, time, charge
 
     def read_range(self, lo: int, hi: int) -> np.ndarray:
         return self.read(np.arange(lo, hi, dtype=np.int64))

@@ -71,7 +71,11 @@ def write_geometry(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def reference_image(event: Event, positions: np.ndarray, pmts_per_module: int, channels: tuple[str, ...] = ("charge", "time")) -> np.ndarray:
-    """The documented rules, one hit at a time: a PMT's charges add in file order, its time is the earliest."""
+    """The documented rules, one hit at a time: a PMT's charges add in file order, its time is the earliest.
+
+    "Earliest" is ``np.minimum`` over the PMT's hits in file order, to the bit: a NaN time wins, and
+    of equal times (-0.0, +0.0) the later hit's is kept.
+    """
     pmt, time, charge = event
     height, width = int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1
     image = np.zeros((pmts_per_module * len(channels), height, width), dtype=np.float32)
@@ -84,18 +88,21 @@ def reference_image(event: Event, positions: np.ndarray, pmts_per_module: int, c
             image[k, r, c] = np.float32(image[k, r, c] + q)
         if "time" in channels:
             k = channels.index("time") * pmts_per_module + channel
-            image[k, r, c] = t if p not in seen else min(image[k, r, c], t)
+            image[k, r, c] = t if p not in seen else np.minimum(image[k, r, c], t)
         seen.add(p)
     return image
 
 
 def reference_cloud(event: Event, geometry: dict[str, np.ndarray], n_points: int,
                     channels: tuple[str, ...] = ("position", "orientation", "time", "charge")) -> np.ndarray:
-    """File order; more than n_points hits: the n_points earliest (equal times: earlier in the file), in file order."""
+    """File order; more than n_points hits: the n_points earliest (equal times: earlier in the file; NaN: latest), in file order."""
     pmt, time, charge = event
     keep = list(range(len(pmt)))
     if len(keep) > n_points:
-        keep = sorted(sorted(keep, key=lambda i: (float(time[i]), i))[:n_points])
+        def key(i: int) -> tuple[float, int]:
+            return (float("inf") if np.isnan(time[i]) else float(time[i]), i)
+
+        keep = sorted(sorted(keep, key=key)[:n_points])
     rows = []
     for i in keep:
         point: list[float] = []
@@ -110,3 +117,9 @@ def reference_cloud(event: Event, geometry: dict[str, np.ndarray], n_points: int
     for j, point in enumerate(rows):
         cloud[:, j] = point
     return cloud
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to the bit (np.array_equal calls -0.0 and +0.0 equal and NaN unequal to itself)."""
+    a, b = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
