@@ -9,6 +9,10 @@ call returns, i.e. the time the training loop cannot run:
 * async    ``CheckpointManager(async_save=True).save``: a CPU snapshot, then a background write;
            its total time until durable (``wait()``) is printed too. The manager keeps its
            CPU buffers between saves, so the first save (fresh memory) is reported apart.
+* sharded  ``ShardedCheckpointManager.save`` (the ``strategy = "fsdp"`` format) in ONE process:
+           DCP write + fsync + sha256 of every file + manifest + rename; synchronous, and async
+           (``dcp.async_save``: blocked while staging, then total until published). With N ranks
+           each rank writes 1/N of this in parallel; one process shows the format's own overhead.
 
 With ``--device cuda`` the model and optimizer live on the GPU, as in training: the plain save then
 includes torch.save's own device-to-host copies, and the async save's snapshot copies into pinned
@@ -35,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_train.checkpoint import CheckpointManager  # noqa: E402
+from dist_train.sharded_checkpoint import ShardedCheckpointManager  # noqa: E402
 
 TARGET_RATIO = 0.2
 
@@ -107,6 +112,29 @@ def measure(state: dict, workdir: Path, repeats: int) -> dict[str, list[float]]:
     return results
 
 
+def measure_sharded(state: dict, workdir: Path, repeats: int) -> dict[str, list[float]]:
+    """The sharded format in one process: synchronous save, and the async save's stall and total."""
+    tensors = {
+        "model": state["model"],
+        "optimizer": {"state": {str(k): v for k, v in state["optimizer"]["state"].items()}, "param_groups": state["optimizer"]["param_groups"]},
+    }
+    common = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    results: dict[str, list[float]] = {"sharded_sync": [], "sharded_async_stall": [], "sharded_async_total": []}
+    sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, world_size=1, group=None, keep_last=1)
+    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, world_size=1, group=None, keep_last=1, async_save=True)
+    for rep in range(1, repeats + 1):
+        os.sync()
+        results["sharded_sync"].append(timed(lambda r=rep: sync_manager.save(tensors, common, {}, epoch=0, step=r)))
+        os.sync()
+        start = time.perf_counter()
+        async_manager.save(tensors, common, {}, epoch=0, step=rep)
+        results["sharded_async_stall"].append(time.perf_counter() - start)
+        async_manager.wait()
+        results["sharded_async_total"].append(time.perf_counter() - start)
+    async_manager.close()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~20M parameters instead of ~100M")
@@ -123,6 +151,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
     try:
         results = measure(state, workdir, repeats)
+        results.update(measure_sharded(state, workdir, repeats))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if args.dir == REPO / ".bench_tmp" and not any(args.dir.iterdir()):
@@ -139,6 +168,9 @@ def main() -> int:
         ("async_first", "dtrain async, 1st save (blocked)"),
         ("async_stall", "dtrain async save (blocked)"),
         ("async_total", "dtrain async until durable"),
+        ("sharded_sync", "sharded sync save (blocked)"),
+        ("sharded_async_stall", "sharded async save (blocked)"),
+        ("sharded_async_total", "sharded async until published"),
     ]:
         runs = ", ".join(f"{v:.2f}" for v in results[name])
         print(f"  {label:30} {medians[name]:7.3f} s  {mb / medians[name]:8.0f} MB/s   runs: {runs}")
@@ -150,6 +182,10 @@ def main() -> int:
     verdict = "met" if ratio <= TARGET_RATIO else "missed"
     name = "checkpoint_async_stall_ratio" + ("_cuda" if args.device == "cuda" else "")
     print(f"RESULT {name} value={ratio:.3f} target=<={TARGET_RATIO} {verdict}")
+    sharded_ratio = medians["sharded_async_stall"] / medians["plain"]
+    print(f"  sharded sync save / plain torch.save: {medians['sharded_sync'] / medians['plain']:.3f}")
+    sharded_verdict = "met" if sharded_ratio <= TARGET_RATIO else "missed"
+    print(f"RESULT {name.replace('checkpoint_', 'checkpoint_sharded_')} value={sharded_ratio:.3f} target=<={TARGET_RATIO} {sharded_verdict}")
     return 0
 
 

@@ -650,19 +650,22 @@ class CheckpointManager:
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
-    """A checkpoint file from a file, a checkpoints directory, or a run directory holding ``checkpoints/``."""
+    """A checkpoint (file or sharded directory) from itself, a checkpoints directory, or a run directory."""
+    from dist_train.sharded_checkpoint import latest_valid_checkpoint, parse_sharded_name
+
     path = Path(path)
-    if path.is_file():
-        return path
+    if path.is_file() or (path.is_dir() and parse_sharded_name(path.name) is not None):
+        return path  # a checkpoint file, or one sharded checkpoint directory
     if not path.is_dir():
         raise CheckpointError(
             f"{path} does not exist; pass a checkpoint file, a checkpoints directory or a run directory."
         )
     directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
-    latest = CheckpointManager(directory).latest_valid()
+    latest = latest_valid_checkpoint(directory)
     if latest is None:
         raise CheckpointError(
-            f"no valid checkpoint in {directory} (expected ckpt-e*-s*.pt files with .sha256.json sidecars)."
+            f"no valid checkpoint in {directory} (expected ckpt-e*-s*.pt files with .sha256.json sidecars, "
+            "or ckpt-e*-s* directories with a manifest.json)."
         )
     return latest
 
@@ -718,6 +721,10 @@ def _config_summary(config: Any) -> dict[str, Any]:
 def describe_checkpoint(path: Path) -> dict[str, Any]:
     """What ``dtrain ckpt inspect`` shows: progress, metrics, versions, sizes, config and validity."""
     path = resolve_checkpoint_path(path)
+    if path.is_dir():
+        from dist_train.sharded_checkpoint import describe_sharded
+
+        return describe_sharded(path)
     problem = verify_checkpoint(path)
     try:
         meta = _read_sidecar(path)

@@ -28,17 +28,17 @@ def evaluate_checkpoint(
     from dist_train.data.loader import build_data, make_loader
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
+    from dist_train.sharded_checkpoint import consolidate
     from dist_train.tasks import build_model_for_task, build_task
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
-    if which == "best" and run_dir is not None and (run_dir / "checkpoints" / "best.pt").is_file():
-        path = run_dir / "checkpoints" / "best.pt"
-    else:
-        path = resolve_checkpoint_path(target)
+    path = _best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
+    path = path or resolve_checkpoint_path(target)
     if run_dir is None and path.parent.name == "checkpoints":
         run_dir = path.parent.parent
-    state = load_checkpoint(path, map_location="cpu")
+    # A sharded checkpoint (directory) is consolidated in this process, without a process group.
+    state = consolidate(path) if path.is_dir() else load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(state["config"], origin=f"{path} (embedded config)")
     if data_path:
         cfg.data.path = data_path
@@ -65,3 +65,16 @@ def evaluate_checkpoint(
     metrics["epoch"] = state["epoch"]
     metrics["step"] = state["step"]
     return metrics
+
+
+def _best_checkpoint(directory: Path) -> Path | None:
+    """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
+    from dist_train.sharded_checkpoint import BEST_POINTER
+
+    if (directory / "best.pt").is_file():
+        return directory / "best.pt"
+    try:
+        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return directory / name if name and (directory / name).is_dir() else None

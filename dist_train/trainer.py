@@ -35,7 +35,6 @@ from dist_train.distributed import (
     all_reduce_max,
     barrier,
     broadcast_object,
-    gather_objects_to_rank_zero,
     new_cpu_group,
     settle_gradient_buckets,
 )
@@ -195,7 +194,7 @@ class Trainer:
         self.preemption = preemption or PreemptionHandler(parse_signals(cfg.launch.preempt_signals))
         stacks = run_dir / "logs" / f"rank{dist_info.rank}.stacks" if run_dir is not None else None
         self.watchdog = HangWatchdog(cfg.launch.hang_timeout, stacks)
-        self.ckpt_manager = self._make_checkpoint_manager()
+        self.ckpt_store = self._make_checkpoint_store()
         self.metrics_logger: RunMetricsLogger | NullMetricsLogger = NullMetricsLogger()
         self.progress = Progress(cfg.train.progress, enabled=dist_info.is_main, log_every=cfg.train.log_every)
         self._last_ckpt_time = time.monotonic()
@@ -259,15 +258,21 @@ class Trainer:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         return steps
 
-    def _make_checkpoint_manager(self) -> Any:
-        if self.run_dir is None or not self.cfg.checkpoint.enabled or not self.dist.is_main:
+    def _make_checkpoint_store(self) -> Any:
+        """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint_store.py)."""
+        if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return None
-        from dist_train.checkpoint import CheckpointManager
+        from dist_train.checkpoint_store import build_checkpoint_store
 
         mode = self.cfg.checkpoint.async_save
-        use_async = mode == "on" or (mode == "auto" and self.device.type == "cuda")
-        return CheckpointManager(
-            self.run_dir / "checkpoints", keep_last=self.cfg.checkpoint.keep_last, async_save=use_async
+        return build_checkpoint_store(
+            directory=self.run_dir / "checkpoints",
+            strategy=self.strategy,
+            dist_info=self.dist,
+            keep_last=self.cfg.checkpoint.keep_last,
+            async_save=mode == "on" or (mode == "auto" and self.device.type == "cuda"),
+            barrier_timeout=self.cfg.checkpoint.barrier_timeout,
+            control_group=self.control_group,
         )
 
     # ------------------------------------------------------------------ state
@@ -283,7 +288,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         return {"rng": capture_rng(), "meter": _plain_sums(self.meter.local_sums())}
 
-    def _restore_rank_state(self, rank_states: list[dict[str, Any]]) -> None:
+    def _restore_rank_state(self, rank_states: list[Any]) -> None:
         if len(rank_states) == self.dist.world_size:
             mine = rank_states[self.dist.rank]
             restore_rng(mine["rng"])
@@ -302,9 +307,8 @@ class Trainer:
         if self.dist.is_main:
             self.meter.load_sums(add_sums([_upgrade_meter(s["meter"]) for s in rank_states]))
 
-    def build_checkpoint(
-        self, reason: str, metrics: dict[str, float], rank_states: list[Any], model_and_optimizer: dict[str, Any]
-    ) -> dict[str, Any]:
+    def build_checkpoint(self, reason: str, metrics: dict[str, float]) -> dict[str, Any]:
+        """Everything but model, optimizer and the per-rank states, which the checkpoint store collects."""
         state: dict[str, Any] = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "dtrain_version": dist_train.__version__,
@@ -316,28 +320,27 @@ class Trainer:
             "reason": reason,
             "metrics": {k: float(v) for k, v in metrics.items()},
             "world_size": self.dist.world_size,
-            "rank_states": rank_states,
-            **model_and_optimizer,
         }
         for name, component in self.stateful_components().items():
             state[name] = component.state_dict()
         return state
 
     def save_checkpoint(self, reason: str, metrics: dict[str, float] | None = None, *, is_best: bool = False) -> None:
-        """All ranks call this at the same step; rank 0 writes."""
-        if self.run_dir is None or not self.cfg.checkpoint.enabled:
+        """All ranks call this at the same step; the store decides who writes what."""
+        if self.ckpt_store is None:
             return
-        rank_states = gather_objects_to_rank_zero(self._rank_state(), group=self.control_group)
-        # A collective under FSDP: every rank takes part, the writer receives the values.
-        model_and_optimizer = self.strategy.state_dicts(self.model, self.optimizer, writer=self.ckpt_manager is not None)
-        if self.ckpt_manager is not None:
-            assert rank_states is not None
-            state = self.build_checkpoint(reason, metrics or {}, rank_states, model_and_optimizer)
-            path = self.ckpt_manager.save(
-                state, epoch=self.counters.epoch, step=self.counters.step, metrics=metrics or {}, is_best=is_best
-            )
-            if reason == "preempt":
-                self.ckpt_manager.wait()
+        path = self.ckpt_store.save(
+            self.model,
+            self.optimizer,
+            self.build_checkpoint(reason, metrics or {}),
+            self._rank_state(),
+            epoch=self.counters.epoch,
+            step=self.counters.step,
+            metrics=metrics or {},
+            is_best=is_best,
+            blocking=reason == "preempt",
+        )
+        if path is not None:
             log.info("checkpoint (%s) -> %s", reason, path)
         self._last_ckpt_time = time.monotonic()
 
@@ -349,24 +352,23 @@ class Trainer:
             return Path(mode)
         path = None
         if self.dist.is_main:
-            from dist_train.checkpoint import CheckpointManager
+            from dist_train.checkpoint_store import find_latest_valid
 
-            directory = self.run_dir / "checkpoints"
-            if directory.is_dir():
-                probe = self.ckpt_manager or CheckpointManager(directory, keep_last=self.cfg.checkpoint.keep_last)
-                found = probe.latest_valid()
-                path = str(found) if found else None
+            found = find_latest_valid(self.run_dir / "checkpoints")
+            path = str(found) if found else None
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
 
     def maybe_resume(self) -> int | None:
         """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
-        from dist_train.checkpoint import load_checkpoint
+        from dist_train.checkpoint_store import open_checkpoint
 
         path = self._find_resume_path()
         if path is None:
             return None
-        state = load_checkpoint(path, map_location="cpu")
+        # Rank 0 checks sizes and sha256s (of every shard) before anything is loaded.
+        opened = open_checkpoint(path, verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
+        state = opened.state
         diffs = incompatible_changes(state.get("config", {}), config_to_dict(self.cfg))
         if diffs:
             raise CheckpointError(
@@ -375,7 +377,7 @@ class Trainer:
                 + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
             )
         try:
-            self.strategy.load_state_dicts(self.model, self.optimizer, state)
+            opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():
@@ -668,8 +670,8 @@ class Trainer:
     def _shutdown(self) -> None:
         self.watchdog.close()
         self.preemption.uninstall()
-        if self.ckpt_manager is not None:
-            self.ckpt_manager.close()
+        if self.ckpt_store is not None:
+            self.ckpt_store.close()
         self.metrics_logger.close()
 
 

@@ -1,4 +1,6 @@
-"""`dtrain ckpt inspect`: what a checkpoint holds and whether its bytes verify. Imports torch only when run."""
+"""`dtrain ckpt inspect|export`: what a checkpoint holds, whether its bytes verify, one-file export.
+
+Imports torch only when run."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dist_train.errors import CheckpointError
 
 @click.group(name="ckpt")
 def ckpt() -> None:
-    """Inspect checkpoints (files written by `dtrain launch` under <run_dir>/checkpoints/)."""
+    """Inspect and export checkpoints (written by `dtrain launch` under <run_dir>/checkpoints/)."""
 
 
 def _size(num_bytes: int | None) -> str:
@@ -48,7 +50,8 @@ def _print_listing(records: list[Any]) -> None:
 
 
 def _print_description(info: dict[str, Any]) -> None:
-    validity = "ok (sha256 matches)" if info["valid"] else f"INVALID: {info['problem']}"
+    checked = f"sha256 of all {info['files']} files match the manifest" if info.get("files") else "sha256 matches"
+    validity = f"ok ({checked})" if info["valid"] else f"INVALID: {info['problem']}"
     sizes = info["tensor_bytes"]
     sections = ", ".join(f"{name} {_size(size)}" for name, size in sizes.items() if name != "total")
     rows = [
@@ -81,16 +84,18 @@ def _print_description(info: dict[str, Any]) -> None:
 def inspect_cmd(path: Path, as_json: bool) -> None:
     """Show epoch, step, metrics, versions, sizes, config and checksum validity of a checkpoint.
 
-    PATH is a checkpoint file, a checkpoints directory (its newest valid checkpoint is shown, after a
+    PATH is a checkpoint file, a sharded checkpoint directory (ckpt-e*-s*/, written under
+    train.strategy = "fsdp"), a checkpoints directory (its newest valid checkpoint is shown, after a
     listing of all of them), or a run directory containing checkpoints/. Exits 2 when the file fails
     verification or cannot be read.
     """
-    from dist_train.checkpoint import CHECKPOINTS_SUBDIR, CheckpointManager, describe_checkpoint
+    from dist_train.checkpoint import CHECKPOINTS_SUBDIR, describe_checkpoint
+    from dist_train.sharded_checkpoint import list_all_checkpoints, parse_sharded_name
 
     records = []
-    if path.is_dir():
+    if path.is_dir() and parse_sharded_name(path.name) is None:
         directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
-        records = CheckpointManager(directory).list_checkpoints()
+        records = list_all_checkpoints(directory)
         if records and not as_json:
             _print_listing(records)
     info = describe_checkpoint(path)
@@ -104,3 +109,24 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
             f"checkpoint {info['path']} failed verification: {info['problem']}. Do not resume from it; "
             "use an older checkpoint (a directory PATH picks the newest valid one)."
         )
+
+
+@ckpt.command(name="export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def export_cmd(path: Path, out: Path) -> None:
+    """Write the model weights of a checkpoint as one file OUT (with a .sha256.json sidecar).
+
+    PATH is a run directory (its newest valid checkpoint), a checkpoints directory, or one checkpoint.
+    A sharded checkpoint is consolidated in this process (no GPUs, no process group). OUT loads with
+    torch.load(weights_only=True) (its "model" entry is a plain state_dict) and with `dtrain eval OUT`.
+    """
+    from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from dist_train.sharded_checkpoint import export_model, export_state
+
+    source = resolve_checkpoint_path(path)
+    if out.exists() and out.resolve() == source.resolve():
+        raise CheckpointError(f"dtrain ckpt export: OUT {out} is the checkpoint itself; pick another file name.")
+    state = None if source.is_dir() else load_checkpoint(source)
+    written = export_model(source, out) if state is None else export_state(state, source, out)
+    click.echo(f"exported the model of {source} -> {written} (+ {written.name}.sha256.json)")

@@ -23,6 +23,11 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    # "manifest.json" is dist_train.sharded_checkpoint.MANIFEST_NAME, not imported: that module imports torch.
+    return path.is_file() or (path.is_dir() and (path / "manifest.json").is_file())
+
+
 def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str, *, debug: bool = False) -> tuple[Path, bool]:
     """Returns (run directory, whether it is an existing run that will be resumed).
 
@@ -33,7 +38,7 @@ def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str, *, debug: boo
     if run_dir:
         path = Path(run_dir).expanduser()
         check_run_kind(path, debug=debug)
-        has_checkpoints = any((path / "checkpoints").glob("ckpt-*.pt"))
+        has_checkpoints = any((path / "checkpoints").glob("ckpt-*"))  # files, or sharded directories
         if resume == "never" and has_checkpoints:
             # A fresh run's checkpoints would sit beside the old run's, and a later `--resume auto`
             # would pick whichever has the higher step: two runs mixed into one.
@@ -395,8 +400,11 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     phases = _PhaseTimer()
     cfg = load_config(config, list(overrides))
     resume = opts["resume"]
-    if resume not in ("auto", "never") and not Path(resume).is_file():
-        raise ConfigError(f"--resume {resume!r}: no such checkpoint file. Use auto, never, or a path to a .pt file.")
+    if resume not in ("auto", "never") and not _is_checkpoint(Path(resume)):
+        raise ConfigError(
+            f"--resume {resume!r}: no such checkpoint. Use auto, never, or a path to a .pt file "
+            "(or to a sharded checkpoint directory ckpt-e*-s*/ holding a manifest.json)."
+        )
     check_debug_options(opts)
     backend = opts["backend"] or cfg.launch.backend
     phases.mark("config")

@@ -233,20 +233,24 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_1_ranks_like_ddp(tmp_path: 
 
 
 def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None:
-    """A damaged newest checkpoint is reported and the previous complete one is loaded into the shards."""
+    """A flipped byte in one rank's shard of the newest sharded checkpoint is caught by the manifest's
+    sha256, reported, and the previous complete checkpoint is loaded into the shards."""
     data = make_image_h5(tmp_path / "d.h5", events=300)
     cfg = _equal_config(tmp_path, "fsdp", data, "fsdp", FSDP_SMALL_UNITS)
     run_dir = tmp_path / "fsdp"
     _launch(cfg, run_dir, 2)
-    checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
-    assert len(checkpoints) == 2
+    checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    assert len(checkpoints) == 2 and all(c.is_dir() for c in checkpoints), "FSDP writes sharded directories"
+    assert {"__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt"} <= {p.name for p in checkpoints[-1].iterdir()}
     newest = checkpoints[-1]
-    older_step = int(checkpoints[0].name.split("-s")[1].split(".")[0])
-    data_bytes = bytearray(newest.read_bytes())
-    data_bytes[len(data_bytes) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
-    newest.write_bytes(bytes(data_bytes))
+    older_step = int(checkpoints[0].name.split("-s")[1])
+    shard = newest / "__1_0.distcp"
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # one flipped byte in the middle of rank 1's tensors
+    shard.write_bytes(bytes(data_bytes))
     console = _launch(cfg, run_dir, 2, "--set", "train.epochs=3")
-    assert f"checkpoint {newest} is invalid" in console and "falling back to an older checkpoint" in console
+    assert f"checkpoint {newest} is invalid (sha256 mismatch in __1_0.distcp" in console
+    assert "falling back to an older checkpoint" in console
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
     assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"

@@ -86,11 +86,13 @@ def only_run_dir(runs: Path) -> Path:
 
 
 def load_final_model(run_dir: Path) -> dict[str, Any]:
-    from dist_train.checkpoint import CheckpointManager, load_checkpoint
+    """The newest valid checkpoint as one dict; a sharded one consolidated (model and optimizer) in this process."""
+    from dist_train.checkpoint import load_checkpoint
+    from dist_train.sharded_checkpoint import consolidate, latest_valid_checkpoint
 
-    latest = CheckpointManager(run_dir / "checkpoints").latest_valid()
+    latest = latest_valid_checkpoint(run_dir / "checkpoints")
     assert latest is not None, f"no checkpoint in {run_dir}"
-    return load_checkpoint(latest)
+    return consolidate(latest, optimizer=True) if latest.is_dir() else load_checkpoint(latest)
 
 
 def assert_ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> None:

@@ -1,0 +1,170 @@
+"""The one interface the trainer saves and resumes through, whatever the checkpoint format.
+
+- ``FileStore`` (DDP, one process): rank states gathered to rank 0, model and optimizer consolidated
+  by the strategy, one ``ckpt-*.pt`` file written by rank 0 (``checkpoint.CheckpointManager``).
+- ``ShardedStore`` (FSDP): every rank writes its own shard of model and optimizer and its own
+  rank state into a new directory (``sharded_checkpoint.ShardedCheckpointManager``).
+
+Reading does not depend on the store: ``find_latest_valid`` and ``open_checkpoint`` accept both
+formats (a run may hold file checkpoints of an earlier dtrain next to sharded ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_cpu_group
+from dist_train.sharded_checkpoint import (
+    ShardedCheckpointManager,
+    latest_valid_checkpoint,
+    load_sharded_model_and_optimizer,
+    read_sharded_state,
+)
+from dist_train.strategy import Strategy
+
+
+class CheckpointStore(Protocol):
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        common: dict[str, Any],
+        rank_state: dict[str, Any],
+        *,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float],
+        is_best: bool,
+        blocking: bool,
+    ) -> Path | None:
+        """Collective: every rank calls it at the same step. ``common`` is the state every rank shares
+        (read from rank 0), ``rank_state`` this rank's own. ``blocking``: return only when durable.
+        Returns the checkpoint's path on rank 0."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileStore:
+    def __init__(self, directory: Path, *, keep_last: int, async_save: bool, strategy: Strategy, is_main: bool, group: Any) -> None:
+        self.strategy = strategy
+        self.group = group
+        self.manager = CheckpointManager(directory, keep_last=keep_last, async_save=async_save) if is_main else None
+
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        common: dict[str, Any],
+        rank_state: dict[str, Any],
+        *,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float],
+        is_best: bool,
+        blocking: bool,
+    ) -> Path | None:
+        rank_states = gather_objects_to_rank_zero(rank_state, group=self.group)
+        # A collective under FSDP: every rank takes part, the writer receives the values.
+        model_and_optimizer = self.strategy.state_dicts(model, optimizer, writer=self.manager is not None)
+        if self.manager is None:
+            return None
+        state = {**common, "rank_states": rank_states, **model_and_optimizer}
+        path = self.manager.save(state, epoch=epoch, step=step, metrics=metrics, is_best=is_best)
+        if blocking:
+            self.manager.wait()
+        return path
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+
+
+class ShardedStore:
+    def __init__(self, directory: Path, *, keep_last: int, async_save: bool, dist_info: DistInfo, group: Any) -> None:
+        self.manager = ShardedCheckpointManager(
+            directory,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            group=group,
+            keep_last=keep_last,
+            async_save=async_save,
+        )
+
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        common: dict[str, Any],
+        rank_state: dict[str, Any],
+        *,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float],
+        is_best: bool,
+        blocking: bool,
+    ) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # This rank's shards (DTensors), keyed by parameter name: nothing is gathered.
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        path = self.manager.save(
+            {"model": model_sd, "optimizer": optim_sd},
+            common,
+            rank_state,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            is_best=is_best,
+        )
+        if blocking:
+            self.manager.wait()
+        return path
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def build_checkpoint_store(
+    *, directory: Path, strategy: Strategy, dist_info: DistInfo, keep_last: int, async_save: bool, barrier_timeout: float, control_group: Any
+) -> CheckpointStore:
+    if strategy.name == "fsdp":
+        # Its own gloo group: an async save's collectives run in a background thread, which must not
+        # share a group with the training thread's collectives.
+        group = new_cpu_group(barrier_timeout) if async_save else control_group
+        return ShardedStore(directory, keep_last=keep_last, async_save=async_save, dist_info=dist_info, group=group)
+    return FileStore(directory, keep_last=keep_last, async_save=async_save, strategy=strategy, is_main=dist_info.is_main, group=control_group)
+
+
+def find_latest_valid(directory: Path) -> Path | None:
+    """The newest checkpoint (file or directory) that verifies; invalid newer ones are warned about."""
+    return latest_valid_checkpoint(directory)
+
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint's state without (sharded) or with (file) model and optimizer, ready to restore."""
+
+    path: Path
+    state: dict[str, Any]
+
+    def restore_model_and_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> None:
+        if self.path.is_dir():
+            load_sharded_model_and_optimizer(self.path, model, optimizer, self.state.get("model_and_optimizer_rest", {}))
+        else:
+            strategy.load_state_dicts(model, optimizer, self.state)
+
+
+def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> OpenedCheckpoint:
+    """``for_rank = (rank, world_size)`` of the reading process: a sharded checkpoint of the same world
+    size then reads only that rank's own state file."""
+    path = Path(path)
+    if path.is_dir():
+        return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
+    return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))
