@@ -21,6 +21,7 @@ from dist_train.tasks.regression import RegressionTask, layout_targets
 from dist_train.trainer import backward_divided
 
 SHAPES = {"energies": (1,), "positions": (1, 3), "angles": (2,)}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 def regression_task(*, normalised: bool, loss: str = "mse") -> RegressionTask:
@@ -64,14 +65,16 @@ def new_step(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], window
 
 
 def run(task: Any, data: list[dict[str, torch.Tensor]], *, new: bool, width: int, read_at: tuple[int, ...] = (),
-        dtype: torch.dtype = torch.float32) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
+        dtype: torch.dtype = torch.float32, device: str = "cpu",
+        ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
     torch.manual_seed(3)
-    model = nn.Linear(8, width).to(dtype)
-    meter = MetricSums(torch.device("cpu"))
+    model = nn.Linear(8, width).to(device, dtype)
+    meter = MetricSums(torch.device(device))
     seeds: dict[tuple[Any, ...], torch.Tensor] = {}
     reads = []
     for i, batch in enumerate(data):
-        batch = {**batch, "x": batch["x"].to(dtype)}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["x"] = batch["x"].to(dtype)
         window = 3 * len(batch["x"]) + 1  # any sample count: not a power of two
         if new:
             new_step(task, model, batch, window, meter, seeds)
@@ -79,7 +82,7 @@ def run(task: Any, data: list[dict[str, torch.Tensor]], *, new: bool, width: int
             old_step(task, model, batch, window, meter)
         if i in read_at:  # a log step or a checkpoint reads the sums in the middle of an epoch
             reads.append(meter.local_sums())
-    grads = [p.grad.float().numpy().copy() for p in model.parameters()]  # type: ignore[union-attr]
+    grads = [p.grad.float().cpu().numpy() for p in model.parameters()]  # type: ignore[union-attr]
     return meter.local_sums(), grads, reads
 
 
@@ -90,18 +93,19 @@ def assert_identical(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> 
         assert new[key].dtype == old[key].dtype, key
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalised", [False, True])
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loss", ["mse", "huber"])
 def test_regression_train_step_gives_the_old_gradients_and_sums_bit_for_bit(
-    normalised: bool, target_dtype: torch.dtype, loss: str, monkeypatch: pytest.MonkeyPatch
+    normalised: bool, target_dtype: torch.dtype, loss: str, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Several flushes (every 4 batches), batch sizes changing (an epoch's short last batch), reads in between.
     monkeypatch.setattr(MetricSums, "MAX_DEFERRED", 4)
     data = batches([32, 32, 32, 7, 32, 32, 32, 32, 32, 32, 5, 16, 16], target_dtype)
     task = regression_task(normalised=normalised, loss=loss)
-    old_sums, old_grads, old_reads = run(task, data, new=False, width=6, read_at=(2, 3, 9))
-    new_sums, new_grads, new_reads = run(task, data, new=True, width=6, read_at=(2, 3, 9))
+    old_sums, old_grads, old_reads = run(task, data, new=False, width=6, read_at=(2, 3, 9), device=device)
+    new_sums, new_grads, new_reads = run(task, data, new=True, width=6, read_at=(2, 3, 9), device=device)
     assert_identical(old_sums, new_sums)
     for old, new in zip(old_reads, new_reads, strict=True):
         assert_identical(old, new)
@@ -121,27 +125,34 @@ def test_regression_train_step_with_bfloat16_outputs() -> None:
         np.testing.assert_array_equal(new, old)
 
 
-def test_the_flush_points_do_not_change_the_totals(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_flush_points_do_not_change_the_totals(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resumed run reads (flushes) the sums at its checkpoint; an uninterrupted one does not."""
     data = batches([32] * 20 + [11], torch.float32, seed=9)
     task = regression_task(normalised=True)
     results = []
     for max_deferred, reads in ((64, ()), (3, ()), (7, (0, 4, 5, 13))):
         monkeypatch.setattr(MetricSums, "MAX_DEFERRED", max_deferred)
-        results.append(run(task, data, new=True, width=6, read_at=reads)[0])
+        results.append(run(task, data, new=True, width=6, read_at=reads, device=device)[0])
     for other in results[1:]:
         assert_identical(results[0], other)
 
 
-def test_classification_train_step_gives_the_old_gradients_and_sums_bit_for_bit() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_classification_train_step_gives_the_old_gradients_and_sums_bit_for_bit(device: str) -> None:
     g = torch.Generator().manual_seed(1)
     data = [{"x": torch.randn(b, 8, generator=g), "y": torch.randint(0, 4, (b,), generator=g)} for b in (12, 12, 5)]
     task = ClassificationTask(4, "labels", label_smoothing=0.1, class_weights=[1.0, 2.0, 0.5, 1.0])
-    old_sums, old_grads, _ = run(task, data, new=False, width=4)
-    new_sums, new_grads, _ = run(task, data, new=True, width=4)
+    old_sums, old_grads, _ = run(task, data, new=False, width=4, device=device)
+    new_sums, new_grads, _ = run(task, data, new=True, width=4, device=device)
     assert_identical(old_sums, new_sums)
     for old, new in zip(old_grads, new_grads, strict=True):
         np.testing.assert_array_equal(new, old)
+
+
+def test_only_the_cpu_defers() -> None:
+    assert MetricSums(torch.device("cpu"))._max_deferred == MetricSums.MAX_DEFERRED > 1
+    assert MetricSums(torch.device("cuda", 0))._max_deferred == 1  # no CUDA call: only the device's type is read
 
 
 def test_adding_rows_with_a_scan_equals_adding_them_one_by_one() -> None:

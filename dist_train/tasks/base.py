@@ -121,7 +121,11 @@ class MetricSums:
     ``defer`` keeps a batch's data instead of its sums; the kept batches are reduced together
     (``MAX_DEFERRED`` at a time, or when the sums are read) and their sums added one batch after
     the other: the totals are bit-identical to adding each batch's sums at its step, whenever the
-    flush happens (a checkpoint in the middle of an epoch does not change them).
+    flush happens (a checkpoint in the middle of an epoch does not change them). On the CPU only:
+    there the kernels of a step run in the trainer's thread, which is what deferring saves, and the
+    reductions of stacked batches are checked to add in the same order as one batch's; a GPU's
+    reduction kernels may choose another order for another number of stacked batches, which would
+    make the totals depend on the flush points, so there each batch is reduced at its step.
     """
 
     #: Batches kept before their sums are computed (their data is a few values per sample).
@@ -129,6 +133,7 @@ class MetricSums:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._max_deferred = self.MAX_DEFERRED if device.type == "cpu" else 1
         self.reset()
 
     def reset(self) -> None:
@@ -154,7 +159,7 @@ class MetricSums:
         for key, value in item.numbers.items():
             self._numbers[key] = self._numbers.get(key, 0.0) + float(value)
         self._deferred.append(item)
-        if len(self._deferred) >= self.MAX_DEFERRED:
+        if len(self._deferred) >= self._max_deferred:
             self._flush()
 
     def _flush(self) -> None:

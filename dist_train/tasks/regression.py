@@ -152,34 +152,36 @@ class RegressionTask(Task):
     def train_step(self, outputs: torch.Tensor, batch: Batch) -> TrainStep:
         """The loss of :meth:`loss` and the sums of :meth:`metrics`, bit for bit, at a fraction of the cost.
 
-        One ``cat`` copies the outputs and joins the targets (the loss reads the targets from it);
-        the metric sums are computed later, many batches at once (:meth:`_train_sums`); the division
-        by the width is left to the trainer's backward seed. Per step this is the plain loop's work
-        plus one small copy.
+        The targets are joined once, for the loss and the metrics; the metric sums are computed
+        later, many batches at once (:meth:`_train_sums`); the division by the width is left to the
+        trainer's backward seed. Per step this is the plain loop's work plus one small ``cat``.
         """
-        parts = [outputs.detach(), *(batch[t.name].reshape(batch[t.name].shape[0], -1) for t in self.targets)]
-        kept = torch.cat(parts, dim=1)  # (B, 2 * width): outputs, then targets in file units (widest dtype)
-        raw = self._loss(outputs.float(), self._normalised(kept[:, self.width :].to(torch.float32)))
-        deferred = DeferredSums(self._train_sums, (kept, raw.detach()), {"count": int(kept.shape[0])})
+        size = outputs.shape[0]
+        # A new tensor even for one target: a view could keep a whole shared-memory batch alive until the flush.
+        true = torch.cat([batch[name].reshape(size, -1) for name in self.batch_keys], dim=1)
+        raw = self._loss(outputs.float(), self._normalised(true.to(torch.float32)))
+        # The outputs are kept as they are: the next forward makes new ones, nothing writes these again.
+        deferred = DeferredSums(self._train_sums, (outputs.detach(), true, raw.detach()), {"count": size})
         return TrainStep(raw, self.width, {}, deferred)
 
-    def _train_sums(self, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _train_sums(self, kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per batch (one row each): the loss sum and :meth:`metrics`' moments, from what train_step kept.
 
         Elementwise the same float operations as :meth:`loss` and :meth:`metrics`; the reductions
         run over each batch's own samples (``sum(1)`` of the stacked batches), which adds in the
-        same order as ``sum(0)`` of one batch (tests/test_task_hotpath.py checks the bits).
+        same order as ``sum(0)`` of one batch on the CPU (tests/test_task_hotpath.py checks the bits).
         """
-        losses = torch.stack([raw for _, raw in kept]) / self.width  # float32, like loss()
+        losses = torch.stack([raw for _, _, raw in kept]) / self.width  # float32, like loss()
         moments = []
         start = 0
         while start < len(kept):  # runs of batches of one size (an epoch's last batch may be short)
-            size = kept[start][0].shape
+            size = kept[start][1].shape
             end = start + 1
-            while end < len(kept) and kept[end][0].shape == size:
+            while end < len(kept) and kept[end][1].shape == size:
                 end += 1
-            joined = torch.stack([k for k, _ in kept[start:end]]).to(torch.float64)
-            err = self.to_file_units(joined[:, :, : self.width], torch.float64) - joined[:, :, self.width :]
+            run = kept[start:end]
+            pred = self.to_file_units(torch.stack([out for out, _, _ in run]), torch.float64)
+            err = pred - torch.stack([true for _, true, _ in run]).to(torch.float64)
             moments.append(torch.stack((err.sum(1), err.square().sum(1), err.abs().sum(1)), dim=1))
             start = end
         return {"loss": losses, "err": moments[0] if len(moments) == 1 else torch.cat(moments)}
