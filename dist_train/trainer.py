@@ -1,8 +1,8 @@
 """The training loop every worker runs: the plain PyTorch loop, made distributed, exact and resumable.
 
     for batch in loader:                      # DistributedSampler order, batched HDF5 reads
-        with autocast: loss = task.loss(model(x), batch) / samples   # the task owns loss and metrics
-        scaler.scale(loss).backward()         # no_sync on non-final micro-steps
+        with autocast: step = task.train_step(model(x), batch)   # the task owns loss and metrics
+        (step.loss / samples).backward()      # no_sync on non-final micro-steps; divisions in the seed
         scaler.step(optimizer); scheduler.step_batch()
         if all ranks agree a stop was requested: checkpoint and exit resumable
 
