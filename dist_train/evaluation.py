@@ -17,6 +17,8 @@ from dist_train.tasks import MetricSums, SampleCollector, Task
 
 def batch_to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Every tensor of a batch on ``device`` (asynchronous copies from pinned memory on CUDA)."""
+    if device.type == "cpu":  # the loaders' batches are there already: no .to() per key and step
+        return dict(batch)
     nb = device.type == "cuda"
     return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
 

@@ -18,7 +18,6 @@ import ast
 import difflib
 import importlib.machinery
 import importlib.util
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 from dist_train.config import ModelConfig
 from dist_train.errors import ConfigError
+from dist_train.import_path import worker_import_path
 
 # Parameters dtrain fills in itself when a builder or constructor names them; not user keys.
 BUILDER_ARGS = ("sample_shape", "num_classes")
@@ -107,7 +107,7 @@ def check_model_config(
     current directory, then this interpreter's path, as for ``python -m dist_train``).
     ``origin(key)``: where a ``[model]`` key was set (the config file or a ``--set`` argument).
     """
-    path = list(search_path) if search_path is not None else worker_path()
+    path = list(search_path) if search_path is not None else worker_import_path()
     try:
         known = accepted_keys(model.name, path)
     except ConfigError as exc:
@@ -133,17 +133,6 @@ def accepted_keys(name: str, search_path: list[str]) -> list[str] | None:
     if builder is None:
         raise unknown_model_error(name, registry, torchvision_names())
     return _torchvision_known_keys(*builder)
-
-
-def worker_path() -> list[str]:
-    """The import path of a worker started as ``python -m dist_train`` from this directory.
-
-    ``python -m`` puts the current directory first. This process's own first entry (the ``dtrain``
-    script's directory, or the current directory under ``python -m``) is replaced by it, unless
-    Python was told to prepend nothing (``-P``).
-    """
-    prepended = 0 if getattr(sys.flags, "safe_path", False) else 1
-    return [os.getcwd(), *sys.path[prepended:]]
 
 
 # ----------------------------------------------------------------------------- reading source

@@ -77,8 +77,10 @@ class DDPStrategy:
         return DDP(model, device_ids=ids, find_unused_parameters=self.find_unused_parameters)
 
     def grad_sync(self, train_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        if sync:  # most steps: no attribute lookup (a Module's failing getattr raises inside, per step)
+            return contextlib.nullcontext()
         no_sync = getattr(train_model, "no_sync", None)
-        return no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)

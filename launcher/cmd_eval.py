@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import click
@@ -24,20 +22,18 @@ def eval_cmd(target: str, split: str, which: str, predictions: str | None, batch
              data_path: str | None, as_json: bool) -> None:
     """Evaluate the checkpoint of a run (or a checkpoint file) on a data split, in one process."""
     from dist_train.eval_run import evaluate_checkpoint
+    from dist_train.import_path import worker_imports
 
-    # An imported model ("my_models:Net") loads as it did in the workers, which run as `python -m`
-    # with the current directory first on the import path; the `dtrain` script's path lacks it.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-
-    metrics = evaluate_checkpoint(
-        Path(target),
-        split=split,
-        which=which,
-        predictions_path=Path(predictions) if predictions else None,
-        batch_size=batch_size,
-        data_path=data_path,
-    )
+    # An imported model or task ("my_models:Net") loads as it did in the workers.
+    with worker_imports():
+        metrics = evaluate_checkpoint(
+            Path(target),
+            split=split,
+            which=which,
+            predictions_path=Path(predictions) if predictions else None,
+            batch_size=batch_size,
+            data_path=data_path,
+        )
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return

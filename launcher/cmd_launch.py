@@ -98,19 +98,11 @@ def check_custom_task(cfg: Config) -> None:
     """
     if not cfg.task.is_custom:
         return
-    import sys
-
+    from dist_train.import_path import worker_imports
     from dist_train.tasks.custom import import_task_class
 
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
+    with worker_imports():
         import_task_class(cfg.task.name)
-    finally:
-        if added:
-            sys.path.remove(cwd)
 
 
 def check_model_section(cfg: Config, overrides: tuple[str, ...] = ()) -> None:

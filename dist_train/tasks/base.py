@@ -10,8 +10,8 @@ from every rank (each sample exactly once) and reduced with numpy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,36 @@ from dist_train.distributed import all_gather_objects
 Batch = Mapping[str, torch.Tensor]
 # Per-batch metric sums: tensors on the device (any shape, e.g. a confusion matrix) or host numbers.
 Sums = dict[str, torch.Tensor | float | int]
+# Turns the kept data of consecutive batches into their sums: per key, one row per batch, in order.
+BatchReducer = Callable[[list[Any]], dict[str, torch.Tensor]]
+
+
+class DeferredSums(NamedTuple):
+    """A training batch's metric sums, computed later together with other batches' (see MetricSums.defer).
+
+    A step then costs the trainer no metric kernels: ``reducer`` gets the ``data`` of many batches
+    at once and returns each batch's sums, exactly the values it would have computed per batch.
+    ``numbers`` (host numbers, the sample ``count``) are added right away.
+    """
+
+    reducer: BatchReducer
+    data: Any
+    numbers: dict[str, float]
+
+
+class TrainStep(NamedTuple):
+    """One training micro-batch's results: the loss to differentiate and the metric sums.
+
+    The batch's loss sum is ``loss / loss_divisor``: a task whose loss sum ends in a division
+    (regression's mean over target columns) leaves it to the trainer, which folds it into the
+    backward seed with its own division by the window's samples (the same gradients, two autograd
+    nodes fewer per step).
+    """
+
+    loss: torch.Tensor
+    loss_divisor: int
+    sums: Sums
+    deferred: DeferredSums | None = None
 
 
 class Task:
@@ -43,6 +73,12 @@ class Task:
     def metrics(self, outputs: Any, batch: Batch) -> Sums:
         """Per-batch sums for training; must include ``count`` (samples in the batch)."""
         raise NotImplementedError
+
+    def train_step(self, outputs: Any, batch: Batch) -> TrainStep:
+        """What the trainer calls per micro-batch: the loss sum (added to the sums as ``loss``) and
+        :meth:`metrics`. Tasks override it to share work between the two or to defer the metrics."""
+        loss = self.loss(outputs, batch)
+        return TrainStep(loss, 1, {"loss": loss.detach(), **self.metrics(outputs, batch)})
 
     def eval_metrics(self, outputs: Any, batch: Batch) -> Sums:
         """Per-batch sums for evaluation (default: the training sums)."""
@@ -81,17 +117,33 @@ class MetricSums:
     rank calls at the same point. Keys may differ between ranks (a rank with no evaluation batch
     has none): the reduction gathers each rank's sums and adds them in rank order, so every rank
     gets bit-identical totals, whatever the world size.
+
+    ``defer`` keeps a batch's data instead of its sums; the kept batches are reduced together
+    (``MAX_DEFERRED`` at a time, or when the sums are read) and their sums added one batch after
+    the other: the totals are bit-identical to adding each batch's sums at its step, whenever the
+    flush happens (a checkpoint in the middle of an epoch does not change them). On the CPU only:
+    there the kernels of a step run in the trainer's thread, which is what deferring saves, and the
+    reductions of stacked batches are checked to add in the same order as one batch's; a GPU's
+    reduction kernels may choose another order for another number of stacked batches, which would
+    make the totals depend on the flush points, so there each batch is reduced at its step.
     """
+
+    #: Batches kept before their sums are computed (their data is a few values per sample).
+    MAX_DEFERRED = 64
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._max_deferred = self.MAX_DEFERRED if device.type == "cpu" else 1
         self.reset()
 
     def reset(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
         self._numbers: dict[str, float] = {}
+        self._deferred: list[DeferredSums] = []
 
     def add(self, values: Sums) -> None:
+        if self._deferred and values:
+            self._flush()  # keeps the order in which batches are added
         for key, value in values.items():
             acc = self._tensors.get(key)
             if acc is not None:
@@ -102,8 +154,38 @@ class MetricSums:
             else:  # host numbers (sample counts) stay on the host: no device op per step
                 self._numbers[key] = self._numbers.get(key, 0.0) + float(value)
 
+    def defer(self, item: DeferredSums) -> None:
+        """Add a batch's sums later (see the class docstring); its ``numbers`` now."""
+        for key, value in item.numbers.items():
+            self._numbers[key] = self._numbers.get(key, 0.0) + float(value)
+        self._deferred.append(item)
+        if len(self._deferred) >= self._max_deferred:
+            self._flush()
+
+    def _flush(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        start = 0
+        while start < len(deferred):  # runs of batches with the same reducer, in order
+            reducer = deferred[start].reducer
+            end = start + 1
+            while end < len(deferred) and deferred[end].reducer == reducer:
+                end += 1
+            for key, rows in reducer([item.data for item in deferred[start:end]]).items():
+                self._add_rows(key, rows)
+            start = end
+
+    def _add_rows(self, key: str, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float64)
+        acc = self._tensors.get(key)
+        if acc is None:
+            acc = self._tensors[key] = rows[0].clone()
+            rows = rows[1:]
+        add_rows_in_order(acc, rows, scan=rows.device.type == "cpu")
+
     def local_sums(self) -> dict[str, np.ndarray]:
         """This rank's sums on the host (picklable; what a checkpoint stores for a partial epoch)."""
+        if self._deferred:
+            self._flush()
         out = {k: v.cpu().numpy() for k, v in self._tensors.items()}
         out.update({k: np.asarray(v, dtype=np.float64) for k, v in self._numbers.items()})
         return out
@@ -121,6 +203,19 @@ class MetricSums:
     def reduce(self) -> dict[str, np.ndarray]:
         """Global sums over every rank (a collective)."""
         return add_sums(all_gather_objects(self.local_sums()))
+
+
+def add_rows_in_order(acc: torch.Tensor, rows: torch.Tensor, *, scan: bool) -> None:
+    """``acc += rows[0]; acc += rows[1]; ...`` in place: the float64 result of adding batch by batch.
+
+    ``scan``: with one cumsum, which on the CPU adds in order (three kernels instead of one per
+    row); a GPU scan adds in another order, so there it is one add per row.
+    """
+    if scan:
+        acc.copy_(torch.cumsum(torch.cat((acc.unsqueeze(0), rows)), dim=0)[-1])
+    else:
+        for row in rows:
+            acc += row
 
 
 def add_sums(per_rank: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
