@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from dist_train.strategy import Strategy, build_strategy
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
 from dist_train.tasks.base import TrainStep, add_sums
 from dist_train.watchdog import HangWatchdog
+
+if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
+    from dist_train.checkpoint_store import CheckpointStore
 
 log = logging.getLogger("dtrain")
 
@@ -260,7 +263,7 @@ class Trainer:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         return steps
 
-    def _make_checkpoint_store(self) -> Any:
+    def _make_checkpoint_store(self) -> CheckpointStore | None:
         """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint_store.py)."""
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return None
