@@ -120,7 +120,11 @@ def assert_close_history(a: Path, b: Path) -> None:
     [
         (2, FSDP_SMALL_UNITS),
         # 3 ranks (uneven shards of every layer, uneven evaluation shards), recomputed activations, offload.
-        (3, {**FSDP_SMALL_UNITS, "activation_checkpointing": True, "cpu_offload": True, "reshard_after_forward": False}),
+        pytest.param(
+            3,
+            {**FSDP_SMALL_UNITS, "activation_checkpointing": True, "cpu_offload": True, "reshard_after_forward": False},
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["2ranks", "3ranks-ac-offload"],
 )
@@ -207,6 +211,7 @@ def test_fsdp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None
     assert len(metric_history(run_dir)) == EPOCHS
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_of_2_ranks_resumes_on_3_and_1_ranks_like_ddp(tmp_path: Path) -> None:
     """Resharding 2 -> 3 and 2 -> 1 ranks: FSDP continues as DDP continues from its own 2-rank checkpoint.
 

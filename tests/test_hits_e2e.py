@@ -68,6 +68,7 @@ def test_distributed_training_metrics_equal_one_process_evaluation(demo: tuple[P
         assert single[f"{prefix}/accuracy"] == pytest.approx(dist[f"{prefix}/accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_on_hits_is_bit_exact(demo: tuple[Path, Path], tmp_path: Path) -> None:
     data, geometry = demo
     steps_per_epoch = -(-240 // 16)

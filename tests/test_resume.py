@@ -72,9 +72,9 @@ def held_out_metrics(run_dir: Path) -> list[dict]:
 
 # From 3 ranks on the all-reduce's summation order can change the last bits (a + b == b + a, but
 # (a + b) + c != a + (b + c)), so 3 ranks catch a resumed process that reduces differently from the
-# uninterrupted run (issue 12; without the fix 3 and 4 ranks fail here, 2 pass). 2 and 4 ranks run
+# uninterrupted run (issue 12; without the fix 3 and 4 ranks fail here, 2 pass). 1, 2 and 4 ranks run
 # with the slow tests, to keep the default suite short.
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, nproc: int) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=600)
     steps_per_epoch = -(-480 // (8 * nproc))

@@ -318,7 +318,7 @@ def kill_job(proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.parametrize(
     ("phase", "rank"),
-    [("before_publish", 0), pytest.param("after_shards", 1, marks=pytest.mark.slow)],
+    [pytest.param("before_publish", 0, marks=pytest.mark.slow), pytest.param("after_shards", 1, marks=pytest.mark.slow)],
     ids=["rank0-before-rename", "rank1-after-its-shard"],
 )
 def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_path: Path, phase: str, rank: int) -> None:
