@@ -547,8 +547,9 @@ def malloc_cost(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
         ratios.append(this_round["threshold 1 MiB"]["samples_per_s"] / this_round["glibc defaults"]["samples_per_s"])
     print("  paired ratios (1 MiB / glibc): " + " ".join(f"{r:.3f}" for r in ratios) + f"; median {median(ratios):.3f}")
     plan.report["malloc"] = {"model": size.label(), "rates": rates, "peaks": peaks, "ratios": ratios}
-    plan.results.append(result_line("fsdp_cpu_malloc_threshold_throughput_ratio", median(ratios), ">=", 0.95))
-    plan.results.append(result_line("fsdp_cpu_malloc_threshold_peak_ratio", median(peaks["threshold 1 MiB"])
+    tag = f"{size.params() / 1e6:.0f}m"
+    plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_throughput_ratio_{tag}", median(ratios), ">=", 0.95))
+    plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_peak_ratio_{tag}", median(peaks["threshold 1 MiB"])
                                     / median(peaks["glibc defaults"]), "<=", 1.0))
 
 
