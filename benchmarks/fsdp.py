@@ -6,7 +6,8 @@ The model is ``benchmarks/fsdp_model.py:BlockStack`` (pre-norm residual MLP bloc
 * ``memory``      dtrain itself, ``dtrain launch --gpus cpu --nproc 2``, ``train.strategy`` ddp vs fsdp on the
                   101.6M model, Adam, fp32: the epoch record's ``memory/*`` (the largest rank's parameter,
                   gradient and Adam-state MiB, and its peak RSS: ``ru_maxrss``; CUDA: ``max_memory_allocated``),
-                  with glibc's default malloc settings and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (see ALLOCATORS).
+                  as shipped (CPU FSDP workers set glibc's mmap threshold to 1 MiB) and with that switched off
+                  (``DTRAIN_CPU_MALLOC_THRESHOLD=0``: glibc's defaults; see ALLOCATORS).
 * ``throughput``  the same data (the same HDF5 file), global batch, Adam, fp32 and steps for: dtrain ddp,
                   dtrain fsdp (``dtrain launch``), Accelerate with its FSDP2 plugin
                   (``FullyShardedDataParallelPlugin(fsdp_version=2)``, transformer-layer policy on ``Block``),
@@ -16,6 +17,8 @@ The model is ``benchmarks/fsdp_model.py:BlockStack`` (pre-norm residual MLP bloc
                   read the file into a TensorDataset (their fastest input path). Two epochs of ``steps``; the
                   second is timed (global samples / slowest rank's time). Contenders are interleaved and
                   repeated; ratios are medians of the per-round paired ratios.
+* ``malloc``      (only when named) dtrain fsdp as shipped vs ``DTRAIN_CPU_MALLOC_THRESHOLD=0``: what the CPU
+                  worker's fixed 1 MiB mmap threshold costs in samples/s and saves in peak RSS (paired rounds).
 * ``checkpoint``  two gloo processes (``torchrun``) holding the FSDP2-sharded model and its Adam state after
                   one step: ``dcp.save`` of the sharded state dict (every rank writes its shard), the time
                   ``dcp.async_save`` blocks (state-dict view + staging copy; the write runs in a thread), its
@@ -433,8 +436,10 @@ MEMORY_KEYS = ("memory/params_mb", "memory/grads_mb", "memory/optimizer_mb", "me
 
 # glibc keeps freed heap memory resident (the dynamic mmap threshold rises to 32 MiB after the first large
 # free, and a fragmented heap cannot shrink): FSDP's per-step all-gather and reduce-scatter buffers then
-# stay in the RSS. A fixed 1 MiB threshold serves each large buffer from its own mapping, returned on free.
-ALLOCATORS = {"glibc defaults": {}, "MALLOC_MMAP_THRESHOLD_=1MiB": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
+# stay in the RSS. dtrain's CPU FSDP workers therefore set a fixed 1 MiB threshold themselves
+# (dist_train/cpu_allocator.py: each large buffer gets its own mapping, returned on free); the second
+# setting switches that off to show glibc's defaults. DDP workers are never changed.
+ALLOCATORS = {"dtrain default (mallopt 1 MiB)": {}, "glibc defaults (opt-out)": {"DTRAIN_CPU_MALLOC_THRESHOLD": "0"}}
 
 
 def memory(plan: Plan) -> None:
@@ -451,12 +456,12 @@ def memory(plan: Plan) -> None:
                 print(f"  {strategy}, {allocator}: {_status(result)}\n{result['error']}")
                 return
             rows[f"{strategy}, {allocator}"] = result
-    print(f"  {'MiB per rank':22} {'allocator':28} {'ddp':>7} {'fsdp':>7} {'fsdp/ddp':>9}")
+    print(f"  {'MiB per rank':22} {'allocator':32} {'ddp':>7} {'fsdp':>7} {'fsdp/ddp':>9}")
     for key in MEMORY_KEYS:
         for allocator in ALLOCATORS if key == "memory/peak_mb" else list(ALLOCATORS)[:1]:
             ddp, fsdp = rows[f"ddp, {allocator}"][key], rows[f"fsdp, {allocator}"][key]
             shown = allocator if key == "memory/peak_mb" else "(any)"
-            print(f"  {key:22} {shown:28} {ddp:7.0f} {fsdp:7.0f} {fsdp / ddp:9.3f}")
+            print(f"  {key:22} {shown:32} {ddp:7.0f} {fsdp:7.0f} {fsdp / ddp:9.3f}")
     print("  (state: measured after the first optimizer step, identical under both allocators; peak: ru_maxrss, the\n"
           "   process's resident high-water mark, with the ~0.55-0.7 GB of an idle torch + dtrain worker; DDP's also\n"
           "   holds its gradient buckets)")
@@ -464,7 +469,7 @@ def memory(plan: Plan) -> None:
     first, second = list(ALLOCATORS)
     ratio = rows[f"fsdp, {first}"]["memory/state_mb"] / rows[f"ddp, {first}"]["memory/state_mb"]
     plan.results.append(result_line("fsdp_state_memory_ratio_2ranks", ratio, "<=", MEMORY_TARGET))
-    for allocator, suffix in ((first, ""), (second, "_mmap_threshold_1mib")):
+    for allocator, suffix in ((first, ""), (second, "_glibc_defaults")):
         peak = rows[f"fsdp, {allocator}"]["memory/peak_mb"] / rows[f"ddp, {allocator}"]["memory/peak_mb"]
         plan.results.append(result_line(f"fsdp_peak_memory_ratio_2ranks{suffix}", peak, "<=", MEMORY_TARGET))
 
@@ -512,6 +517,40 @@ def throughput(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
         if summary[who]["runs"] and ok:
             plan.results.append(result_line(f"fsdp_throughput_vs_{who.replace('-', '_')}", summary[who]["paired_ratio"],
                                             ">=", THROUGHPUT_TARGET))
+
+
+# ---------------------------------------------------------------------------- malloc
+def malloc_cost(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
+    """What the CPU FSDP worker's fixed 1 MiB mmap threshold costs in step time: dtrain fsdp as shipped vs
+    ``DTRAIN_CPU_MALLOC_THRESHOLD=0`` (glibc's defaults), interleaved (order alternating), paired per round."""
+    nproc = 2
+    data = ensure_data(workload(size), steps * global_batch)
+    print(f"\nmalloc: dtrain fsdp, {nproc} processes, {size.label()}, Adam, fp32, global batch {global_batch}, {steps} steps "
+          f"per epoch (2nd epoch timed), {plan.repeats} interleaved rounds: mmap threshold 1 MiB (default) vs glibc's", flush=True)
+    settings: dict[str, dict[str, str]] = {"threshold 1 MiB": {}, "glibc defaults": {"DTRAIN_CPU_MALLOC_THRESHOLD": "0"}}
+    ratios: list[float] = []
+    rates: dict[str, list[float]] = {k: [] for k in settings}
+    peaks: dict[str, list[float]] = {k: [] for k in settings}
+    for rep in range(plan.repeats):
+        order = list(settings) if rep % 2 == 0 else list(settings)[::-1]
+        this_round: dict[str, dict[str, Any]] = {}
+        for name in order:
+            result = run_dtrain("fsdp", size, data, plan, nproc=nproc, batch=global_batch // nproc, steps=steps,
+                                epochs=2, env=settings[name])
+            print(f"  [{rep + 1}/{plan.repeats}] {name:16} {_status(result)}  peak {result.get('memory/peak_mb', math.nan):.0f} MiB"
+                  f"  load {load_average()}", flush=True)
+            if result["error"]:
+                return
+            this_round[name] = result
+            rates[name].append(result["samples_per_s"])
+            peaks[name].append(result["memory/peak_mb"])
+        ratios.append(this_round["threshold 1 MiB"]["samples_per_s"] / this_round["glibc defaults"]["samples_per_s"])
+    print("  paired ratios (1 MiB / glibc): " + " ".join(f"{r:.3f}" for r in ratios) + f"; median {median(ratios):.3f}")
+    plan.report["malloc"] = {"model": size.label(), "rates": rates, "peaks": peaks, "ratios": ratios}
+    tag = f"{size.params() / 1e6:.0f}m"
+    plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_throughput_ratio_{tag}", median(ratios), ">=", 0.95))
+    plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_peak_ratio_{tag}", median(peaks["threshold 1 MiB"])
+                                    / median(peaks["glibc defaults"]), "<=", 1.0))
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -583,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds, a 12.1M model for throughput (~5 min on 2 cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--sections", default="", help="memory,throughput,checkpoint (cuda: gpu,checkpoint)")
+    p.add_argument("--sections", default="", help="memory,throughput,checkpoint and malloc (cuda: gpu,checkpoint)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved throughput rounds (default 3; quick 2)")
     p.add_argument("--size", default="", help="WIDTHxDEPTH: one model size for every section (a smoke test: 128x2)")
     p.add_argument("--json", type=Path, default=None)
@@ -621,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
             # Quick: a 12.9M model (a 101.6M step takes seconds on 2 shared cores); full: the 101.6M model.
             size, batch, steps = (Size(384, 10), 32, 12) if args.quick and not args.size else (BIG, 16, 6)
             throughput(plan, size, batch, steps)
+        if "malloc" in sections:
+            size, batch, steps = (Size(384, 10), 32, 12) if args.quick and not args.size else (BIG, 16, 6)
+            malloc_cost(plan, size, batch, steps)
         if "gpu" in sections:
             gpu(plan)
         if "checkpoint" in sections:

@@ -23,7 +23,12 @@ JOB_ID = "DTRAIN_JOB_ID"
 # worker writes it to its rank log only and the user reads it once.
 LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 
-ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID, LAUNCHER_REPORTS_ERRORS)
+# CPU FSDP workers on glibc: mallopt(M_MMAP_THRESHOLD, this many bytes) so that freed all-gather and
+# gradient buffers go back to the OS (dist_train/cpu_allocator.py). Unset: 1 MiB; "0": leave malloc alone.
+# A user-set MALLOC_MMAP_THRESHOLD_ (or glibc.malloc.mmap_threshold tunable) always wins.
+CPU_MALLOC_THRESHOLD = "DTRAIN_CPU_MALLOC_THRESHOLD"
+
+ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID, LAUNCHER_REPORTS_ERRORS, CPU_MALLOC_THRESHOLD)
 
 # Exit code of a worker (and of `dtrain launch`) that stopped on a preemption signal after writing
 # a checkpoint: "interrupted, resumable". 75 is EX_TEMPFAIL from sysexits.h: try again later.

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 import dist_train
 from dist_train import envvars
 from dist_train.config import Config, config_to_dict
+from dist_train.cpu_allocator import return_large_frees_to_os
 from dist_train.distributed import (
     AsyncFlags,
     DistInfo,
@@ -165,6 +166,8 @@ class Trainer:
         self._prepare_normalization()
         self.data = build_data(cfg, run_dir=run_dir)
         self.task: Task = build_task(cfg, self.data)
+        # Before the model's tensors exist, so that all of FSDP's large buffers follow the new threshold.
+        return_large_frees_to_os(cfg.train.strategy, self.device.type)
         self.model: nn.Module = build_model_for_task(cfg, self.data, self.task).to(self.device)
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.train_model: nn.Module = self._wrap_model(self.model)
