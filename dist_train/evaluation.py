@@ -87,6 +87,8 @@ def evaluate_batches(
     finally:
         model.train(was_training)
     totals = sums.reduce()
+    gathered = samples.gather()
     metrics = task.finalize(totals)
-    metrics.update(task.finalize_samples(samples.gather()))
-    return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, task.reports(totals))
+    metrics.update(task.finalize_samples(gathered))
+    reports = {**task.reports(totals), **task.sample_reports(gathered)}
+    return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, reports)

@@ -550,7 +550,7 @@ class Trainer:
         return result.metrics
 
     def _write_reports(self, split: str, reports: dict[str, Any]) -> None:
-        """Non-scalar results (the confusion matrix) as ``<name>_<split>.json`` and in TensorBoard."""
+        """Non-scalar results (confusion matrix, residual histograms) as ``<name>_<split>.json`` and in TensorBoard."""
         if not reports or not self.dist.is_main or self.run_dir is None:
             return
         from dist_train.fsutil import atomic_write_text
@@ -558,8 +558,8 @@ class Trainer:
         for name, report in reports.items():
             record = {"split": split, "epoch": self.counters.epoch, "step": self.counters.step, **report}
             atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
-            if name == "confusion" and isinstance(self.metrics_logger, RunMetricsLogger):
-                self.metrics_logger.add_confusion(f"{split}/confusion", report["matrix"], self.counters.step)
+            if isinstance(self.metrics_logger, RunMetricsLogger):
+                self.metrics_logger.add_report(split, name, report, self.counters.step)
 
     # ------------------------------------------------------------------ epochs
     def _epoch_metrics(self, epoch: int) -> dict[str, float]:

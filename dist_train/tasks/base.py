@@ -101,6 +101,10 @@ class Task:
         """Non-scalar results of an evaluation, written to the run directory (name -> JSON-able)."""
         return {}
 
+    def sample_reports(self, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Non-scalar results from the gathered per-sample values (regression's residual histograms)."""
+        return {}
+
     def predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-sample rows for ``dtrain eval --predictions`` (default: the raw outputs)."""
         return {"outputs": outputs}
