@@ -250,7 +250,8 @@ class Trainer:
 
     def _prepare_normalization(self) -> None:
         """Rank 0 computes normalisation statistics once; the others read the stored file."""
-        wanted = self.cfg.data.normalize == "auto" or self.cfg.task.target_norm == "auto"
+        task = self.cfg.task
+        wanted = self.cfg.data.normalize == "auto" or (task.name == "regression" and task.target_norm == "auto")
         if not wanted or self.run_dir is None:
             return
         from dist_train.data import ensure_normalization

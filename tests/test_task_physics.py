@@ -75,9 +75,15 @@ def test_angular_loss_is_the_angle_between_directions_in_file_units_and_blind_to
     assert float(mse.loss(normalised(pred), batch)) / len(true) > 0.1  # MSE sees 2 pi of azimuth error
     per_sample.backward()
     assert outputs.grad is not None and torch.isfinite(outputs.grad).all()  # finite where the angle is 0
+    opposite = true.clone()
+    opposite[:, 4], opposite[:, 5] = math.pi - true[:, 4], true[:, 5] + math.pi
+    outputs = normalised(opposite).requires_grad_()
+    (angular.loss(outputs, batch) / len(true)).backward()
+    assert outputs.grad is not None and torch.isfinite(outputs.grad).all()  # and where it is 180 degrees
 
     # Other directions: the loss is (2/6) * the angle between them, computed from un-normalised angles.
     other = a_batch(seed=1)["angles"]
+    other[:, 0] = other[:, 0] * 3 - math.pi  # zeniths outside [0, pi] are directions too
     pred = true.clone()
     pred[:, 4:6] = other
     expected = angles_rad(other.numpy(), true[:, 4:6].numpy()).mean() * 2 / 6
