@@ -100,8 +100,6 @@ ANGULAR = "angular"
 #: Metrics a bias cannot move (a model predicting half the truth keeps its resolution): monitoring one
 #: to choose the best checkpoint gets a warning (see dist_train.tasks.task_warnings).
 BIAS_BLIND_METRICS = ("frac_resolution",)
-#: Buckets of each target's residual histogram (a report of every evaluation).
-RESIDUAL_HISTOGRAM_BINS = 50
 # Added under the square root of |a x b|^2: the angular loss keeps a finite gradient where the
 # predicted direction equals the true one (1e-10 rad, far below float32's resolution of angles).
 _ANGLE_EPS = 1e-20
@@ -394,9 +392,8 @@ class RegressionTask(Task):
         return sums
 
     def eval_samples(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        pred, true, err = self._errors(outputs, batch)
+        pred, true, _ = self._errors(outputs, batch)
         out = {t.name: self._distance(t, pred, true) for t in self.targets if t.kind in ("position", "direction")}
-        out.update({f"residual:{t.name}": err[:, t.columns] for t in self.targets})
         out.update({f"bin:{b.target.name}": b.index(true).double() for b in self.binnings})
         return out
 
@@ -468,21 +465,12 @@ class RegressionTask(Task):
                     out[f"{b.label(i)}/{t.name}/{name}"] = float(np.quantile(chosen, 0.68)) if len(chosen) else math.nan
         return out
 
-    def sample_reports(self, samples: dict[str, np.ndarray]) -> dict[str, Any]:
-        """``residuals``: a histogram of each target's pred - true (all its columns) over the split."""
-        histograms = {}
-        for t in self.targets:
-            values = samples.get(f"residual:{t.name}")
-            if values is None or not len(values):
-                continue
-            finite = values[np.isfinite(values)]
-            counts, edges = np.histogram(finite, bins=RESIDUAL_HISTOGRAM_BINS)
-            histograms[t.name] = {
-                "edges": edges.tolist(),
-                "counts": counts.tolist(),
-                "sum": float(finite.sum()),
-                "sum_squares": float(np.square(finite).sum()),
-            }
+    def eval_histograms(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        _, _, err = self._errors(outputs, batch)
+        return {t.name: err[:, t.columns] for t in self.targets}
+
+    def histogram_reports(self, histograms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """``residuals``: each target's pred - true (all its columns) over the split."""
         return {"residuals": histograms} if histograms else {}
 
     def metric_names(self) -> list[str]:
