@@ -87,7 +87,8 @@ def evaluate_batches(
             sums.add({"loss": task.loss(outputs, on_device).detach()})
             sums.add(task.eval_metrics(outputs, on_device))
             samples.add(task.eval_samples(outputs, on_device))
-            histograms.add(task.eval_histograms(outputs, on_device))
+            if task.has_histograms:
+                histograms.add(task.eval_histograms(outputs, on_device))
             if predictions is not None:
                 predictions.add(batch["index"], task.predictions(outputs, on_device))
     finally:
@@ -95,5 +96,7 @@ def evaluate_batches(
     totals = sums.reduce()
     metrics = task.finalize(totals)
     metrics.update(task.finalize_samples(samples.gather()))
-    reports = {**task.reports(totals), **task.histogram_reports(histograms.reduce())}
+    reports = task.reports(totals)
+    if task.has_histograms:  # the same on every rank: all ranks reduce, or none
+        reports.update(task.histogram_reports(histograms.reduce()))
     return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, reports)

@@ -65,6 +65,8 @@ class Task:
     output_width: int | None = None
     #: HDF5 datasets the task reads into every batch besides ``x`` (its targets).
     batch_keys: tuple[str, ...] = ()
+    #: Whether :meth:`eval_histograms` returns anything (else evaluation skips their reduction).
+    has_histograms = False
 
     def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """The loss SUMMED over the batch's samples (dtrain divides by the global sample count)."""

@@ -222,6 +222,7 @@ def column_labels(targets: list[Target], columns: Mapping[str, Sequence[str]]) -
 
 class RegressionTask(Task):
     name = "regression"
+    has_histograms = True
 
     def __init__(
         self,
