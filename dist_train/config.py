@@ -115,7 +115,7 @@ class ModelConfig:
 
 
 TASK_NAMES = ("classification", "regression")
-REGRESSION_LOSSES = ("mse", "l1", "huber", "smooth_l1")
+REGRESSION_LOSSES = ("mse", "l1", "huber", "smooth_l1", "angular")
 # What a regression target can be declared to be, for the derived physics metrics.
 TARGET_KINDS = ("plain", "energy", "position", "direction")
 
@@ -128,16 +128,29 @@ class TaskConfig:
     name: str = "classification"
     # HDF5 datasets learned from, in this order ([] = [data.y_key]).
     targets: list[str] = field(default_factory=list)
-    # "" = the task's default: cross_entropy (classification), mse (regression).
-    loss: str = ""
+    # "" = the task's default: cross_entropy (classification), mse (regression). Regression: one loss
+    # for every target, or a table by target, {energies = "mse", angles = "angular"} (unlisted: mse);
+    # "angular" = the angle between predicted and true direction, for a target of 2 columns (zenith,
+    # azimuth in radians) or 3 (a vector).
+    loss: str | dict[str, Any] = ""
+    # Regression: each target's weight in the loss ({energies = 3.0}; unlisted: 1).
+    loss_weights: dict[str, Any] = field(default_factory=dict)
     huber_delta: float = 1.0
-    # Regression: the loss sees (target - mean) / std; metrics and predictions are in file units.
-    target_norm: Literal["none", "auto", "given"] = "none"
+    # Regression: the loss sees (target - mean) / std of the training split ("auto"), or of
+    # target_mean/target_std ("given"); metrics and predictions are in file units. "none": raw targets
+    # (a warning when their scales differ by more than 100x).
+    target_norm: Literal["none", "auto", "given"] = "auto"
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
     # Regression: what each target is, for derived metrics ({} = guessed from the standard names
     # energies/positions/angles/directions): "energy", "position", "direction" or "plain".
     kinds: dict[str, Any] = field(default_factory=dict)
+    # Regression: evaluation metrics per bin [lo, hi) of a one-column target's true value as well,
+    # {energies = [100.0, 200.0, 400.0]} -> val/bin_energies_100_200/positions/distance_68 ...
+    bins: dict[str, Any] = field(default_factory=dict)
+    # Regression: names of a target's columns in metric keys, {positions = ["x", "y", "z"]} ->
+    # val/positions/x/rmse (default: 0, 1, 2).
+    columns: dict[str, Any] = field(default_factory=dict)
     # Classification extras.
     label_smoothing: float = 0.0
     class_weights: list[float] | str = field(default_factory=list)  # or "balanced"
@@ -570,10 +583,12 @@ def _validate_task(cfg: Config, fail: Any) -> None:
             fail("task.class_weights", t.class_weights, f"must have one weight per class (model.num_classes = {cfg.model.num_classes}).")
         if not 0.0 <= t.label_smoothing < 1.0:
             fail("task.label_smoothing", t.label_smoothing, "must be in [0, 1).")
+    if t.name != "regression":
+        for key in ("loss_weights", "bins", "columns"):
+            if getattr(t, key):
+                fail(f"task.{key}", getattr(t, key), f"applies to task.name = \"regression\" only (this task is {t.name!r}).")
     if t.name == "regression":
-        if t.loss not in ("", *REGRESSION_LOSSES):
-            hint = _did_you_mean(t.loss, list(REGRESSION_LOSSES))
-            fail("task.loss", t.loss, f"is not a regression loss.{hint} Use one of {', '.join(map(repr, REGRESSION_LOSSES))}.")
+        _validate_regression_tables(t, t.resolved_targets(cfg.data.y_key), fail)
         if t.huber_delta <= 0:
             fail("task.huber_delta", t.huber_delta, "must be positive.")
         for target, kind in t.kinds.items():
@@ -589,6 +604,35 @@ def _validate_task(cfg: Config, fail: Any) -> None:
     overlap = set(cfg.data.input_keys) & ({cfg.data.x_key} | set(t.resolved_targets(cfg.data.y_key)))
     if overlap:
         fail("data.input_keys", cfg.data.input_keys, f"repeats {sorted(overlap)}, already the model input or a target.")
+
+
+def _validate_regression_tables(t: TaskConfig, targets: list[str], fail: Callable[[str, Any, str], None]) -> None:
+    """task.loss (a name or a table by target), loss_weights, bins and columns of a regression."""
+    losses = t.loss if isinstance(t.loss, dict) else {"": t.loss}
+    for target, loss in losses.items():
+        where = f"task.loss.{target}" if target else "task.loss"
+        if target and target not in targets:
+            fail(where, loss, f"names no target; targets are {targets}.")
+        if loss not in ("", *REGRESSION_LOSSES):
+            hint = _did_you_mean(str(loss), list(REGRESSION_LOSSES))
+            fail(where, loss, f"is not a regression loss.{hint} Use one of {', '.join(map(repr, REGRESSION_LOSSES))}.")
+    for target, weight in t.loss_weights.items():
+        if target not in targets:
+            fail(f"task.loss_weights.{target}", weight, f"names no target; targets are {targets}.")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            fail(f"task.loss_weights.{target}", weight, "must be a number >= 0.")
+    for target, edges in t.bins.items():
+        if target not in targets:
+            fail(f"task.bins.{target}", edges, f"names no target; targets are {targets}.")
+        numbers = isinstance(edges, list) and all(isinstance(e, int | float) and not isinstance(e, bool) for e in edges)
+        if not numbers or len(edges) < 2 or any(not a < b for a, b in zip(edges, edges[1:], strict=False)):
+            fail(f"task.bins.{target}", edges, "must be a list of at least 2 increasing bin edges, e.g. [100.0, 200.0, 400.0].")
+    for target, names in t.columns.items():
+        if target not in targets:
+            fail(f"task.columns.{target}", names, f"names no target; targets are {targets}.")
+        plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n for n in names)
+        if not plain or len(set(names)) != len(names):
+            fail(f"task.columns.{target}", names, 'must be a list of distinct non-empty names without "/", e.g. ["x", "y", "z"].')
 
 
 def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None]) -> None:

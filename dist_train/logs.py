@@ -166,6 +166,32 @@ class RunMetricsLogger:
         self._tb.add_image(tag, image[None].astype(np.float32), step, dataformats="CHW")
         self._tb.flush()
 
+    def add_report(self, split: str, name: str, report: dict[str, Any], step: int) -> None:
+        """An evaluation's non-scalar result in TensorBoard: the confusion matrix, the residual histograms."""
+        if name == "confusion":
+            self.add_confusion(f"{split}/confusion", report["matrix"], step)
+        elif name == "residuals":
+            self.add_residual_histograms(split, report, step)
+
+    def add_residual_histograms(self, split: str, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        """``<split>/<target>/residual``: each target's (pred - true) histogram, as the task binned it."""
+        if self._tb is None:
+            return
+        for target, h in histograms.items():
+            counts, edges = h["counts"], h["edges"]
+            self._tb.add_histogram_raw(
+                f"{split}/{target}/residual",
+                min=edges[0],
+                max=edges[-1],
+                num=int(sum(counts)),
+                sum=h["sum"],
+                sum_squares=h["sum_squares"],
+                bucket_limits=edges[1:],  # each bucket's right edge
+                bucket_counts=counts,
+                global_step=step,
+            )
+        self._tb.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

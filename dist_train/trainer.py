@@ -250,7 +250,8 @@ class Trainer:
 
     def _prepare_normalization(self) -> None:
         """Rank 0 computes normalisation statistics once; the others read the stored file."""
-        wanted = self.cfg.data.normalize == "auto" or self.cfg.task.target_norm == "auto"
+        task = self.cfg.task
+        wanted = self.cfg.data.normalize == "auto" or (task.name == "regression" and task.target_norm == "auto")
         if not wanted or self.run_dir is None:
             return
         from dist_train.data import ensure_normalization
@@ -550,7 +551,7 @@ class Trainer:
         return result.metrics
 
     def _write_reports(self, split: str, reports: dict[str, Any]) -> None:
-        """Non-scalar results (the confusion matrix) as ``<name>_<split>.json`` and in TensorBoard."""
+        """Non-scalar results (confusion matrix, residual histograms) as ``<name>_<split>.json`` and in TensorBoard."""
         if not reports or not self.dist.is_main or self.run_dir is None:
             return
         from dist_train.fsutil import atomic_write_text
@@ -558,8 +559,8 @@ class Trainer:
         for name, report in reports.items():
             record = {"split": split, "epoch": self.counters.epoch, "step": self.counters.step, **report}
             atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
-            if name == "confusion" and isinstance(self.metrics_logger, RunMetricsLogger):
-                self.metrics_logger.add_confusion(f"{split}/confusion", report["matrix"], self.counters.step)
+            if isinstance(self.metrics_logger, RunMetricsLogger):
+                self.metrics_logger.add_report(split, name, report, self.counters.step)
 
     # ------------------------------------------------------------------ epochs
     def _epoch_metrics(self, epoch: int) -> dict[str, float]:
