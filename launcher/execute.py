@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,27 @@ def run_plan(plan: LaunchPlan) -> Outcome:
             except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
                 continue
         stop_leftovers(plan, code)
-    return interpret(plan, code, stop_requested=bool(forwarder.received))
+    outcome = interpret(plan, code, stop_requested=bool(forwarder.received))
+    keep_in_run_logs(plan, outcome)
+    return outcome
+
+
+LAUNCHER_LOG = "launcher.log"
+
+
+def keep_in_run_logs(plan: LaunchPlan, outcome: Outcome) -> None:
+    """The verdict the console shows (which rank failed, why, where its log is) also goes to
+    ``<run_dir>/logs/launcher.log``: the run directory alone tells what happened to the run."""
+    if not outcome.message:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        logs = Path(plan.run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / LAUNCHER_LOG).open("a", encoding="utf-8") as f:
+            f.write(f"{stamp} exit {outcome.exit_code} {outcome.message}\n")
+    except OSError:
+        pass  # a full or read-only disk must not hide the verdict: the console still gets it
 
 
 def _become_subreaper() -> None:
