@@ -53,7 +53,7 @@ def test_checkpoint_warnings_and_notes_reach_the_run_logs(tmp_path: Path, data: 
     cfg = write_config(
         tmp_path / "c.toml", data,
         train={"epochs": 1, "test_at_end": False},
-        checkpoint={"every_steps": 4, "every_epochs": 0, "keep_last": 0},
+        checkpoint={"every_steps": 4, "every_epochs": 0, "keep_last": 3},
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")
