@@ -49,9 +49,10 @@ def test_keep_last_zero_keeps_every_checkpoint(tmp_path: Path, data: Path, strat
 
 def test_checkpoint_warnings_and_notes_reach_the_run_logs(tmp_path: Path, data: Path) -> None:
     """A truncated newest checkpoint: the fallback warning is in rank 0's log file (not only on the
-    console), and the checkpoint code's INFO lines are kept too."""
+    console), and the checkpoint code's INFO lines and Python warnings (the model's) are kept too."""
     cfg = write_config(
         tmp_path / "c.toml", data,
+        model={"name": "tests.helpers.models:WarningMLP", "num_classes": 3, "in_features": 72},
         train={"epochs": 1, "test_at_end": False},
         checkpoint={"every_steps": 4, "every_epochs": 0, "keep_last": 3},
     )
@@ -72,3 +73,4 @@ def test_checkpoint_warnings_and_notes_reach_the_run_logs(tmp_path: Path, data: 
     warnings = [line for line in log.splitlines() if fallback in line]
     assert len(warnings) == 1 and " WARNING " in warnings[0] and "falling back to an older checkpoint" in warnings[0], log
     assert "removed" in log and ".ckpt-e0001-s00000009.pt.123.tmp" in log, "INFO lines of the checkpoint code"
+    assert "UserWarning: WarningMLP: a note the run's logs must keep" in log, "Python warnings too"

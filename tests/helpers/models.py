@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -60,4 +61,16 @@ class RaisingMLP(nn.Module):
         self.calls += 1
         if self.fail_rank in (-1, int(os.environ.get("RANK", "0"))) and self.calls > self.after:
             raise RuntimeError(self.message)
+        return self.net(x)
+
+
+class WarningMLP(nn.Module):
+    """Issues a Python warning when built, as libraries do (deprecations, numerical notes)."""
+
+    def __init__(self, num_classes: int, in_features: int) -> None:
+        super().__init__()
+        warnings.warn("WarningMLP: a note the run's logs must keep", UserWarning, stacklevel=2)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
