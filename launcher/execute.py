@@ -497,6 +497,12 @@ def failure_report(plan: LaunchPlan, code: int) -> str:
         return hang_report(plan, [f for f in failures if _looks_hung(plan, f)])
     rank = first.get("rank", 0)
     report = f"dtrain: rank {rank} {_describe(first)}. {_where(plan, first)}{_others(rest)}"
+    if lost_a_peer(first):
+        # Every rank here only lost a peer: the one that failed is on another node or left no record.
+        report += (
+            f" It only lost its connection to another rank, which failed first (on another node, or "
+            f"without an error record): look for it in the logs in {logs}."
+        )
     return report + (_all_tracebacks(failures) if _verbose(plan) else "")
 
 

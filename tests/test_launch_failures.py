@@ -305,3 +305,23 @@ def test_a_killed_rank_is_the_cause_even_if_a_peer_raised_first() -> None:
     ]
     assert _root_cause(failures)["rank"] == 1
     assert _root_cause(failures[::2])["rank"] == 0, "an own failure still comes before a torn-down rank"
+
+
+def test_a_report_of_victims_only_says_the_cause_is_elsewhere(tmp_path: Path) -> None:
+    """On one node of a multi-node job every local rank may only have lost a peer on another node."""
+    from launcher.execute import failure_report
+    from launcher.plan import LaunchPlan, Topology
+
+    summary = tmp_path / "failures.json"
+    gloo = "RuntimeError: [pair.cc:561] Connection closed by peer [10.0.0.2]:52890."
+    summary.write_text(json.dumps({"status": "failed", "failures": [
+        {"rank": 5, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+        {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+    ]}))
+    plan = LaunchPlan(argv=(), env=(), run_dir=str(tmp_path), backend="torchrun",
+                      topology=Topology(nproc_per_node=2, nnodes=2, node_rank=1), cuda_visible_devices=None,
+                      summary_file=str(summary))
+    report = failure_report(plan, 1)
+    assert report.startswith("dtrain: rank 4 exited with code 1: RuntimeError:"), report
+    assert "Rank 5 was cut off from it" in report
+    assert f"which failed first (on another node, or without an error record): look for it in the logs in {tmp_path / 'logs'}" in report
