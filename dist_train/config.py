@@ -247,6 +247,8 @@ class CheckpointConfig:
     every_epochs: int = 1
     every_steps: int = 0
     every_minutes: float = 0.0
+    # Complete checkpoints kept on disk, newest first (the one `latest` names and best.pt/`best`
+    # are always kept too); 0 keeps every checkpoint.
     keep_last: int = 3
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
@@ -550,8 +552,8 @@ def validate(cfg: Config, origin: str) -> None:
         if isinstance(names, list) and not all(n.strip() and n.isidentifier() for n in names):
             fail(f"fsdp.{key}", names, "must list module class names such as \"TransformerBlock\".")
     c = cfg.checkpoint
-    if c.keep_last < 1:
-        fail("checkpoint.keep_last", c.keep_last, "must be at least 1, or the resume point would be deleted.")
+    if c.keep_last < 0:
+        fail("checkpoint.keep_last", c.keep_last, "must be >= 0 (the newest N checkpoints are kept; 0 keeps all).")
     if c.every_epochs < 0 or c.every_steps < 0 or c.every_minutes < 0:
         fail("checkpoint.every_*", (c.every_epochs, c.every_steps, c.every_minutes), "must be >= 0 (0 = off).")
     if cfg.launch.nproc < 0:

@@ -19,8 +19,9 @@ DEBUG = "DTRAIN_DEBUG"
 DEVICE = "DTRAIN_DEVICE"
 # Set by the launcher: a human-readable job id used in lock files and `dtrain gpus`.
 JOB_ID = "DTRAIN_JOB_ID"
-# "1": the launcher reports a worker's bad-input error (exit 2) from torchrun's error file, so the
-# worker writes it to its rank log only and the user reads it once.
+# "1": the launcher reports a worker's failure from torchrun's error files (a bad-input paragraph, or
+# the first rank that failed with its exception and log), so the worker writes its error to its rank
+# log only (no traceback on stderr unless --verbose) and the user reads it once.
 LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 
 # CPU FSDP workers on glibc: mallopt(M_MMAP_THRESHOLD, this many bytes) so that freed all-gather and

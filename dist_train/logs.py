@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +48,16 @@ def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
         sh.setFormatter(logging.Formatter("%(message)s"))
         sh.addFilter(_shown_on_console)
         log.addHandler(sh)
+    # Python warnings (torch's, the data libraries') would reach only a console rank's stderr:
+    # through the log they are in every rank's log file too, once per place as Python shows them.
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+) -> None:
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    logging.getLogger("dtrain.warnings").warning("%s", text)
 
 
 class MetricsLogger(Protocol):

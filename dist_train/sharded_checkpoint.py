@@ -56,7 +56,7 @@ from dist_train.checkpoint import (
 from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text, fsync_dir
 
-log = logging.getLogger("dist_train.checkpoint")
+log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
 SHARDED_FORMAT = "dtrain-sharded"
 SHARDED_FORMAT_VERSION = 1

@@ -171,7 +171,7 @@ def test_damaged_newest_falls_back_to_the_previous_with_a_warning(tmp_path: Path
 
     expected = {"flip_shard": "sha256 mismatch in __0_0.distcp", "truncate_shard": "__0_0.distcp is", "drop_rank_file": "rank-00000.pt is missing", "no_manifest": "no manifest.json"}[damage]
     assert expected in (verify_sharded_checkpoint(newest) or "")
-    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
         assert latest_valid_checkpoint(tmp_path) == older
     assert f"checkpoint {newest} is invalid" in caplog.text and "falling back" in caplog.text
     with pytest.raises(CheckpointError, match="failed verification"):

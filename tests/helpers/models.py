@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -43,4 +44,33 @@ class FaultyMLP(nn.Module):
                     os.kill(os.getpid(), signal.SIGKILL)
                 if self.mode == "hang":
                     time.sleep(3600)
+        return self.net(x)
+
+
+class RaisingMLP(nn.Module):
+    """Raises ``RuntimeError(message)`` in its forward on one rank (-1: every rank) from forward call ``after + 1``
+    on; the worker's dry forward pass is call 1."""
+
+    def __init__(self, num_classes: int, in_features: int, rank: int = -1, after: int = 0, message: str = "boom") -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+        self.fail_rank, self.after, self.message = rank, after, message
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_rank in (-1, int(os.environ.get("RANK", "0"))) and self.calls > self.after:
+            raise RuntimeError(self.message)
+        return self.net(x)
+
+
+class WarningMLP(nn.Module):
+    """Issues a Python warning when built, as libraries do (deprecations, numerical notes)."""
+
+    def __init__(self, num_classes: int, in_features: int) -> None:
+        super().__init__()
+        warnings.warn("WarningMLP: a note the run's logs must keep", UserWarning, stacklevel=2)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
