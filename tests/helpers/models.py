@@ -44,3 +44,25 @@ class FaultyMLP(nn.Module):
                 if self.mode == "hang":
                     time.sleep(3600)
         return self.net(x)
+
+
+class BNConvNet(nn.Module):
+    """A small CNN with BatchNorm (2-D after each conv, 1-D before the head): the norm layers with
+    running statistics that mixed precision under FSDP must keep in fp32."""
+
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, channels: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(sample_shape[0], channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(channels, channels), nn.BatchNorm1d(channels), nn.ReLU(), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
