@@ -199,11 +199,10 @@ class FSDPStrategy:
         return total
 
     def grad_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
-        """Each rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found inf",
-        so every rank skips the same steps (a plain GradScaler would let the ranks diverge)."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(self.device.type, enabled=enabled)
+        """The plain scaler, as PyTorch's own FSDP2 tests use it: the gradients are DTensors, and DTensor's
+        inf/NaN check-and-unscale all-reduces "found inf" over the mesh, so every rank skips the same
+        steps although each sees only its shard (FSDP1's ShardedGradScaler would reduce a second time)."""
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
     # -------------------------------------------------------------- state
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool) -> dict[str, Any]:
