@@ -9,6 +9,7 @@ are sharded DTensors), the model and optimizer state that goes into a checkpoint
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -304,6 +305,27 @@ def _replace_with_checkpoint_wrapper(model: nn.Module, path: str, unit: nn.Modul
 
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    wrapped = checkpoint_wrapper(unit)
+    wrapped = checkpoint_wrapper(unit, context_fn=functools.partial(_recompute_contexts, unit))
     setattr(parent, attr, wrapped)
     return wrapped
+
+
+def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+    """(forward, recomputation) contexts of torch.utils.checkpoint for ``unit``."""
+    return contextlib.nullcontext(), _running_statistics_kept(unit)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(unit: nn.Module) -> Iterator[None]:
+    """The recomputation in backward runs the forward again in training mode: without this, every
+    BatchNorm's running statistics (and num_batches_tracked) would be updated twice per step."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    buffers = [b for m in unit.modules() if isinstance(m, _NormBase) and m.track_running_stats for b in m.buffers(recurse=False)]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)

@@ -6,6 +6,7 @@ launch` as a user would and compares the checkpoints and metric histories of FSD
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -355,3 +356,24 @@ def test_precision_matrix_on_the_cpu_trains_saves_and_evaluates(tmp_path: Path, 
     # 2-rank evaluation used each rank's own: 1% bounds both.
     tolerance = 1e-6 if precision == "fp32" and model == "mlp" else 1e-2
     assert json.loads(out.stdout)["test/loss"] == pytest.approx(test["test/loss"], rel=tolerance)
+
+
+def test_activation_checkpointing_updates_batchnorm_statistics_once_per_step() -> None:
+    """The recomputation in backward runs the unit's forward again in training mode; the running
+    statistics must be those of one forward, as without activation checkpointing (and under DDP)."""
+    from dist_train.strategy import _replace_with_checkpoint_wrapper
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)), torch.nn.Linear(6, 2))
+    recomputed = copy.deepcopy(plain)
+    _replace_with_checkpoint_wrapper(recomputed, "0", recomputed[0])
+    x = torch.randn(8, 4)
+    for model in (plain, recomputed):
+        for _ in range(2):
+            model(x).sum().backward()
+    assert "CheckpointWrapper" in type(recomputed[0]).__name__
+    assert int(recomputed.state_dict()["0.1.num_batches_tracked"]) == 2
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(recomputed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    for a, b in zip(plain.parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
