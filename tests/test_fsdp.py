@@ -321,7 +321,7 @@ def test_fp16_loss_scaler_skips_the_same_step_on_every_rank_when_one_shard_overf
     on gloo: an inf in rank 1's shard only must make both ranks skip the step and halve the scale, or
     the shards of one parameter would drift apart."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tests.helpers.fsdp_scaler_worker"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.helpers.fsdp_scaler_worker"],
         cwd=REPO,
         env=env_for_tests(),
         capture_output=True,
