@@ -249,6 +249,19 @@ def new_cpu_group(timeout_s: float) -> Any:
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def new_checkpoint_group(timeout_s: float) -> Any:
+    """A gloo group of all ranks for a sharded checkpoint's collectives (DCP's plan exchange, the
+    manifest gather), whenever a process group exists, also FSDP's private one of a single process.
+
+    ``dcp.async_save`` needs a group with a CPU backend: the default group of a GPU run is NCCL only
+    (it asserts "A CPU backend must be enabled for async save"). Its own group also keeps the
+    background save's collectives from interleaving with the training thread's (as torchtitan does).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def scatter_object_from_rank_zero(objs: list[Any] | None) -> Any:
     """Rank 0 holds one object per rank; each rank receives its own."""
     if not is_distributed():

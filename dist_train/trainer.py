@@ -386,7 +386,8 @@ class Trainer:
                 + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
             )
         try:
-            opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy)
+            group = self.ckpt_store.group if self.ckpt_store is not None else None
+            opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy, group=group)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():

@@ -74,3 +74,44 @@ class WarningMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class BNConvNet(nn.Module):
+    """A small CNN with BatchNorm (2-D after each conv, 1-D before the head): the norm layers with
+    running statistics that mixed precision under FSDP must keep in fp32."""
+
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, channels: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(sample_shape[0], channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(channels, channels), nn.BatchNorm1d(channels), nn.ReLU(), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SlowResNet18(nn.Module):
+    """torchvision's ResNet-18 with the small-input stem (3x3 stride-1 conv, no max-pool) and a sleep per
+    training forward: the physicists' BatchNorm model, slow enough for a signal to land mid-epoch on a GPU."""
+
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, delay: float = 0.02) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.net = resnet18(num_classes=num_classes)
+        self.net.conv1 = nn.Conv2d(sample_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()  # type: ignore[assignment]
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.delay:
+            time.sleep(self.delay)
+        return self.net(x)
