@@ -282,7 +282,7 @@ def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path, builder: str, 
     reader.read(np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"PMT id 12 is outside the geometry, which has 12 PMTs"):
         reader.read(np.array([2, 3]))
-    with pytest.raises(DataError, match=r"PMT id -1 is outside the geometry"):
+    with pytest.raises(DataError, match=r"PMT id -1 is negative; PMT ids count from 0"):
         reader.read(np.array([4, 5]))
 
 
