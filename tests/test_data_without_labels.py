@@ -12,7 +12,7 @@ import pytest
 
 from dist_train.config import Config, config_from_dict, load_config
 from dist_train.data.loader import build_data
-from dist_train.data.preflight import prepare_splits, preflight_check
+from dist_train.data.preflight import preflight_check, prepare_splits
 from dist_train.errors import ConfigError, DataError
 from tests.helpers.run import assert_ok, dtrain, only_run_dir, records, write_config
 

@@ -77,7 +77,9 @@ def preflight_check(cfg: Config) -> DatasetInfo:
     For hit-list files this also checks the PMT ids of the hits against the geometry (a pass over
     ``hit_pmt``), which the ranks' own checks (:func:`inspect_config_data`) skip.
     """
-    info, _strata = inspect_config_data(cfg, at_launch=True)
+    info, strata = inspect_config_data(cfg, at_launch=True)
+    # The splits too (a missing or mismatched split file, an empty training split): said before any worker starts.
+    make_splits(info.num_rows, strata, cfg.data, info.path)
     return info
 
 
