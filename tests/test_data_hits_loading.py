@@ -104,7 +104,7 @@ def test_preflight_describes_the_samples(files: tuple, tmp_path: Path) -> None:
 def test_every_loader_gives_the_same_batches(files: tuple, tmp_path: Path, representation: str) -> None:
     """Inline, reader threads, fork and spawn worker processes: the same batches, in the sampler's order."""
     data, geo, events, geometry = files
-    common = {"representation": representation, "n_points": 12, "normalize": "auto"}
+    common = {"representation": representation, "n_points": 12, "normalize": "auto", "extra_keys": [*EXTRA, "n_hits"]}
     reference = epoch(hits_config(data, geo, worker_mode="process", **common), tmp_path)
     runs = [("thread", 0, ""), ("thread", 2, ""), ("auto", 2, ""), ("process", 2, "fork")]
     if representation == "mpmt_image":
@@ -116,6 +116,9 @@ def test_every_loader_gives_the_same_batches(files: tuple, tmp_path: Path, repre
     assert use_threads(build_data(cfg, run_dir=None).train, cfg.data), "contiguous hit arrays: reader threads"
     rows = torch.cat([b["index"] for b in reference]).tolist()
     assert rows != sorted(rows)
+    for batch in reference:  # n_hits: the hits each sample holds (point clouds: at most n_points)
+        limit = 12 if representation == "point_cloud" else 10**9
+        assert batch["n_hits"].tolist() == [min(len(events[r][0]), limit) for r in batch["index"].tolist()]
     # The batches hold the events they name (checked on the raw images, before normalisation).
     raw = epoch(hits_config(data, geo, representation=representation, n_points=12), tmp_path)
     for batch in raw[:3]:
