@@ -131,6 +131,7 @@ def test_regression_without_labels_on_two_ranks_end_to_end(tmp_path: Path) -> No
     assert np.isfinite(json.loads(out.stdout)["test/progression/rmse"]) and np.isfinite(test["test/progression/rmse"])
 
 
+@pytest.mark.slow  # the batches are the regression's (above); this adds the custom task's own path
 def test_custom_task_without_labels_trains(tmp_path: Path) -> None:
     data = no_label_file(tmp_path / "d.h5")
     cfg = write_config(
