@@ -45,7 +45,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config, resolve_data_path, save_config
+    from dist_train.config import load_config, make_data_paths_absolute, save_config
     from dist_train.distributed import destroy_distributed, init_distributed
     from dist_train.logs import FILE_ONLY, setup_logging
     from dist_train.preempt import PreemptionHandler, parse_signals
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     # Before the slow start-up (process group, data, model): a stop request from now on is kept
     # and honoured at the first step boundary instead of killing the worker.
     preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals)).install()
-    cfg.data.path = str(resolve_data_path(cfg))
+    make_data_paths_absolute(cfg)  # the saved config.toml names the same files from any directory
     debug = envvars.get(envvars.DEBUG) == "1"
     run_dir = resolve_run_dir(cfg)
     info = init_distributed(cfg.launch.pg_timeout)

@@ -62,9 +62,12 @@ class DataConfig:
     val_split: float = 0.1
     test_split: float = 0.1
     split_seed: int = 0
-    stratify: bool = False
+    # Fraction splits: false = random; true = each class keeps its share in every split
+    # (classification only: by its labels); "key" = stratified by that integer dataset, any task.
+    stratify: bool | str = False
     # Reduced dataset size: a seeded subset drawn without replacement (0 = everything).
     limit: int = 0
+    # Explicit splits: an .npz/.h5 of train_idxs/val_idxs/test_idxs, or "h5:/group" inside `path`.
     split_file: str = ""
     batch_size: int = 64
     eval_batch_size: int = 0  # 0 = same as batch_size
@@ -79,6 +82,8 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
+    # Only at a path whose file name starts with "demo" (DEMO_FILE_PREFIX): any other missing path
+    # is an error, so a mistyped path to real data is never silently replaced by generated events.
     synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image", "hits"] = ""
     synth_events: int = 4000
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
@@ -313,6 +318,12 @@ class Config:
     source: str = field(default="", compare=False, repr=False)
 
 
+# `synth_if_missing` generates data only at paths whose file name starts with this.
+DEMO_FILE_PREFIX = "demo"
+# `data.split_file` naming a group of the data file itself instead of a file.
+H5_SPLIT_PREFIX = "h5:"
+
+
 # Sections whose unknown keys are collected into `kwargs` instead of being errors.
 _OPEN_SECTIONS = {"model"}
 
@@ -426,17 +437,23 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>", *, checks_or
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value``; the value is a TOML literal, or a bare string if it is not one."""
+    """Parse ``section.key=value``; the value is a TOML literal, or a bare string if it is not one.
+
+    An empty value (``--set data.split_file=``, which is what the shell makes of ``data.split_file=""``)
+    is the empty string: it clears a string option such as a path.
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value (for example --set train.epochs=3).")
     dotted, literal = text.split("=", 1)
     parts = [p.strip() for p in dotted.strip().split(".")]
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: the key must be section.key (for example train.epochs).")
+    if not literal.strip():
+        return parts, ""
     try:
         value = tomllib.loads(f"v = {literal}")["v"]
     except tomllib.TOMLDecodeError:
-        if any(c in literal for c in "[]{}\"'") or not literal.strip():
+        if any(c in literal for c in "[]{}\"'"):
             raise ConfigError(f"--set {text!r}: {literal!r} is not a valid TOML value.") from None
         value = literal.strip()  # bare words such as `--set launch.gpus=cpu`
     return parts, value
@@ -527,6 +544,7 @@ def validate(cfg: Config, origin: str) -> None:
     if d.normalize == "given" and (not d.mean or len(d.mean) != len(d.std)):
         fail("data.mean/std", (d.mean, d.std), "must be non-empty lists of equal length when normalize = 'given'.")
     _validate_hit_settings(d, fail)
+    _validate_stratify(cfg, fail)
     if cfg.model.num_classes < 1:
         fail("model.num_classes", cfg.model.num_classes, "must be at least 1.")
     if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
@@ -665,6 +683,15 @@ def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None])
         fail("data.synth_if_missing", d.synth_if_missing, "writes a hit-list file: set data.format = \"hits\" too.")
 
 
+def _validate_stratify(cfg: Config, fail: Callable[[str, Any, str], None]) -> None:
+    s = cfg.data.stratify
+    if isinstance(s, str) and not s.strip():
+        fail("data.stratify", s, "must be true, false or the name of an integer dataset to stratify by (e.g. \"labels\").")
+    if s is True and cfg.task.name != "classification" and not cfg.data.split_file:
+        fail("data.stratify", s, f"stratifies by class labels, which a {cfg.task.name!r} task does not have. Name an integer "
+             "dataset to stratify by instead (e.g. data.stratify = \"labels\"), or set it to false (random splits).")
+
+
 def resolve_geometry_path(cfg: Config) -> Path:
     """``data.geometry_file``, relative to the working directory like ``data.path``."""
     return Path(cfg.data.geometry_file).expanduser().absolute()
@@ -741,6 +768,26 @@ def resolve_data_path(cfg: Config) -> Path:
     elsewhere (SLURM nodes, restarts) read the same file.
     """
     return Path(cfg.data.path).expanduser().absolute()
+
+
+def resolve_split_file(cfg: Config) -> str:
+    """``data.split_file`` as an absolute path ("" and "h5:/group", a group of the data file, as they are)."""
+    s = cfg.data.split_file
+    if not s or s.startswith(H5_SPLIT_PREFIX):
+        return s
+    return str(Path(s).expanduser().absolute())
+
+
+def make_data_paths_absolute(cfg: Config) -> None:
+    """``data.path``, ``geometry_file`` and ``split_file`` made absolute (relative ones are relative to the
+    working directory): the run directory's config.toml then names the same files from any directory
+    (SLURM nodes, restarts, ``dtrain eval``)."""
+    d = cfg.data
+    if d.path:
+        d.path = str(resolve_data_path(cfg))
+    if d.geometry_file:
+        d.geometry_file = str(resolve_geometry_path(cfg))
+    d.split_file = resolve_split_file(cfg)
 
 
 def torch_version_tuple(version: str) -> tuple[int, int]:

@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from dist_train.config import Config, load_config, resolve_data_path, resolve_geometry_path, save_config
+from dist_train.config import (
+    DEMO_FILE_PREFIX,
+    Config,
+    load_config,
+    make_data_paths_absolute,
+    resolve_data_path,
+    resolve_geometry_path,
+    save_config,
+)
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
@@ -61,11 +69,12 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
     path = resolve_data_path(cfg)
     if not cfg.data.path:
         raise ConfigError(f"{cfg.source}: data.path is empty; set it to your HDF5 file.")
-    if not path.exists() and cfg.data.synth_if_missing and dry_run:
-        _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
-        cfg.data.path = str(path)
-        return
     if not path.exists() and cfg.data.synth_if_missing:
+        check_demo_path(cfg, path)
+        if dry_run:
+            _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
+            make_data_paths_absolute(cfg)
+            return
         from dist_train.data.synth import synth_dataset
 
         _echo(f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)")
@@ -80,14 +89,26 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
             num_classes=cfg.model.num_classes,
             geometry_path=resolve_geometry_path(cfg) if cfg.data.geometry_file else None,
         )
-    cfg.data.path = str(path)
-    if cfg.data.geometry_file:
-        # Like data.path: the run directory's config must name the same file from any directory.
-        cfg.data.geometry_file = str(resolve_geometry_path(cfg))
+    # Like data.path: the run directory's config must name the same files from any directory.
+    make_data_paths_absolute(cfg)
     info = preflight_check(cfg)
     for note in info.notes:
         _echo(f"dtrain: {note}")
     check_custom_task(cfg)
+
+
+def check_demo_path(cfg: Config, path: Path) -> None:
+    """``synth_if_missing`` writes demo data only at a ``demo*`` file name: a mistyped path to real data
+    (in a config copied from the quickstart) stops the launch instead of training on generated events."""
+    if path.name.startswith(DEMO_FILE_PREFIX):
+        return
+    raise ConfigError(
+        f"{cfg.source}: data.path {str(path)!r} does not exist. data.synth_if_missing = "
+        f"{cfg.data.synth_if_missing!r} generates demo data only at a file name starting with "
+        f"{DEMO_FILE_PREFIX!r} (such as the shipped data/demo_wch5.h5), so a mistyped path is never silently "
+        "replaced by generated events. Fix data.path, or name a demo file demo_*.h5 "
+        "(or set data.synth_if_missing = \"\" for your own data)."
+    )
 
 
 def check_custom_task(cfg: Config) -> None:

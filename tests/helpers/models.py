@@ -115,3 +115,19 @@ class SlowResNet18(nn.Module):
         if self.training and self.delay:
             time.sleep(self.delay)
         return self.net(x)
+
+
+class MaskedCloudMean(nn.Module):
+    """Point clouds (C, n_points) with ``n_hits`` (data.input_keys): the mean over each cloud's real
+    hits, then a linear layer. Refuses counts that are no hit counts of these clouds."""
+
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(sample_shape[0], num_classes)
+
+    def forward(self, x: torch.Tensor, n_hits: torch.Tensor) -> torch.Tensor:
+        if n_hits.dtype != torch.int64 or n_hits.shape != x.shape[:1] or bool((n_hits > x.shape[2]).any()):
+            raise ValueError(f"n_hits {n_hits} is not one hit count per cloud of {x.shape[2]} points")
+        real = (torch.arange(x.shape[2], device=x.device)[None, :] < n_hits[:, None]).to(x.dtype)
+        pooled = (x * real[:, None, :]).sum(2) / n_hits.clamp(min=1).to(x.dtype)[:, None]
+        return self.head(pooled)
