@@ -28,7 +28,7 @@ from dist_train import envvars
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import USAGE_EXIT_CODE
 from launcher.plan import LaunchPlan
-from launcher.run_dirs import PREEMPTED_MARKER
+from launcher.run_dirs import COMPLETED_MARKER, PREEMPTED_MARKER
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -82,6 +82,7 @@ class SignalForwarder:
         self.received.append(sig)
         if len(self.received) == 1:
             print(stop_requested_text(sig), file=sys.stderr, flush=True)
+            self._note_signal(sig)
             self._send(signal.SIGTERM)
         elif len(self.received) >= 3:
             print("dtrain: killing the workers now", file=sys.stderr, flush=True)
@@ -91,6 +92,13 @@ class SignalForwarder:
 
     def job_processes(self) -> list[Any]:
         return job_processes(self.run_dir)
+
+    def _note_signal(self, sig: signal.Signals) -> None:
+        """Tell the workers which signal their SIGTERM stands for (their logs name it); best effort."""
+        try:
+            (Path(self.run_dir) / envvars.STOP_SIGNAL_FILE).write_text(sig.name + "\n", encoding="ascii")
+        except OSError:
+            pass
 
     def _send(self, sig: signal.Signals) -> None:
         try:
@@ -209,6 +217,10 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
         return Outcome(PREEMPTED_EXIT_CODE, stopped_text(run_dir))
     if code == 0:
         return Outcome(0, "")
+    if stop_requested and (run_dir / COMPLETED_MARKER).exists():
+        # The workers finished training (and wrote the marker) before the stop reached a point where
+        # they act on it; torchrun still reports the signal it passed on. The run is done, not stopped.
+        return Outcome(0, completed_before_stop_text(run_dir))
     if code == USAGE_EXIT_CODE and plan.backend == "debug":
         return Outcome(USAGE_EXIT_CODE, "")  # the worker already printed the one-paragraph error
     if stop_requested:
@@ -228,6 +240,15 @@ def stopped_text(run_dir: Path) -> str:
     return (
         f"dtrain: stopped at {where} with the checkpoint written; run the same command again to resume "
         f"(run directory {run_dir})."
+    )
+
+
+def completed_before_stop_text(run_dir: Path) -> str:
+    """A stop that came after the last epoch: the run is complete, nothing is left to resume."""
+    where = (run_dir / COMPLETED_MARKER).read_text().strip()
+    return (
+        f"dtrain: the run completed ({where}) before the stop request could take effect: all epochs are "
+        f"trained and the final checkpoint is written; there is nothing to resume (run directory {run_dir})."
     )
 
 
