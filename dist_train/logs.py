@@ -103,8 +103,9 @@ class RunMetricsLogger:
         if resume_step is None:
             if jsonl and self.jsonl_path.exists():
                 self._rewrite_jsonl([])
-            if tensorboard and any(tb_dir.glob("events.out.tfevents.*")):
-                purge_step = 0  # the earlier attempt's events are all discarded by TensorBoard's readers
+            if tensorboard:
+                for events in tb_dir.glob("events.out.tfevents.*"):
+                    events.unlink()  # the earlier attempt's, as its metrics.jsonl lines are gone
         else:
             split = self._truncate_after(resume_step, resume_epoch) if jsonl else None
             kept, dropped = split if split is not None else ([], [])

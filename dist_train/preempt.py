@@ -1,4 +1,4 @@
-"""Preemption signals: the handler only sets a flag; the trainer acts at the next step boundary.
+"""Preemption signals: the handler only sets a flag; the trainer acts at the next stop check or epoch end.
 
 Doing the work inside the handler would run a checkpoint in the middle of an optimizer step; a
 flag keeps the state consistent, and a second signal during the save just sets the flag again.
@@ -31,6 +31,11 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
                 f"launch.preempt_signals: {name!r} is not a signal name; use e.g. SIGTERM, SIGINT, SIGUSR1, SIGUSR2."
             ) from None
     return out
+
+
+def launcher_reports_stops() -> dict[str, bool] | None:
+    """``extra=`` for stop messages: file only under `dtrain launch`, which tells the user in its own words."""
+    return FILE_ONLY if envvars.get(envvars.JOB_ID) else None
 
 
 def launcher_stop_signal_file() -> Path | None:
@@ -77,8 +82,7 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = self._original_signal(signal.Signals(signum))
-        # Under `dtrain launch` the launcher has already told the user in its own words.
-        extra = FILE_ONLY if envvars.get(envvars.JOB_ID) else None
+        extra = launcher_reports_stops()
         if first:
             log.warning(
                 "received %s: stopping at the next stop check or epoch end and saving a checkpoint",

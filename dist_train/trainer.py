@@ -44,7 +44,7 @@ from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
-from dist_train.preempt import PreemptionHandler, parse_signals
+from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
 from dist_train.strategy import Strategy, build_strategy
@@ -710,6 +710,7 @@ class Trainer:
                 "%s arrived after the last epoch's checkpoint: the run completed before the stop could take "
                 "effect; there is nothing to resume",
                 self.preemption.describe(),
+                extra=launcher_reports_stops(),
             )
         # Last: a stop signal until here only sets the flag, and cannot kill a rank that is finishing.
         self.preemption.uninstall()
@@ -719,7 +720,12 @@ class Trainer:
         """After the stop's checkpoint: wait until it is durable everywhere, mark the run, exit 75."""
         barrier()  # no rank exits (and makes torchrun kill the rest) before the write is durable
         self._write_marker("preempted", f"step {self.counters.step}\n")
-        log.info("stopped on %s at step %d with a checkpoint; a relaunch resumes here", self.preemption.describe(), self.counters.step)
+        log.info(
+            "stopped on %s at step %d with a checkpoint; a relaunch resumes here",
+            self.preemption.describe(),
+            self.counters.step,
+            extra=launcher_reports_stops(),
+        )
         self._shutdown()
         self.preemption.uninstall()
         return envvars.PREEMPTED_EXIT_CODE

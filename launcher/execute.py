@@ -121,7 +121,7 @@ def stop_requested_text(sig: signal.Signals) -> str:
     what = "Ctrl-C" if sig == signal.SIGINT else sig.name
     again = "press Ctrl-C" if sig == signal.SIGINT else f"send {sig.name}"
     return (
-        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next step boundary, then exit "
+        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next stop check or epoch end, then exit "
         f"({again} twice more to kill them without one)"
     )
 
@@ -215,12 +215,12 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
     run_dir = Path(plan.run_dir)
     if (run_dir / PREEMPTED_MARKER).exists():
         return Outcome(PREEMPTED_EXIT_CODE, stopped_text(run_dir))
-    if code == 0:
-        return Outcome(0, "")
     if stop_requested and (run_dir / COMPLETED_MARKER).exists():
         # The workers finished training (and wrote the marker) before the stop reached a point where
-        # they act on it; torchrun still reports the signal it passed on. The run is done, not stopped.
+        # they act on it; torchrun then still exits as signalled. The run is done, not stopped.
         return Outcome(0, completed_before_stop_text(run_dir))
+    if code == 0:
+        return Outcome(0, "")
     if code == USAGE_EXIT_CODE and plan.backend == "debug":
         return Outcome(USAGE_EXIT_CODE, "")  # the worker already printed the one-paragraph error
     if stop_requested:

@@ -11,6 +11,7 @@ after it must end 0 with the run marked complete.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from tests.helpers.run import (
     records,
     write_config,
 )
+from tests.test_logs import _jsonl_metrics, _tensorboard_scalars
 from tests.test_resume import assert_same_state, held_out_metrics, step_history
 
 EPOCHS = 3
@@ -34,7 +36,7 @@ EVENTS = 100  # 80 training samples: 5 steps per epoch on 2 ranks, 4 on 3 ranks 
 
 
 def steps_per_epoch(nproc: int) -> int:
-    return -(-(-(-80 // nproc)) // 8)
+    return math.ceil(math.ceil(80 / nproc) / 8)
 
 
 def config(tmp_path: Path, name: str) -> Path:
@@ -85,6 +87,11 @@ def assert_resumes_bit_exact(tmp_path: Path, run_dir: Path, ref: Path, nproc: in
     steps = [r["step"] for r in records(run_dir, "step")]
     assert steps == list(range(1, EPOCHS * steps_per_epoch(nproc) + 1)), "each step once, none missing"
     assert [r["epoch"] for r in records(run_dir, "epoch")] == list(range(EPOCHS))
+    # TensorBoard rewound alike: every metric at the steps of metrics.jsonl, once each.
+    jsonl, tb = _jsonl_metrics(run_dir), _tensorboard_scalars(run_dir / "tb")
+    assert set(tb) == set(jsonl)
+    for tag, points in jsonl.items():
+        assert [s for s, _ in tb[tag]] == [s for s, _ in points], tag
 
 
 # (world size, where rank 0 signals, the step the checkpoint must be at, whether it is an epoch's
@@ -149,3 +156,13 @@ def test_a_stop_after_training_finished_ends_complete_not_stopped(tmp_path: Path
     assert metric_history(ref) == metric_history(run_dir)
     assert held_out_metrics(ref) == held_out_metrics(run_dir) != []
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "test"
+
+
+def test_a_posted_flag_is_never_dropped_by_a_second_post() -> None:
+    from dist_train.distributed import AsyncFlags
+
+    flags = AsyncFlags(2)
+    flags.post([True, False])  # posted at start-up, not read before the next post
+    flags.post([False, True])
+    assert flags.result() == [True, True]
+    assert flags.result() == [False, False]
