@@ -108,8 +108,10 @@ STOPS = {
     "at_the_last_step": (2, "15", 15, False),
     # During the last epoch's evaluation: the final checkpoint, exit 75; the relaunch runs the test.
     "in_the_last_evaluation": (2, "15:eval:0", 15, True),
-    # 3 ranks (the summation order changes the last bits): the check at step 10, mid-epoch 3.
-    "after_epoch_1_3_ranks": (3, "6", 10, False),
+    # 3 ranks (the summation order changes the last bits): after epoch 1, the end of epoch 2 comes
+    # before the check at step 10; in the last epoch, the check at step 10 (mid-epoch) acts on it.
+    "after_epoch_1_3_ranks": (3, "6", 8, False),
+    "in_the_last_epoch_3_ranks": (3, "9", 10, False),
 }
 FAST = ("at_the_last_step", "in_the_last_evaluation")
 
