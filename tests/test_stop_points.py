@@ -133,6 +133,7 @@ def test_a_stop_ends_with_a_checkpoint_and_the_relaunch_is_bit_exact(tmp_path: P
     assert_resumes_bit_exact(tmp_path, run_dir, reference(nproc), nproc, step)
 
 
+@pytest.mark.slow  # the default suite checks rank 0's log in tests/test_console.py
 def test_ctrl_c_is_named_in_the_rank_logs(tmp_path: Path) -> None:
     """The workers receive the launcher's SIGTERM; their logs still say the user pressed Ctrl-C."""
     cut = launch(tmp_path, "cut", 2, "4", signal_name="SIGINT")
