@@ -48,13 +48,13 @@ def _run(args: argparse.Namespace) -> int:
     from dist_train.config import load_config, make_data_paths_absolute, save_config
     from dist_train.distributed import destroy_distributed, init_distributed
     from dist_train.logs import FILE_ONLY, setup_logging
-    from dist_train.preempt import PreemptionHandler, parse_signals
+    from dist_train.preempt import PreemptionHandler, launcher_stop_signal_file, parse_signals
     from dist_train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     # Before the slow start-up (process group, data, model): a stop request from now on is kept
     # and honoured at the first step boundary instead of killing the worker.
-    preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals)).install()
+    preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals), launcher_stop_signal_file()).install()
     make_data_paths_absolute(cfg)  # the saved config.toml names the same files from any directory
     debug = envvars.get(envvars.DEBUG) == "1"
     run_dir = resolve_run_dir(cfg)

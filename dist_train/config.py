@@ -209,7 +209,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     eval_every_epochs: int = 1
     # Optimizer steps between the ranks' agreement on stop requests and time-based checkpoints
-    # (one tiny all-reduce); a signal is acted on within this many steps, at the same step everywhere.
+    # (one tiny all-reduce); a signal is acted on within this many steps (+1) or at the epoch's end,
+    # whichever comes first, at the same step everywhere.
     stop_check_every: int = 10
     detect_anomaly: bool = False
     # Console: "auto" shows a progress bar on a terminal and plain lines otherwise.

@@ -187,6 +187,10 @@ class AsyncFlags:
         self._local = [False] * size
 
     def post(self, flags: list[bool]) -> None:
+        if self._work is not None or any(self._local):
+            # A reduction still unread (a post at start-up followed by one before the first check):
+            # its answer is folded into this one, never dropped.
+            flags = [a or b for a, b in zip(flags, self.result(), strict=True)]
         if not is_distributed():
             self._local = list(flags)
             return

@@ -29,6 +29,11 @@ LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 # A user-set MALLOC_MMAP_THRESHOLD_ (or glibc.malloc.mmap_threshold tunable) always wins.
 CPU_MALLOC_THRESHOLD = "DTRAIN_CPU_MALLOC_THRESHOLD"
 
+# Written by the launcher (one signal name, e.g. "SIGINT") before it forwards a stop request to
+# torchrun as SIGTERM, so that the workers' logs name the signal the user or scheduler sent.
+# Relative to the run directory; removed when a launch prepares the directory.
+STOP_SIGNAL_FILE = "launcher/stop_signal"
+
 ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID, LAUNCHER_REPORTS_ERRORS, CPU_MALLOC_THRESHOLD)
 
 # Exit code of a worker (and of `dtrain launch`) that stopped on a preemption signal after writing

@@ -18,13 +18,21 @@ from dist_train.config import (
     Config,
     load_config,
     make_data_paths_absolute,
+    read_toml,
     resolve_data_path,
     resolve_geometry_path,
     save_config,
 )
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
-from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
+from launcher.run_dirs import (
+    check_resume_source,
+    check_run_kind,
+    new_run_dir,
+    newest_resumable_run,
+    newest_run_if_complete,
+    prepare_run_dir,
+)
 
 
 def _echo(message: str) -> None:
@@ -454,7 +462,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # Node 0 alone locks a multi-node job's shared run directory.
         run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0, debug=opts["debug"])
         save_config(cfg, run_dir / "config.toml")
-        _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
+        _echo(run_dir_text(cfg, config, run_dir, resuming=resuming, auto=resume == "auto" and not opts["run_dir"], debug=opts["debug"]))
         phases.mark("plan, run dir, config copy")
         if _verbose():
             _echo(f"dtrain: {PHASES_LABEL} {phases.report()}")
@@ -470,6 +478,31 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # SystemExit, not click's Exit: click returns Exit's code from main(standalone_mode=False),
         # and launcher.cli.main drops that return value.
         sys.exit(outcome.exit_code)
+
+
+def run_dir_text(cfg: Config, config: str, run_dir: Path, *, resuming: bool, auto: bool, debug: bool) -> str:
+    """"resuming run in ..." or "new run in ..."; a new run that follows a complete one says how to extend that one."""
+    if resuming:
+        return f"dtrain: resuming run in {run_dir}"
+    complete = newest_run_if_complete(cfg.run.output_dir, cfg.run.name, debug=debug) if auto else None
+    if complete is None or complete.absolute() == run_dir:
+        return f"dtrain: new run in {run_dir}"
+    epochs = _trained_epochs(complete)
+    more = f"N (more than its {epochs})" if epochs else "N"
+    return (
+        f"dtrain: the newest run of {cfg.run.name!r}, {complete}, is complete; starting a new run from scratch in "
+        f"{run_dir} (to train the complete run further instead: dtrain launch {config} --run-dir {complete} "
+        f"--set train.epochs={more})"
+    )
+
+
+def _trained_epochs(run_dir: Path) -> int | None:
+    """train.epochs of a run's saved config.toml (None if unreadable)."""
+    try:
+        epochs = read_toml(run_dir / "config.toml").get("train", {}).get("epochs")
+    except (ConfigError, OSError):
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 # The label of the `--verbose` phase line; benchmarks/compare.py finds the line by it.

@@ -30,7 +30,7 @@ from dist_train import envvars
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import USAGE_EXIT_CODE
 from launcher.plan import LaunchPlan
-from launcher.run_dirs import PREEMPTED_MARKER
+from launcher.run_dirs import COMPLETED_MARKER, PREEMPTED_MARKER
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -84,6 +84,7 @@ class SignalForwarder:
         self.received.append(sig)
         if len(self.received) == 1:
             print(stop_requested_text(sig), file=sys.stderr, flush=True)
+            self._note_signal(sig)
             self._send(signal.SIGTERM)
         elif len(self.received) >= 3:
             print("dtrain: killing the workers now", file=sys.stderr, flush=True)
@@ -93,6 +94,13 @@ class SignalForwarder:
 
     def job_processes(self) -> list[Any]:
         return job_processes(self.run_dir)
+
+    def _note_signal(self, sig: signal.Signals) -> None:
+        """Tell the workers which signal their SIGTERM stands for (their logs name it); best effort."""
+        try:
+            (Path(self.run_dir) / envvars.STOP_SIGNAL_FILE).write_text(sig.name + "\n", encoding="ascii")
+        except OSError:
+            pass
 
     def _send(self, sig: signal.Signals) -> None:
         try:
@@ -115,7 +123,7 @@ def stop_requested_text(sig: signal.Signals) -> str:
     what = "Ctrl-C" if sig == signal.SIGINT else sig.name
     again = "press Ctrl-C" if sig == signal.SIGINT else f"send {sig.name}"
     return (
-        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next step boundary, then exit "
+        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next stop check or epoch end, then exit "
         f"({again} twice more to kill them without one)"
     )
 
@@ -229,6 +237,10 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
     run_dir = Path(plan.run_dir)
     if (run_dir / PREEMPTED_MARKER).exists():
         return Outcome(PREEMPTED_EXIT_CODE, stopped_text(run_dir))
+    if stop_requested and (run_dir / COMPLETED_MARKER).exists():
+        # The workers finished training (and wrote the marker) before the stop reached a point where
+        # they act on it; torchrun then still exits as signalled. The run is done, not stopped.
+        return Outcome(0, completed_before_stop_text(run_dir))
     if code == 0:
         return Outcome(0, "")
     if code == USAGE_EXIT_CODE and plan.backend == "debug":
@@ -250,6 +262,15 @@ def stopped_text(run_dir: Path) -> str:
     return (
         f"dtrain: stopped at {where} with the checkpoint written; run the same command again to resume "
         f"(run directory {run_dir})."
+    )
+
+
+def completed_before_stop_text(run_dir: Path) -> str:
+    """A stop that came after the last epoch: the run is complete, nothing is left to resume."""
+    where = (run_dir / COMPLETED_MARKER).read_text().strip()
+    return (
+        f"dtrain: the run completed ({where}) before the stop request could take effect: all epochs are "
+        f"trained and the final checkpoint is written; there is nothing to resume (run directory {run_dir})."
     )
 
 
