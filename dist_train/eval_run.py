@@ -25,6 +25,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
     from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from dist_train.checkpoint_store import best_checkpoint
     from dist_train.data.loader import build_data, make_loader
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
@@ -33,7 +34,7 @@ def evaluate_checkpoint(
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
-    path = _best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
+    path = best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
     path = path or resolve_checkpoint_path(target)
     if run_dir is None and path.parent.name == "checkpoints":
         run_dir = path.parent.parent
@@ -66,15 +67,3 @@ def evaluate_checkpoint(
     metrics["step"] = state["step"]
     return metrics
 
-
-def _best_checkpoint(directory: Path) -> Path | None:
-    """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
-    from dist_train.sharded_checkpoint import BEST_POINTER
-
-    if (directory / "best.pt").is_file():
-        return directory / "best.pt"
-    try:
-        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return directory / name if name and (directory / name).is_dir() else None

@@ -676,6 +676,17 @@ def load_sharded_model_and_optimizer(path: Path, model: torch.nn.Module, optimiz
     set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optimizer"])
 
 
+def load_sharded_model(path: Path, model: torch.nn.Module, rest: dict[str, Any]) -> None:
+    """Collective: the model's part of a sharded checkpoint only (any world size), optimizer untouched."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    tensors, _ = split_tensors({"model": get_model_state_dict(model)})
+    dcp.load(tensors, storage_reader=_safe_reader(path))
+    full = merge_tensors(tensors, {"model": rest.get("model", {})})
+    set_model_state_dict(model, full["model"])
+
+
 def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> dict[str, Any]:
     """The checkpoint as one single-file-style dict in this process (no process group): model (and
     optimizer) tensors gathered from all shards, plus the common state. For export, eval and inspect."""

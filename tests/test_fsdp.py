@@ -257,5 +257,5 @@ def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None
     assert f"checkpoint {newest} is invalid (sha256 mismatch in __1_0.distcp" in console
     assert "falling back to an older checkpoint" in console
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
-    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"
+    assert f"resumed from {checkpoints[0]} (after epoch 1, step {older_step}" in log
+    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [2, 3], "epoch 2 is trained again, then 3"

@@ -339,12 +339,12 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode not in (0, 75), out
     checkpoints = run_dir / "checkpoints"
-    assert pointer(checkpoints) == "ckpt-e0000-s00000004" and list(checkpoints.glob(".ckpt-*.tmp"))
+    assert pointer(checkpoints) == "ckpt-e0001-s00000004" and list(checkpoints.glob(".ckpt-*.tmp"))
 
     relaunch = dtrain(*args, cwd=tmp_path)
     assert_ok(relaunch)
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert f"resumed from {checkpoints / 'ckpt-e0000-s00000004'} (epoch 0, step 4" in log
+    assert f"resumed from {checkpoints / 'ckpt-e0001-s00000004'} (epoch 1, step 4, mid-epoch" in log
     assert list(checkpoints.glob(".ckpt-*.tmp")) == [] and "interrupted checkpoint save" in relaunch.stderr + relaunch.stdout
     final = latest_valid_checkpoint(checkpoints)
     assert final is not None and final.is_dir() and len(read_sharded_state(final)["rank_states"]) == 2

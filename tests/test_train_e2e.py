@@ -53,7 +53,7 @@ def test_quickstart_two_processes_writes_every_output(tmp_path: Path) -> None:
     assert Path(saved.data.path).is_absolute()
 
     epochs = records(run_dir, "epoch")
-    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:
         for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "samples_per_s", "data_wait_frac"):
             assert key in r, key
