@@ -18,11 +18,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint
+from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
 from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_cpu_group
 from dist_train.sharded_checkpoint import (
     BEST_POINTER,
     ShardedCheckpointManager,
+    consolidate,
     latest_valid_checkpoint,
     load_sharded_model,
     load_sharded_model_and_optimizer,
@@ -199,3 +200,10 @@ def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int
     if path.is_dir():
         return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
     return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))
+
+
+def load_for_reading(path: Path) -> dict[str, Any]:
+    """Any checkpoint as one dict with "model", "config", epoch, step and metrics, in this process (no
+    process group): a sharded directory consolidated, a checkpoint file, or an exported model (``dtrain ckpt export``)."""
+    path = Path(path)
+    return consolidate(path) if path.is_dir() else load_file_for_reading(path)

@@ -705,38 +705,6 @@ def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> 
     return state
 
 
-def export_model(path: Path, out: Path) -> Path:
-    """``dtrain ckpt export`` of checkpoint directory ``path``: its model weights as one verified file."""
-    return export_state(consolidate(path), path, out)
-
-
-def export_state(state: dict[str, Any], source: Path, out: Path) -> Path:
-    """The model weights (and config, position, metrics) of a loaded checkpoint ``state`` as one file,
-    written atomically with a sha256 sidecar: ``dtrain eval`` and ``torch.load(weights_only=True)`` read it."""
-    from dist_train.checkpoint import FORMAT_VERSION, _write_data_file, _write_sidecar
-
-    keys = ("format_version", "dtrain_version", "torch_version", "config", "epoch", "step", "metrics", "epoch_complete", "world_size", "model")
-    exported: dict[str, Any] = {key: state[key] for key in keys if key in state}
-    exported.update({"reason": "export", "exported_from": str(source)})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    snapshot = snapshot_state(exported)
-    size, sha256 = _write_data_file(out, lambda sink: torch.save(snapshot, sink))  # type: ignore[arg-type]
-    meta = {
-        "file": out.name,
-        "epoch": int(state.get("epoch", 0)),
-        "step": int(state.get("step", 0)),
-        "metrics": {str(k): float(v) for k, v in (state.get("metrics") or {}).items()},
-        "format_version": FORMAT_VERSION,
-        "size": size,
-        "sha256": sha256,
-        "created": time.time(),
-        "source": str(source),
-    }
-    _write_sidecar(out, meta)
-    return out
-
-
 def describe_sharded(path: Path) -> dict[str, Any]:
     """``dtrain ckpt inspect`` of a checkpoint directory (model tensors consolidated in this process)."""
     from dist_train.checkpoint import _config_summary, _element_count, _storage_bytes, _tensors

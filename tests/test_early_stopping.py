@@ -16,6 +16,7 @@ import pytest
 from dist_train.config import config_from_dict
 from dist_train.early_stopping import EarlyStopping, build_early_stopping
 from dist_train.errors import ConfigError
+from launcher.cli import main as cli_main
 from tests.helpers.run import assert_ok, dtrain, make_image_h5, records, write_config
 
 
@@ -133,37 +134,41 @@ def _bn_config(tmp_path: Path, name: str, data: Path, **train: Any) -> Path:
         model={"name": "tests.helpers.bn_net:BNConvNet", "num_classes": 3, "channels": 4},
         train={"epochs": 4, **train},
         optim={"name": "adam", "lr": 0.05},
-        checkpoint={"monitor": "val/accuracy", "mode": "max", "keep_last": 1},
+        # The highest validation loss is "best": training lowers it, so best.pt is an early epoch, not the last.
+        checkpoint={"monitor": "val/loss", "mode": "max", "keep_last": 1},
     )
 
 
-def _eval(run_dir: Path, *args: str) -> dict[str, Any]:
-    proc = dtrain("eval", str(run_dir), "--split", "test", "--json", *args, cwd=run_dir.parent)
-    assert_ok(proc)
-    return json.loads(proc.stdout)
+def _eval(run_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """`dtrain eval RUN_DIR --split test` in this process (the workers' model module imports the same way)."""
+    assert cli_main(["eval", str(run_dir), "--split", "test", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(
     ("strategy", "nproc"), [("ddp", 3), pytest.param("fsdp", 2, marks=pytest.mark.slow)]
 )
-def test_end_of_run_test_evaluates_best_checkpoint_as_dtrain_eval_does(tmp_path: Path, strategy: str, nproc: int) -> None:
-    """A BatchNorm CNN over 3 ranks; the best epoch (val/accuracy, max) is an earlier one than the last."""
+def test_end_of_run_test_evaluates_best_checkpoint_as_dtrain_eval_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str, nproc: int
+) -> None:
+    """A BatchNorm CNN over 3 ranks; the best epoch is an earlier one than the last."""
     data = make_image_h5(tmp_path / "d.h5", events=240, seed=5)
     run_dir = tmp_path / "best"
     _launch(_bn_config(tmp_path, "best", data, strategy=strategy), run_dir, nproc)
     epochs = records(run_dir, "epoch")
     (test_record,) = records(run_dir, "test")
-    best_epoch = max(epochs, key=lambda r: r["val/accuracy"])  # the first of equal values stays best
+    best_epoch = max(epochs, key=lambda r: r["val/loss"])  # the first of equal values stays best
+    assert best_epoch["epoch"] < epochs[-1]["epoch"], "the test needs a best epoch before the last"
     assert test_record["checkpoint"]["which"] == "best"
     assert (test_record["checkpoint"]["epoch"], test_record["checkpoint"]["step"]) == (best_epoch["epoch"], best_epoch["step"])
     assert (test_record["epoch"], test_record["step"]) == (epochs[-1]["epoch"], epochs[-1]["step"])
-    evaluated = _eval(run_dir, "--checkpoint", "best")
+    evaluated = _eval(run_dir, capsys, "--checkpoint", "best")
     assert (evaluated["epoch"], evaluated["step"]) == (best_epoch["epoch"], best_epoch["step"])
     for key, value in _test_metrics(run_dir).items():
         assert evaluated[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
 
 
-def test_test_checkpoint_last_evaluates_the_final_weights(tmp_path: Path) -> None:
+def test_test_checkpoint_last_evaluates_the_final_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=240, seed=5)
     run_dir = tmp_path / "last"
     # An MLP: with BatchNorm the ranks' last running statistics differ (DDP broadcasts rank 0's only
@@ -173,7 +178,7 @@ def test_test_checkpoint_last_evaluates_the_final_weights(tmp_path: Path) -> Non
     (test_record,) = records(run_dir, "test")
     last_epoch = records(run_dir, "epoch")[-1]
     assert test_record["checkpoint"] == {"which": "last", "epoch": 2, "step": last_epoch["step"]}
-    evaluated = _eval(run_dir)  # the newest checkpoint: the last weights
+    evaluated = _eval(run_dir, capsys)  # the newest checkpoint: the last weights
     assert evaluated["epoch"] == 2
     for key, value in _test_metrics(run_dir).items():
         assert evaluated[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
