@@ -546,7 +546,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, *, epoch: int) -> dict[str, float]:
         """Exact metrics over the whole split: each sample counted once across ranks, then summed.
-        ``epoch``: the 1-based epoch whose weights are evaluated (for the reports)."""
+        ``epoch``: the 1-based epoch its reports (``<name>_<split>.json``) are filed under."""
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}

@@ -144,7 +144,7 @@ def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dic
     assert test_a[0]["test/loss"] == pytest.approx(test_b[0]["test/loss"], abs=1e-5)
     if nproc == 2:
         # The FSDP checkpoint holds plain parameter names: `dtrain eval` loads it into the unwrapped model.
-        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--json", cwd=tmp_path)
+        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--checkpoint", "best", "--json", cwd=tmp_path)
         assert_ok(out)
         assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_a[0]["test/loss"], abs=1e-6)
 
