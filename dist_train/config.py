@@ -540,6 +540,12 @@ def validate(cfg: Config, origin: str) -> None:
         fail("train.early_stop_patience", t.early_stop_patience, "must be >= 0 (epochs without improvement; 0 = off).")
     if not t.early_stop_min_delta >= 0:
         fail("train.early_stop_min_delta", t.early_stop_min_delta, "must be >= 0 (the smallest change that counts as an improvement).")
+    if t.early_stop_patience and cfg.checkpoint.monitor.startswith("val/") and d.val_split == 0 and not d.split_file:
+        fail(
+            "train.early_stop_patience", t.early_stop_patience,
+            f"watches checkpoint.monitor = {cfg.checkpoint.monitor!r}, but data.val_split = 0 leaves no validation split; "
+            "set data.val_split, monitor a train/ metric, or set train.early_stop_patience = 0.",
+        )
     f = cfg.fsdp
     if f.min_params < 1:
         fail("fsdp.min_params", f.min_params, "must be at least 1 (parameters per automatically sharded block).")

@@ -68,9 +68,12 @@ def test_config_keys_are_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             config_from_dict(raw, origin="c.toml")
-    no_val = config_from_dict({"train": {"early_stop_patience": 2}, "data": {"val_split": 0.0}})
+    with pytest.raises(ConfigError, match="data.val_split = 0 leaves no validation split"):
+        config_from_dict({"train": {"early_stop_patience": 2}, "data": {"val_split": 0.0}}, origin="c.toml")
+    # A split_file whose val_idxs turn out empty is only known once the data is read.
+    empty_val = config_from_dict({"train": {"early_stop_patience": 2}, "data": {"split_file": "s.npz"}})
     with pytest.raises(ConfigError, match="no validation split"):
-        build_early_stopping(no_val, has_val_data=False)
+        build_early_stopping(empty_val, has_val_data=False)
 
 
 # ---------------------------------------------------------------------------------------- real runs
