@@ -43,6 +43,26 @@ def test_max_mode_and_zero_patience() -> None:
     assert not any(off.step({"val/loss": 1.0}, epoch) for epoch in range(1, 20))
 
 
+def _two_ranks_disagreeing(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 sees a slightly worse value at epoch 2 (a last-bit difference): only its own count runs out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    stopper = EarlyStopping("val/loss", "min", patience=1, min_delta=0.0)
+    stops = [stopper.step({"val/loss": value + (1e-12 if rank == 1 and epoch == 2 else 0.0)}, epoch)
+             for epoch, value in ((1, 1.0), (2, 0.9999999999995), (3, 0.5))]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"stops": stops, "stopped_epoch": stopper.stopped_epoch}))
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_still_stop_at_the_same_epoch(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks_disagreeing, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] == {"stops": [False, True, True], "stopped_epoch": 2}
+
+
 def test_state_round_trips_and_a_changed_monitor_starts_fresh() -> None:
     stopper = EarlyStopping("val/loss", "min", patience=3, min_delta=0.0)
     for epoch, value in enumerate([1.0, 0.5, 0.7, 0.6], start=1):
