@@ -646,6 +646,60 @@ class CheckpointManager:
         return records
 
 
+# ------------------------------------------------------------------------------------------ model export
+
+# The sidecar of an exported model says so; a checkpoint's sidecar has no "format".
+MODEL_EXPORT_FORMAT = "dtrain-model-export"
+_EXPORT_META_KEYS = ("epoch", "step", "epoch_complete", "world_size", "dtrain_version", "torch_version", "config")
+
+
+def export_state(state: dict[str, Any], source: Path, out: Path) -> Path:
+    """The model weights of a loaded checkpoint ``state`` as one file holding exactly the model's
+    state_dict (``model.load_state_dict(torch.load(out, weights_only=True))``), written atomically.
+    Config, position and metrics go to its sidecar ``OUT.sha256.json`` (with size and sha256), from
+    which ``dtrain eval OUT`` rebuilds data and model."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = snapshot_state(state["model"])
+    size, sha256 = _write_data_file(out, lambda sink: torch.save(weights, cast(IO[bytes], sink)))
+    meta = {
+        "file": out.name,
+        "format": MODEL_EXPORT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        **{key: state.get(key) for key in _EXPORT_META_KEYS},
+        "metrics": {str(k): float(v) for k, v in (state.get("metrics") or {}).items()},
+        "size": size,
+        "sha256": sha256,
+        "created": time.time(),
+        "source": str(source),
+    }
+    _write_sidecar(out, meta)
+    return out
+
+
+def _export_metadata(path: Path) -> dict[str, Any] | None:
+    """The sidecar of an exported model file; None for a checkpoint (or no readable sidecar)."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == MODEL_EXPORT_FORMAT else None
+
+
+def _as_checkpoint_state(weights: Any, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """An exported model's weights with its sidecar's metadata, shaped like a checkpoint's state."""
+    if meta is None:
+        return weights  # a checkpoint: already shaped so
+    fields = {key: meta.get(key) for key in (*_EXPORT_META_KEYS, "metrics", "format_version")}
+    return {**fields, "reason": "export", "model": weights}
+
+
+def load_file_for_reading(path: Path, *, verify: bool = True) -> dict[str, Any]:
+    """A checkpoint file, or an exported model with the config and position its sidecar holds."""
+    path = Path(path)
+    return _as_checkpoint_state(load_checkpoint(path, map_location="cpu", verify=verify), _export_metadata(path))
+
+
 # ------------------------------------------------------------------------------------------ inspection
 
 
@@ -731,7 +785,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     except ValueError:
         meta = {}
     try:
-        state = _check_format(path, _torch_load_safely(path, "cpu", mmap=True))
+        state = _as_checkpoint_state(_check_format(path, _torch_load_safely(path, "cpu", mmap=True)), _export_metadata(path))
     except CheckpointError as exc:
         if problem is not None:
             raise CheckpointError(f"{exc} Its checksum check also failed: {problem}.") from None

@@ -18,11 +18,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
 from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
 from dist_train.sharded_checkpoint import (
+    BEST_POINTER,
     ShardedCheckpointManager,
+    consolidate,
     latest_valid_checkpoint,
+    load_sharded_model,
     load_sharded_model_and_optimizer,
     read_sharded_state,
 )
@@ -46,6 +49,10 @@ class CheckpointStore(Protocol):
         """Collective: every rank calls it at the same step. ``common`` is the state every rank shares
         (read from rank 0), ``rank_state`` this rank's own. ``blocking``: return only when durable.
         Returns the checkpoint's path on rank 0."""
+        ...
+
+    def wait(self) -> None:
+        """Returns when this rank's part of every save is durable (async saves run in the background)."""
         ...
 
     def close(self) -> None: ...
@@ -85,6 +92,10 @@ class FileStore:
         if blocking:
             self.manager.wait()
         return path
+
+    def wait(self) -> None:
+        if self.manager is not None:
+            self.manager.wait()
 
     def close(self) -> None:
         if self.manager is not None:
@@ -133,6 +144,9 @@ class ShardedStore:
             self.manager.wait()
         return path
 
+    def wait(self) -> None:
+        self.manager.wait()
+
     def close(self) -> None:
         self.manager.close()
 
@@ -153,6 +167,17 @@ def find_latest_valid(directory: Path) -> Path | None:
     return latest_valid_checkpoint(directory)
 
 
+def best_checkpoint(directory: Path) -> Path | None:
+    """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
+    if (directory / BEST_NAME).is_file():
+        return directory / BEST_NAME
+    try:
+        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return directory / name if name and (directory / name).is_dir() else None
+
+
 @dataclass
 class OpenedCheckpoint:
     """A checkpoint's state without (sharded) or with (file) model and optimizer, ready to restore."""
@@ -167,6 +192,13 @@ class OpenedCheckpoint:
         else:
             strategy.load_state_dicts(model, optimizer, self.state)
 
+    def restore_model(self, model: nn.Module, strategy: Strategy, group: Any = None) -> None:
+        """The model's weights only (the test of the best checkpoint); a collective for sharded checkpoints."""
+        if self.path.is_dir():
+            load_sharded_model(self.path, model, self.state.get("model_and_optimizer_rest", {}), group=group)
+        else:
+            strategy.load_model_state_dict(model, self.state["model"])
+
 
 def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> OpenedCheckpoint:
     """``for_rank = (rank, world_size)`` of the reading process: a sharded checkpoint of the same world
@@ -175,3 +207,10 @@ def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int
     if path.is_dir():
         return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
     return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))
+
+
+def load_for_reading(path: Path) -> dict[str, Any]:
+    """Any checkpoint as one dict with "model", "config", epoch, step and metrics, in this process (no
+    process group): a sharded directory consolidated, a checkpoint file, or an exported model (``dtrain ckpt export``)."""
+    path = Path(path)
+    return consolidate(path) if path.is_dir() else load_file_for_reading(path)

@@ -218,6 +218,13 @@ class TrainConfig:
     # Evaluate the held-out test split once after the last epoch (a "test" record in metrics.jsonl);
     # false leaves the test split to `dtrain eval RUN_DIR --split test`.
     test_at_end: bool = True
+    # Which weights that test evaluates: "best" (checkpoint.monitor's best checkpoint, when
+    # checkpoint.save_best keeps one; else the last weights) or "last" (the weights training ended with).
+    test_checkpoint: Literal["best", "last"] = "best"
+    # Stop after this many evaluated epochs without an improvement of checkpoint.monitor (in
+    # checkpoint.mode) by more than early_stop_min_delta; the run ends as completed (0 = off).
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     # Passed to DDP: for multi-head models whose loss uses some heads only (costs a graph walk per step).
     find_unused_parameters: bool = False
     # "ddp": every rank holds the whole model; "fsdp": parameters, gradients and optimizer state are
@@ -563,6 +570,16 @@ def validate(cfg: Config, origin: str) -> None:
         fail("train.log_every", t.log_every, "must be at least 1.")
     if t.clip_grad_norm < 0:
         fail("train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off).")
+    if t.early_stop_patience < 0:
+        fail("train.early_stop_patience", t.early_stop_patience, "must be >= 0 (epochs without improvement; 0 = off).")
+    if not t.early_stop_min_delta >= 0:
+        fail("train.early_stop_min_delta", t.early_stop_min_delta, "must be >= 0 (the smallest change that counts as an improvement).")
+    if t.early_stop_patience and cfg.checkpoint.monitor.startswith("val/") and d.val_split == 0 and not d.split_file:
+        fail(
+            "train.early_stop_patience", t.early_stop_patience,
+            f"watches checkpoint.monitor = {cfg.checkpoint.monitor!r}, but data.val_split = 0 leaves no validation split; "
+            "set data.val_split, monitor a train/ metric, or set train.early_stop_patience = 0.",
+        )
     f = cfg.fsdp
     if f.min_params < 1:
         fail("fsdp.min_params", f.min_params, "must be at least 1 (parameters per automatically sharded block).")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dist_train.config import config_from_dict
-from dist_train.errors import ConfigError
+from dist_train.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("dtrain")
 
@@ -24,21 +24,27 @@ def evaluate_checkpoint(
     data_path: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
-    from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from dist_train.checkpoint import resolve_checkpoint_path
+    from dist_train.checkpoint_store import best_checkpoint, load_for_reading
     from dist_train.data.loader import build_data, make_loader
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
-    from dist_train.sharded_checkpoint import consolidate
     from dist_train.tasks import build_model_for_task, build_task
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
-    path = _best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
+    path = best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
     path = path or resolve_checkpoint_path(target)
     if run_dir is None and path.parent.name == "checkpoints":
         run_dir = path.parent.parent
-    # A sharded checkpoint (directory) is consolidated in this process, without a process group.
-    state = consolidate(path) if path.is_dir() else load_checkpoint(path, map_location="cpu")
+    # A sharded checkpoint (directory) is consolidated in this process, without a process group; an
+    # exported model's config comes from its sidecar.
+    state = load_for_reading(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{path} holds no config to rebuild data and model from (a model exported by `dtrain ckpt export` keeps it in "
+            f"{path.name}.sha256.json, next to it). Evaluate the run directory or a checkpoint instead."
+        )
     cfg = config_from_dict(state["config"], origin=f"{path} (embedded config)")
     if data_path:
         cfg.data.path = data_path
@@ -66,15 +72,3 @@ def evaluate_checkpoint(
     metrics["step"] = state["step"]
     return metrics
 
-
-def _best_checkpoint(directory: Path) -> Path | None:
-    """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
-    from dist_train.sharded_checkpoint import BEST_POINTER
-
-    if (directory / "best.pt").is_file():
-        return directory / "best.pt"
-    try:
-        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return directory / name if name and (directory / name).is_dir() else None

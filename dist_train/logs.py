@@ -105,7 +105,8 @@ class RunMetricsLogger:
         resume_step: int | None,
         resume_epoch: int | None = None,
     ) -> None:
-        """``resume_step``/``resume_epoch``: the checkpoint's position (None for a start from step 0)."""
+        """``resume_step``: the checkpoint's step; ``resume_epoch``: the first epoch (1-based, as the
+        records count) the resumed run finishes. None for a fresh run."""
         self.jsonl_path = run_dir / "metrics.jsonl"
         tb_dir = run_dir / "tb"
         self._jsonl = None

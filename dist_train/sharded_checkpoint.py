@@ -679,6 +679,18 @@ def load_sharded_model_and_optimizer(
     set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optimizer"])
 
 
+def load_sharded_model(path: Path, model: torch.nn.Module, rest: dict[str, Any], *, group: Any = None) -> None:
+    """Collective: the model's part of a sharded checkpoint only (any world size), optimizer untouched.
+    ``group``: a gloo group for DCP's collectives (None: the default group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    tensors, _ = split_tensors({"model": get_model_state_dict(model)})
+    dcp.load(tensors, storage_reader=_safe_reader(path), process_group=group)
+    full = merge_tensors(tensors, {"model": rest.get("model", {})})
+    set_model_state_dict(model, full["model"])
+
+
 def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> dict[str, Any]:
     """The checkpoint as one single-file-style dict in this process (no process group): model (and
     optimizer) tensors gathered from all shards, plus the common state. For export, eval and inspect."""
@@ -695,38 +707,6 @@ def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> 
     merged = merge_tensors(tensors, {k: v for k, v in rest.items() if k in keys})
     state.update(merged)
     return state
-
-
-def export_model(path: Path, out: Path) -> Path:
-    """``dtrain ckpt export`` of checkpoint directory ``path``: its model weights as one verified file."""
-    return export_state(consolidate(path), path, out)
-
-
-def export_state(state: dict[str, Any], source: Path, out: Path) -> Path:
-    """The model weights (and config, position, metrics) of a loaded checkpoint ``state`` as one file,
-    written atomically with a sha256 sidecar: ``dtrain eval`` and ``torch.load(weights_only=True)`` read it."""
-    from dist_train.checkpoint import FORMAT_VERSION, _write_data_file, _write_sidecar
-
-    keys = ("format_version", "dtrain_version", "torch_version", "config", "epoch", "step", "metrics", "epoch_complete", "world_size", "model")
-    exported: dict[str, Any] = {key: state[key] for key in keys if key in state}
-    exported.update({"reason": "export", "exported_from": str(source)})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    snapshot = snapshot_state(exported)
-    size, sha256 = _write_data_file(out, lambda sink: torch.save(snapshot, sink))  # type: ignore[arg-type]
-    meta = {
-        "file": out.name,
-        "epoch": int(state.get("epoch", 0)),
-        "step": int(state.get("step", 0)),
-        "metrics": {str(k): float(v) for k, v in (state.get("metrics") or {}).items()},
-        "format_version": FORMAT_VERSION,
-        "size": size,
-        "sha256": sha256,
-        "created": time.time(),
-        "source": str(source),
-    }
-    _write_sidecar(out, meta)
-    return out
 
 
 def describe_sharded(path: Path) -> dict[str, Any]:

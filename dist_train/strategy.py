@@ -43,6 +43,10 @@ class Strategy(Protocol):
 
     def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
 
+    def load_model_state_dict(self, model: nn.Module, model_state: dict[str, Any]) -> None:
+        """A full (consolidated) model state dict, read from a file, into this rank's model."""
+        ...
+
     def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
 
 
@@ -97,6 +101,9 @@ class DDPStrategy:
     def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+
+    def load_model_state_dict(self, model: nn.Module, model_state: dict[str, Any]) -> None:
+        model.load_state_dict(model_state)
 
     def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -224,6 +231,11 @@ class FSDPStrategy:
 
         options = StateDictOptions(full_state_dict=True)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+
+    def load_model_state_dict(self, model: nn.Module, model_state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
     @contextlib.contextmanager
     def eval_context(self, model: nn.Module) -> Iterator[None]:

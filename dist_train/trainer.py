@@ -40,6 +40,7 @@ from dist_train.distributed import (
     settle_gradient_buckets,
     sync_bool,
 )
+from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
@@ -89,6 +90,8 @@ INCOMPATIBLE_ON_RESUME = (
     "train.strategy",  # the optimizer state is keyed by parameter index (DDP) or by name (FSDP)
 )
 DEBUG_MAX_STEPS = 5
+# Stateful components newer than some format-1 checkpoints; such a checkpoint resumes with them fresh.
+ADDED_SINCE_FORMAT_1 = ("early_stopping",)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Trainer:
             cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
         )
         self.counters = TrainerCounters()
+        self.early_stopping = build_early_stopping(cfg, has_val_data=self.data.val is not None and len(self.data.val) > 0)
         self.meter = MetricSums(self.device)
         # Backward seeds by (window samples, loss divisor, dtype, device): a handful per run.
         self._backward_seeds: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -293,6 +297,7 @@ class Trainer:
             "scaler": self.scaler,
             "sampler": self.sampler,
             "trainer": self.counters,
+            "early_stopping": self.early_stopping,
         }
 
     def _rank_state(self) -> dict[str, Any]:
@@ -324,7 +329,7 @@ class Trainer:
             "dtrain_version": dist_train.__version__,
             "torch_version": torch.__version__,
             "config": config_to_dict(self.cfg),
-            "epoch": self.counters.epoch,
+            "epoch": self._checkpoint_epoch(reason),
             "step": self.counters.step,
             "epoch_complete": reason in ("epoch", "final"),
             "reason": reason,
@@ -334,6 +339,11 @@ class Trainer:
         for name, component in self.stateful_components().items():
             state[name] = component.state_dict()
         return state
+
+    def _checkpoint_epoch(self, reason: str) -> int:
+        """The epoch a checkpoint is named and labelled by, 1-based as the metrics records count: the
+        epoch just finished (an epoch's own checkpoint), or the epoch in progress (a mid-epoch one)."""
+        return self.counters.epoch if reason in ("epoch", "final") else self.counters.epoch + 1
 
     def save_checkpoint(
         self, reason: str, metrics: dict[str, float] | None = None, *, is_best: bool = False, blocking: bool = False
@@ -348,7 +358,7 @@ class Trainer:
             self.optimizer,
             self.build_checkpoint(reason, metrics or {}),
             self._rank_state(),
-            epoch=self.counters.epoch,
+            epoch=self._checkpoint_epoch(reason),
             step=self.counters.step,
             metrics=metrics or {},
             is_best=is_best,
@@ -410,16 +420,20 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():
+            if name in ADDED_SINCE_FORMAT_1 and name not in state:
+                continue  # written by an older dtrain: this component starts fresh
             try:
                 component.load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"cannot resume from {path}: restoring the {name} failed: {exc}") from None
         self._restore_rank_state(state["rank_states"])
         self._resumed_mid_epoch = not state["epoch_complete"]
+        # 1-based, as the console and metrics.jsonl count: the epoch resumed inside, or the last one finished.
+        epoch = self.counters.epoch
         log.info(
-            "resumed from %s (epoch %d, step %d, %s)",
+            "resumed from %s (%s, step %d, %s)",
             path,
-            self.counters.epoch,
+            f"epoch {epoch + 1}" if self._resumed_mid_epoch else f"after epoch {epoch}",
             self.counters.step,
             "mid-epoch" if self._resumed_mid_epoch else "epoch boundary",
         )
@@ -564,11 +578,12 @@ class Trainer:
         values = {f"train/{k}_running": v for k, v in running.items() if k != "samples" and k.count("/") <= 1}
         values["lr"] = self.scheduler.lr()
         self.progress.update(step, batches, values)
-        self.metrics_logger.log({"kind": "step", "epoch": epoch, "step": step, **values})
+        self.metrics_logger.log({"kind": "step", "epoch": epoch + 1, "step": step, **values})
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Exact metrics over the whole split: each sample counted once across ranks, then summed."""
+    def evaluate(self, split: str, *, epoch: int) -> dict[str, float]:
+        """Exact metrics over the whole split: each sample counted once across ranks, then summed.
+        ``epoch``: the 1-based epoch its reports (``<name>_<split>.json``) are filed under."""
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}
@@ -583,17 +598,17 @@ class Trainer:
                 prefix=split,
                 limit=DEBUG_MAX_STEPS if self.debug else None,
             )
-        self._write_reports(split, result.reports)
+        self._write_reports(split, result.reports, epoch)
         return result.metrics
 
-    def _write_reports(self, split: str, reports: dict[str, Any]) -> None:
+    def _write_reports(self, split: str, reports: dict[str, Any], epoch: int) -> None:
         """Non-scalar results (confusion matrix, residual histograms) as ``<name>_<split>.json`` and in TensorBoard."""
         if not reports or not self.dist.is_main or self.run_dir is None:
             return
         from dist_train.fsutil import atomic_write_text
 
         for name, report in reports.items():
-            record = {"split": split, "epoch": self.counters.epoch, "step": self.counters.step, **report}
+            record = {"split": split, "epoch": epoch, "step": self.counters.step, **report}
             atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
             if isinstance(self.metrics_logger, RunMetricsLogger):
                 self.metrics_logger.add_report(split, name, report, self.counters.step)
@@ -606,7 +621,7 @@ class Trainer:
         metrics["data_wait_frac"] = metrics.pop("train/data_wait_frac")
         metrics["epoch_time_s"] = metrics.pop("train/epoch_time_s")
         if (epoch + 1) % max(1, self.cfg.train.eval_every_epochs) == 0 or epoch + 1 == self.cfg.train.epochs:
-            metrics.update(self.evaluate("val"))
+            metrics.update(self.evaluate("val", epoch=epoch + 1))
         metrics["lr"] = self.scheduler.lr()
         metrics["peak_memory_mb"] = peak_memory_mb(self.device)
         metrics.update(self._largest_rank_memory())
@@ -624,7 +639,7 @@ class Trainer:
         """checkpoint.monitor and sched.monitor must name a metric the run reports (any task's)."""
         cfg = self.cfg
         settings = (
-            ("checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.save_best),
+            ("checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.save_best or self.early_stopping.enabled),
             ("sched.monitor", cfg.sched.monitor, cfg.sched.name == "plateau"),
         )
         for setting, key, used in settings:
@@ -658,7 +673,7 @@ class Trainer:
                 jsonl=cfg.log.jsonl,
                 tensorboard=cfg.log.tensorboard,
                 resume_step=resume_step,
-                resume_epoch=None if resume_step is None else self.counters.epoch,
+                resume_epoch=None if resume_step is None else self.counters.epoch + 1,
             )
         log.info(
             "training %s (%s): %d train / %s val / %s test samples, world size %d, device %s, precision %s, %d steps/epoch",
@@ -677,7 +692,7 @@ class Trainer:
         with anomaly:
             # A request that came during start-up is read at the first check.
             self.flags.post([self.preemption.requested, False])
-            while self.counters.epoch < cfg.train.epochs:
+            while self.counters.epoch < cfg.train.epochs and not self.early_stopping.stopped:
                 epoch = self.counters.epoch
                 # The epoch's last steps: stop before its evaluation (the relaunch evaluates it).
                 if self.train_one_epoch(epoch) == "stop" or self._stop_agreed_at_epoch_boundary():
@@ -686,14 +701,15 @@ class Trainer:
                 metrics = self._epoch_metrics(epoch)
                 self._check_monitors(list(metrics))
                 self.scheduler.step_epoch(metrics)
-                self.metrics_logger.log({"kind": "epoch", "epoch": epoch, "step": self.counters.step, **metrics})
+                self.metrics_logger.log({"kind": "epoch", "epoch": epoch + 1, "step": self.counters.step, **metrics})
                 if cfg.log.histograms and isinstance(self.metrics_logger, RunMetricsLogger):
                     self.metrics_logger.add_histograms(self.model, self.counters.step)
                 self._log_epoch(epoch, metrics)
                 is_best = self._is_best(metrics)
+                stop_early = self.early_stopping.step(metrics, epoch + 1)  # agreed by all ranks
                 self.counters.epoch += 1
                 self.sampler.set_epoch(self.counters.epoch)
-                last = self.counters.epoch == cfg.train.epochs
+                last = self.counters.epoch == cfg.train.epochs or stop_early
                 # A request that came during the evaluation: stop at this epoch boundary, with the
                 # epoch's checkpoint (after the last epoch the relaunch runs only the test).
                 stop = self._stop_agreed_at_epoch_boundary()
@@ -701,10 +717,11 @@ class Trainer:
                     self.save_checkpoint("epoch", metrics, is_best=is_best, blocking=stop)
                 if stop:
                     return self._end_preempted()
-            test = self.evaluate("test") if cfg.train.test_at_end else {}
-            if test:
-                self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
-                log.info("test: " + "  ".join(f"{k}={test[k]:.4g}" for k in _console_metric_keys(test, ("test",))))
+            if self.early_stopping.stopped:
+                log.info(self.early_stopping.reason())
+            self.flags.result()  # drain a reduction still in flight (none after an epoch's end) before other collectives
+            if cfg.train.test_at_end and "test" in self.eval_loaders:
+                self._test_at_end()
         self._shutdown()
         self._write_marker("completed", f"step {self.counters.step}\n")
         if self.preemption.requested:
@@ -731,6 +748,45 @@ class Trainer:
         self._shutdown()
         self.preemption.uninstall()
         return envvars.PREEMPTED_EXIT_CODE
+
+    def _test_at_end(self) -> None:
+        """The held-out test split, once, on the weights ``train.test_checkpoint`` names; the record says which."""
+        evaluated = self._load_test_weights()
+        test = self.evaluate("test", epoch=self.counters.epoch)
+        self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch, "step": self.counters.step, "checkpoint": evaluated, **test})
+        log.info(
+            "test (%s weights, epoch %d, step %d): %s",
+            evaluated["which"],
+            evaluated["epoch"],
+            evaluated["step"],
+            "  ".join(f"{k}={test[k]:.4g}" for k in _console_metric_keys(test, ("test",))),
+        )
+
+    def _load_test_weights(self) -> dict[str, Any]:
+        """Loads the best checkpoint's weights when the test should use them; returns which weights these are."""
+        last = {"which": "last", "epoch": self.counters.epoch, "step": self.counters.step}
+        if self.cfg.train.test_checkpoint != "best" or self.ckpt_store is None or not self.cfg.checkpoint.save_best:
+            return last
+        from dist_train.checkpoint_store import best_checkpoint, open_checkpoint
+
+        self.ckpt_store.wait()  # an async write of the best checkpoint must be durable before it is read
+        barrier()
+        path = None
+        if self.dist.is_main and self.run_dir is not None:
+            found = best_checkpoint(self.run_dir / "checkpoints")
+            path = str(found) if found else None
+        path = broadcast_object(path)
+        if path is None:
+            log.warning(
+                "train.test_checkpoint = 'best', but no best checkpoint exists (%s was never reported?): "
+                "the test evaluates the last weights",
+                self.cfg.checkpoint.monitor,
+            )
+            return last
+        opened = open_checkpoint(Path(path), verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
+        opened.restore_model(self.model, self.strategy, group=self.ckpt_store.group)
+        state = opened.state
+        return {"which": "best", "epoch": int(state["epoch"]), "step": int(state["step"]), "path": path}
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
         parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}", f"step {self.counters.step}"]

@@ -115,18 +115,19 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def export_cmd(path: Path, out: Path) -> None:
-    """Write the model weights of a checkpoint as one file OUT (with a .sha256.json sidecar).
+    """Write the model weights of a checkpoint as one file OUT, with its metadata in OUT.sha256.json.
 
     PATH is a run directory (its newest valid checkpoint), a checkpoints directory, or one checkpoint.
-    A sharded checkpoint is consolidated in this process (no GPUs, no process group). OUT loads with
-    torch.load(weights_only=True) (its "model" entry is a plain state_dict) and with `dtrain eval OUT`.
+    A sharded checkpoint is consolidated in this process (no GPUs, no process group). OUT holds exactly
+    the model's state_dict: model.load_state_dict(torch.load(OUT, weights_only=True)). The sidecar
+    OUT.sha256.json holds its size and sha256, epoch, step, metrics and the run's config, so that
+    `dtrain eval OUT` works while the two files stay together.
     """
-    from dist_train.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from dist_train.sharded_checkpoint import export_model, export_state
+    from dist_train.checkpoint import export_state, resolve_checkpoint_path
+    from dist_train.checkpoint_store import load_for_reading
 
     source = resolve_checkpoint_path(path)
     if out.exists() and out.resolve() == source.resolve():
         raise CheckpointError(f"dtrain ckpt export: OUT {out} is the checkpoint itself; pick another file name.")
-    state = None if source.is_dir() else load_checkpoint(source)
-    written = export_model(source, out) if state is None else export_state(state, source, out)
-    click.echo(f"exported the model of {source} -> {written} (+ {written.name}.sha256.json)")
+    written = export_state(load_for_reading(source), source, out)
+    click.echo(f"exported the model of {source} -> {written} (+ {written.name}.sha256.json: config, epoch, step, metrics)")

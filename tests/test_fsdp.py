@@ -149,7 +149,7 @@ def test_fsdp_trains_the_same_model_as_ddp(tmp_path: Path, nproc: int, fsdp: dic
     assert test_a[0]["test/loss"] == pytest.approx(test_b[0]["test/loss"], abs=1e-5)
     if nproc == 2:
         # The FSDP checkpoint holds plain parameter names: `dtrain eval` loads it into the unwrapped model.
-        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--json", cwd=tmp_path)
+        out = dtrain("eval", str(fsdp_dir), "--split", "test", "--checkpoint", "best", "--json", cwd=tmp_path)
         assert_ok(out)
         assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_a[0]["test/loss"], abs=1e-6)
 
@@ -262,8 +262,8 @@ def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None
     assert f"checkpoint {newest} is invalid (sha256 mismatch in __1_0.distcp" in console
     assert "falling back to an older checkpoint" in console
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert f"resumed from {checkpoints[0]} (epoch 1, step {older_step}" in log
-    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [1, 2], "epoch 2 is trained again, then 3"
+    assert f"resumed from {checkpoints[0]} (after epoch 1, step {older_step}" in log
+    assert [r["epoch"] for r in records(run_dir, "epoch")][-2:] == [2, 3], "epoch 2 is trained again, then 3"
 
 
 # ---------------------------------------------------------------------------------------- mixed precision

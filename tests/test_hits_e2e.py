@@ -60,7 +60,9 @@ def test_distributed_training_metrics_equal_one_process_evaluation(demo: tuple[P
     last = records(run_dir, "epoch")[-1]
     assert last["val/samples"] == 45  # not divisible by the ranks: no sample padded or dropped
     for split, prefix in (("val", "val"), ("test", "test")):
-        out = dtrain("eval", str(run_dir), "--split", split, "--json", cwd=tmp_path)
+        # The end-of-run test evaluates best.pt; the last epoch's validation the last weights.
+        which = "best" if split == "test" else "latest"
+        out = dtrain("eval", str(run_dir), "--split", split, "--checkpoint", which, "--json", cwd=tmp_path)
         assert_ok(out)
         single = json.loads(out.stdout)
         dist = last if split == "val" else records(run_dir, "test")[0]

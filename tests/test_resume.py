@@ -145,7 +145,7 @@ def test_incompatible_config_change_on_resume_is_refused_and_checkpoint_kept(tmp
     # A harmless change (more epochs) resumes.
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir),
                      "--set", "train.epochs=2", cwd=tmp_path))
-    assert [r["epoch"] for r in records(run_dir, "epoch")] == [0, 1]
+    assert [r["epoch"] for r in records(run_dir, "epoch")] == [1, 2]
 
 
 def test_resume_never_into_a_run_dir_with_checkpoints_is_refused(tmp_path: Path) -> None:

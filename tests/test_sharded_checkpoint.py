@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import load_checkpoint, verify_checkpoint
+from dist_train.checkpoint import verify_checkpoint
 from dist_train.errors import CheckpointError
 from dist_train.sharded_checkpoint import (
     BEST_POINTER,
@@ -274,11 +274,13 @@ def test_cli_inspect_and_export_of_a_sharded_checkpoint(tmp_path: Path, capsys: 
     out_file = tmp_path / "export" / "model.pt"
     assert cli_main(["ckpt", "export", str(tmp_path / "run"), str(out_file)]) == 0
     assert verify_checkpoint(out_file) is None
-    exported = torch.load(out_file, weights_only=True)
-    assert exported["reason"] == "export" and exported["step"] == 5 and "optimizer" not in exported
+    # The file is the model's state_dict, nothing else; the metadata sits in the sidecar.
+    fresh, _ = trained(9)
+    fresh.load_state_dict(torch.load(out_file, weights_only=True))
     for key, value in model.state_dict().items():
-        assert torch.equal(exported["model"][key], value)
-    assert load_checkpoint(out_file)["exported_from"] == str(path)
+        assert torch.equal(fresh.state_dict()[key], value)
+    meta = json.loads(out_file.with_name("model.pt.sha256.json").read_text())
+    assert (meta["format"], meta["step"], meta["source"], meta["config"]) == ("dtrain-model-export", 5, str(path), {"run": {"name": "unit"}})
 
     flip_byte(path / "__0_0.distcp")
     assert cli_main(["ckpt", "inspect", str(path)]) == 2
@@ -339,12 +341,12 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode not in (0, 75), out
     checkpoints = run_dir / "checkpoints"
-    assert pointer(checkpoints) == "ckpt-e0000-s00000004" and list(checkpoints.glob(".ckpt-*.tmp"))
+    assert pointer(checkpoints) == "ckpt-e0001-s00000004" and list(checkpoints.glob(".ckpt-*.tmp"))
 
     relaunch = dtrain(*args, cwd=tmp_path)
     assert_ok(relaunch)
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert f"resumed from {checkpoints / 'ckpt-e0000-s00000004'} (epoch 0, step 4" in log
+    assert f"resumed from {checkpoints / 'ckpt-e0001-s00000004'} (epoch 1, step 4, mid-epoch" in log
     assert list(checkpoints.glob(".ckpt-*.tmp")) == [] and "interrupted checkpoint save" in relaunch.stderr + relaunch.stdout
     final = latest_valid_checkpoint(checkpoints)
     assert final is not None and final.is_dir() and len(read_sharded_state(final)["rank_states"]) == 2
@@ -357,7 +359,9 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     assert_ok(from_export)
     a, b = json.loads(from_sharded.stdout), json.loads(from_export.stdout)
     assert {k: v for k, v in a.items() if k != "checkpoint"} == {k: v for k, v in b.items() if k != "checkpoint"}
-    assert a["test/loss"] == pytest.approx(records(run_dir, "test")[-1]["test/loss"], abs=1e-6)  # 1 process vs 2 ranks
+    best = dtrain("eval", str(run_dir), "--split", "test", "--checkpoint", "best", "--json", cwd=tmp_path)
+    assert_ok(best)  # what the end-of-run test evaluates
+    assert json.loads(best.stdout)["test/loss"] == pytest.approx(records(run_dir, "test")[-1]["test/loss"], abs=1e-6)  # 1 process vs 2 ranks
     best = dtrain("eval", str(run_dir), "--checkpoint", "best", "--json", cwd=tmp_path)
     assert_ok(best)
     assert Path(json.loads(best.stdout)["checkpoint"]).name == pointer(checkpoints, BEST_POINTER)

@@ -136,7 +136,7 @@ def test_regression_metrics_on_three_ranks_equal_one_process_eval_and_a_per_samp
             assert single[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
     test_record = records(run_dir, "test")[0]
-    single_test = eval_json(run_dir, "test", tmp_path)
+    single_test = eval_json(run_dir, "test", tmp_path, "--checkpoint", "best")  # what the end-of-run test evaluates
     for key, value in test_record.items():
         if key.startswith("test/"):
             assert single_test[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
@@ -233,6 +233,7 @@ def test_custom_task_runs_on_several_ranks_and_its_metrics_are_exact(tmp_path: P
         task={"name": "tests.helpers.tasks:QuantileTask", "targets": ["energies"], "target_norm": "none", "loss": "",
               "kwargs": {"tolerance": 100.0}},
         checkpoint={"monitor": "val/mae"},
+        train={"test_checkpoint": "last"},  # the naive reference below evaluates the final weights
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")

@@ -53,7 +53,7 @@ def test_quickstart_two_processes_writes_every_output(tmp_path: Path) -> None:
     assert Path(saved.data.path).is_absolute()
 
     epochs = records(run_dir, "epoch")
-    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:
         for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "samples_per_s", "data_wait_frac"):
             assert key in r, key
@@ -109,8 +109,8 @@ def test_two_rank_validation_equals_one_process_evaluation(tmp_path: Path) -> No
     assert loss == pytest.approx(last["val/loss"], abs=1e-6)
     assert acc == pytest.approx(last["val/accuracy"], abs=1e-6)
 
-    test_dist = records(run_dir, "test")[0]
-    out = dtrain("eval", str(run_dir), "--split", "test", "--json", cwd=tmp_path)
+    test_dist = records(run_dir, "test")[0]  # the end-of-run test evaluates best.pt
+    out = dtrain("eval", str(run_dir), "--split", "test", "--checkpoint", "best", "--json", cwd=tmp_path)
     assert_ok(out)
     assert json.loads(out.stdout)["test/loss"] == pytest.approx(test_dist["test/loss"], abs=1e-6)
 
