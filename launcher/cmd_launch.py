@@ -13,7 +13,14 @@ from typing import Any
 
 import click
 
-from dist_train.config import Config, load_config, resolve_data_path, resolve_geometry_path, save_config
+from dist_train.config import (
+    Config,
+    check_sync_batchnorm_device,
+    load_config,
+    resolve_data_path,
+    resolve_geometry_path,
+    save_config,
+)
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
 from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
@@ -132,6 +139,12 @@ def check_training_strategy(cfg: Config) -> None:
     from dist_train.config import check_strategy_supported
 
     check_strategy_supported(cfg)
+
+
+def check_settings_for_devices(cfg: Config, devices: Devices) -> None:
+    """Settings that need GPUs, once the launch knows whether it has any (before anything is created)."""
+    world_size = devices.topology.nproc_per_node * devices.topology.nnodes
+    check_sync_batchnorm_device(cfg, device_type="cuda" if devices.cuda_visible else "cpu", world_size=world_size)
 
 
 def _job_id() -> str:
@@ -413,6 +426,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     phases.mark("devices (NVML query, reservation)")
     run_lock: int | None = None
     try:
+        check_settings_for_devices(cfg, devices)
         launch_plan = build_plan(
             cfg,
             run_dir / "config.toml",
