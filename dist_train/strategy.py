@@ -128,8 +128,8 @@ class DDPStrategy:
         return contextlib.nullcontext()
 
     def rank_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """None: DDP (``broadcast_buffers``) gives every rank rank 0's buffers at the start of each forward,
-        so a rank's own never outlive a step, and the checkpoint's (rank 0's) are what every rank continues with."""
+        """None: DDP (``broadcast_buffers``) gives every rank rank 0's buffers at the start of each forward, so a
+        rank's own never outlive a step; the checkpoint's (rank 0's) are what every rank continues with."""
         return {}
 
 
