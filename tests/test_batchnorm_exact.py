@@ -18,6 +18,7 @@ import torch
 
 from dist_train.config import config_from_dict
 from dist_train.errors import ConfigError
+from dist_train.eval_run import evaluate_checkpoint
 from dist_train.sharded_checkpoint import list_all_checkpoints
 from dist_train.strategy import use_sync_batchnorm
 from tests.helpers.models import BatchNormCNN, BatchNormMLP
@@ -67,6 +68,11 @@ def _eval(checkpoint: Path, split: str, cwd: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def _eval_here(checkpoint: Path, split: str) -> dict[str, Any]:
+    """What ``dtrain eval`` runs (``evaluate_checkpoint``), in this process: no interpreter and torch import per call."""
+    return evaluate_checkpoint(checkpoint, split=split)
+
+
 def _checkpoint_at(run_dir: Path, step: int) -> Path:
     """The newest valid checkpoint written at ``step``."""
     found = [r.path for r in list_all_checkpoints(run_dir / "checkpoints") if r.step == step and r.valid]
@@ -88,7 +94,7 @@ def assert_logged_metrics_are_the_checkpoints(run_dir: Path) -> None:
     epochs = records(run_dir, "epoch")
     assert len(epochs) == 2
     for record in epochs:
-        _assert_same_metrics(record, _eval(_checkpoint_at(run_dir, record["step"]), "val", run_dir), "val")
+        _assert_same_metrics(record, _eval_here(_checkpoint_at(run_dir, record["step"]), "val"), "val")
     (test,) = records(run_dir, "test")
     _assert_same_metrics(test, _eval(_checkpoint_at(run_dir, test["step"]), "test", run_dir), "test")
 
@@ -120,7 +126,8 @@ def test_bf16_logged_metrics_equal_dtrain_eval_of_the_checkpoint(tmp_path: Path,
     assert_logged_metrics_are_the_checkpoints(run_dir)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_saving_and_resuming_leave_a_run_whose_training_reads_its_buffers_unchanged(tmp_path: Path, strategy: str) -> None:
     """Evaluating and saving with rank 0's buffers must not change what the ranks train with, and a resume must
     give every rank back its own buffers (FSDP leaves them per rank): the model's input mean shapes its gradients."""
