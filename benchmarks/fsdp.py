@@ -27,9 +27,11 @@ The model is ``benchmarks/fsdp_model.py:BlockStack`` (pre-norm residual MLP bloc
                   checked: tensors changed right after it returns, loading it gives the values of the save
                   moment. torch.distributed.checkpoint is used directly here (dtrain's manager gets DCP separately).
 
-``--device cuda`` (one GPU: world size 1, so nothing is sharded and the memory ratio is not measured):
-dtrain fsdp vs ddp in bf16 on CUDA (samples/s, ``max_memory_allocated``), and the checkpoint section
-with the state in GPU memory (async DCP staging copies device to host).
+``--device cuda`` (one GPU: world size 1, so nothing is sharded and the 2-rank memory ratio is not measured):
+dtrain fsdp vs ddp in bf16 on CUDA (samples/s, ``max_memory_allocated``) for the 101.6M model and ResNet-18
+(BatchNorm), each saving a checkpoint per epoch (sharded and async under fsdp), and the checkpoint section
+with the state in GPU memory (async DCP staging copies device to host; the time a save blocks training).
+``--quick``: about 3 minutes on one H100/H200.
 
 Usage: python benchmarks/fsdp.py [--quick] [--device cpu|cuda] [--sections memory,throughput,checkpoint]
            [--repeats N] [--json OUT.json] [--verbose]
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BENCH_DIR,
+    WORKLOADS,
     Workload,
     dtrain_config,
     ensure_data,
@@ -407,14 +410,17 @@ def run_torchrun(kind: str, spec: dict[str, Any], nproc: int, plan: Plan, timeou
     return result
 
 
-def run_dtrain(strategy: str, size: Size, data: Path, plan: Plan, *, nproc: int, batch: int, steps: int, epochs: int,
-               precision: str = "fp32", env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``dtrain launch`` with ``train.strategy``; the last epoch record (its ``memory/*`` too)."""
+def run_dtrain(strategy: str, size: Size | Workload, data: Path, plan: Plan, *, nproc: int, batch: int, steps: int,
+               epochs: int, precision: str = "fp32", env: dict[str, str] | None = None, checkpoint: bool = False,
+               wrap: tuple[str, ...] = ("Block",)) -> dict[str, Any]:
+    """``dtrain launch`` with ``train.strategy``; the last epoch record (its ``memory/*`` too).
+    ``wrap``: fsdp.wrap (empty: the automatic policy); ``checkpoint``: a checkpoint after every epoch."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"dtrain-{strategy}-", dir=plan.workdir))
-    extra = {"train": {"strategy": strategy}, "fsdp": {"wrap": ["Block"]} if strategy == "fsdp" else {}}
-    cfg = dtrain_config(plan.workdir / f"{strategy}.toml", workload(size), data, batch_size=batch, steps_per_epoch=steps,
+    work = size if isinstance(size, Workload) else workload(size)
+    extra = {"train": {"strategy": strategy}, "fsdp": {"wrap": list(wrap)} if strategy == "fsdp" and wrap else {}}
+    cfg = dtrain_config(plan.workdir / f"{strategy}.toml", work, data, batch_size=batch, steps_per_epoch=steps,
                         epochs=epochs, num_workers=0, output_dir=plan.workdir / "runs", precision=precision,
-                        extra={k: v for k, v in extra.items() if v})
+                        checkpoint=checkpoint, extra={k: v for k, v in extra.items() if v})
     wall, error = _run_process(dtrain_command(cfg, run_dir, nproc, plan.device),
                                {**bench_env(nproc, plan.settings), **(env or {})}, 1800, plan.verbose)
     result: dict[str, Any] = {"error": error, "wall_s": wall, "how": f"dtrain {strategy}"}
@@ -592,23 +598,42 @@ def checkpoint(plan: Plan, size: Size, nproc: int) -> None:
 
 # ---------------------------------------------------------------------------- GPU (one device: world size 1)
 def gpu(plan: Plan) -> None:
-    """bf16 on CUDA through dtrain launch: fsdp and ddp, 1 rank; the loss must fall, and FSDP must run in bf16."""
-    batch, steps = 32, 20 if plan.quick else 60
-    data = ensure_data(workload(BIG), steps * batch)
-    print(f"\nGPU: dtrain launch --gpus 0, (world size 1: nothing is sharded), {BIG.label()}, Adam, bf16, batch {batch}, "
-          f"{steps} steps per epoch, 2 epochs (2nd timed)", flush=True)
-    rates: dict[str, float] = {}
-    for strategy in ("fsdp", "ddp"):
-        result = run_dtrain(strategy, BIG, data, plan, nproc=1, batch=batch, steps=steps, epochs=2, precision="bf16")
-        if result["error"]:
-            print(f"  {strategy}: ERROR\n{result['error']}")
-            continue
-        rates[strategy] = result["samples_per_s"]
-        print(f"  dtrain {strategy}: {result['samples_per_s']:9.1f} samples/s, train/loss {result['train/loss']:.4f}, "
-              + ", ".join(f"{k} {result[k]:.0f}" for k in MEMORY_KEYS))
-    plan.report["gpu"] = rates
-    if len(rates) == 2:
-        plan.results.append(result_line("fsdp_vs_ddp_cuda_bf16_1rank", rates["fsdp"] / rates["ddp"], ">=", 0.9))
+    """bf16 on CUDA through dtrain launch, fsdp then ddp on 1 GPU, for the 101.6M BlockStack (LayerNorm) and
+    ResNet-18 (BatchNorm: its norm layers run in fp32 under FSDP as under DDP's autocast). Each run writes
+    its end-of-epoch checkpoints (FSDP: the default async sharded save, on its own gloo group); the second
+    epoch is timed. RESULT lines: fsdp/ddp samples/s and peak memory (``max_memory_allocated``)."""
+    steps = 20 if plan.quick else 60
+    models: list[tuple[str, Size | Workload, int, tuple[str, ...]]] = [
+        ("blockstack", BIG, 32, ("Block",)),
+        ("resnet18", WORKLOADS["resnet18"], 128, ()),
+    ]
+    print(f"\nGPU: dtrain launch --gpus 0, (world size 1: nothing is sharded), bf16, Adam, {steps} steps per epoch, "
+          "2 epochs (2nd timed), checkpoint after each epoch", flush=True)
+    plan.report["gpu"] = {}
+    for name, model, batch, wrap in models:
+        work = model if isinstance(model, Workload) else workload(model)
+        data = ensure_data(work, steps * batch)
+        label = model.label() if isinstance(model, Size) else "ResNet-18 (small-input stem), 3x32x32"
+        rows: dict[str, dict[str, Any]] = {}
+        for strategy in ("fsdp", "ddp"):
+            result = run_dtrain(strategy, model, data, plan, nproc=1, batch=batch, steps=steps, epochs=2, precision="bf16",
+                                checkpoint=True, wrap=wrap)
+            if result["error"]:
+                print(f"  {name} {strategy}: ERROR\n{result['error']}", flush=True)
+                continue
+            rows[strategy] = result
+            print(f"  {name:10} dtrain {strategy}: {result['samples_per_s']:9.1f} samples/s, train/loss "
+                  f"{result['train/loss']:.4f}, " + ", ".join(f"{k} {result[k]:.0f}" for k in MEMORY_KEYS) + f"  ({label}, batch {batch})",
+                  flush=True)
+        plan.report["gpu"][name] = rows
+        if len(rows) == 2:
+            fsdp, ddp = rows["fsdp"], rows["ddp"]
+            plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_throughput", fsdp["samples_per_s"] / ddp["samples_per_s"],
+                                            ">=", 0.9))
+            plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_peak_memory",
+                                            fsdp["memory/peak_mb"] / ddp["memory/peak_mb"], "<=", 1.1))
+        else:
+            plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_trains", 0.0, ">=", 1, fmt=".0f"))
 
 
 # ---------------------------------------------------------------------------- main

@@ -10,9 +10,12 @@
 #   compare     benchmarks/compare.py --device cuda, bf16 then fp16, 1 process (one GPU: NCCL cannot run two ranks on it)
 #   loader      benchmarks/h5_loader.py (CPU only; this machine's cores are otherwise idle)
 #   startup     compare.py start-up section on the GPU
-#   fsdp        sharded training on the GPU, world size 1 (one GPU): tests/test_fsdp.py, then benchmarks/fsdp.py
-#               --device cuda --quick (dtrain fsdp vs ddp in bf16 on CUDA, sharded and async DCP saves from GPU
-#               memory, checked to hold the values of the save moment); skipped without CUDA; ~5 min on an H100
+#   fsdp        sharded training on the GPU, world size 1 (one GPU): two FSDP tests of tests/test_gpu.py (bf16
+#               ResNet-18 SIGTERM -> bit-exact resume -> export -> eval; an async sharded save from GPU memory;
+#               the `tests` step runs the strategy x precision x BatchNorm matrix on CUDA), then benchmarks/fsdp.py --device cuda
+#               --quick (dtrain fsdp vs ddp in bf16 on CUDA for the 101.6M BlockStack and ResNet-18: samples/s and
+#               peak memory, checkpoints on; sharded and async DCP saves from GPU memory: the time a save blocks,
+#               the values of the save moment); skipped without CUDA; at most ~6 min on an H100/H200
 #   suite       the default test suite (must pass with a GPU present too)
 # Needs torch with CUDA, h5py, nvidia-ml-py, accelerate, lightning, tensorboard, click, psutil, tqdm,
 # matplotlib, pytest, pytest-timeout in `python3` (or $PYTHON); dtrain runs from this checkout.
@@ -60,7 +63,7 @@ for name in $STEPS; do
         loader) step loader $PY benchmarks/h5_loader.py ;;
         startup) step startup $PY benchmarks/compare.py --device cuda --sections startup ${STARTUP_ARGS:-} ;;
         fsdp) if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-                step fsdp_tests $PY -m pytest -v -p no:cacheprovider --timeout 300 tests/test_fsdp.py ${FSDP_TEST_ARGS:-}
+                step fsdp_tests $PY -m pytest -v -p no:cacheprovider --timeout 300 tests/test_gpu.py -k "fsdp_bf16_resnet18 or async_sharded_save" ${FSDP_TEST_ARGS:-}
                 step fsdp $PY benchmarks/fsdp.py --device cuda --quick --json "$OUT_DIR/fsdp.json" ${FSDP_ARGS:-}
             else
                 echo "=== fsdp: skipped, torch sees no CUDA device"

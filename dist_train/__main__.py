@@ -45,17 +45,17 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config, resolve_data_path, save_config
+    from dist_train.config import load_config, make_data_paths_absolute, save_config
     from dist_train.distributed import destroy_distributed, init_distributed
-    from dist_train.logs import setup_logging
-    from dist_train.preempt import PreemptionHandler, parse_signals
+    from dist_train.logs import FILE_ONLY, setup_logging
+    from dist_train.preempt import PreemptionHandler, launcher_stop_signal_file, parse_signals
     from dist_train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     # Before the slow start-up (process group, data, model): a stop request from now on is kept
     # and honoured at the first step boundary instead of killing the worker.
-    preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals)).install()
-    cfg.data.path = str(resolve_data_path(cfg))
+    preemption = PreemptionHandler(parse_signals(cfg.launch.preempt_signals), launcher_stop_signal_file()).install()
+    make_data_paths_absolute(cfg)  # the saved config.toml names the same files from any directory
     debug = envvars.get(envvars.DEBUG) == "1"
     run_dir = resolve_run_dir(cfg)
     info = init_distributed(cfg.launch.pg_timeout)
@@ -79,8 +79,11 @@ def _run(args: argparse.Namespace) -> int:
         except DTrainError:
             raise
         except Exception:
-            # The rank's own log keeps the traceback; torchrun's error file only has the last one.
-            log.exception("rank %d failed", info.rank)
+            # The rank's own log keeps the traceback. Under the launcher the console gets its summary
+            # instead (the failing rank, its exception, this log): a console rank printing the
+            # traceback too would show it twice, and a rank that only lost a failed peer would bury
+            # the cause under its own connection error.
+            log.exception("rank %d failed", info.rank, extra=FILE_ONLY if _launcher_reports() else None)
             raise
     finally:
         preemption.uninstall()
@@ -98,6 +101,19 @@ def report_error(exc: DTrainError) -> None:
         print(f"dtrain worker: error: {exc}", file=sys.stderr)
 
 
+def _launcher_reports() -> bool:
+    return envvars.get(envvars.LAUNCHER_REPORTS_ERRORS) == "1"
+
+
+def report_failure() -> int:
+    """A rank's unexpected exception under the launcher: torchrun's error file (written by ``record``)
+    and the rank log hold the traceback, and the launcher names the rank that failed first, so
+    stderr gets it only where nothing logged it (a failure before logging was set up)."""
+    if not logging.getLogger("dtrain").handlers:
+        traceback.print_exc()
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
     try:
@@ -107,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         report_error(exc)
         return exc.exit_code
+    except Exception:
+        if verbose or not _launcher_reports():
+            raise
+        return report_failure()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text, fsync_dir
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
 FORMAT_VERSION = 1
 LATEST_POINTER = "latest"

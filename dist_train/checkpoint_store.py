@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint import CheckpointManager, load_checkpoint
-from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_cpu_group
+from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
 from dist_train.sharded_checkpoint import (
     ShardedCheckpointManager,
     latest_valid_checkpoint,
@@ -49,6 +49,11 @@ class CheckpointStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    @property
+    def group(self) -> Any:
+        """The gloo group its collectives run on (None: the default group, or one process)."""
+        ...
 
 
 class FileStore:
@@ -88,6 +93,7 @@ class FileStore:
 
 class ShardedStore:
     def __init__(self, directory: Path, *, keep_last: int, async_save: bool, dist_info: DistInfo, group: Any) -> None:
+        self.group = group
         self.manager = ShardedCheckpointManager(
             directory,
             rank=dist_info.rank,
@@ -135,9 +141,9 @@ def build_checkpoint_store(
     *, directory: Path, strategy: Strategy, dist_info: DistInfo, keep_last: int, async_save: bool, barrier_timeout: float, control_group: Any
 ) -> CheckpointStore:
     if strategy.name == "fsdp":
-        # Its own gloo group: an async save's collectives run in a background thread, which must not
-        # share a group with the training thread's collectives.
-        group = new_cpu_group(barrier_timeout) if async_save else control_group
+        # Its own gloo group (never the default group, which is NCCL-only on GPUs): an async save's
+        # collectives run in a background thread and must not share a group with the training thread's.
+        group = new_checkpoint_group(barrier_timeout)
         return ShardedStore(directory, keep_last=keep_last, async_save=async_save, dist_info=dist_info, group=group)
     return FileStore(directory, keep_last=keep_last, async_save=async_save, strategy=strategy, is_main=dist_info.is_main, group=control_group)
 
@@ -154,9 +160,10 @@ class OpenedCheckpoint:
     path: Path
     state: dict[str, Any]
 
-    def restore_model_and_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> None:
+    def restore_model_and_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, group: Any = None) -> None:
+        """``group``: the gloo group a sharded load's collectives run on (the checkpoint store's)."""
         if self.path.is_dir():
-            load_sharded_model_and_optimizer(self.path, model, optimizer, self.state.get("model_and_optimizer_rest", {}))
+            load_sharded_model_and_optimizer(self.path, model, optimizer, self.state.get("model_and_optimizer_rest", {}), group=group)
         else:
             strategy.load_state_dicts(model, optimizer, self.state)
 

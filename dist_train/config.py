@@ -62,9 +62,12 @@ class DataConfig:
     val_split: float = 0.1
     test_split: float = 0.1
     split_seed: int = 0
-    stratify: bool = False
+    # Fraction splits: false = random; true = each class keeps its share in every split
+    # (classification only: by its labels); "key" = stratified by that integer dataset, any task.
+    stratify: bool | str = False
     # Reduced dataset size: a seeded subset drawn without replacement (0 = everything).
     limit: int = 0
+    # Explicit splits: an .npz/.h5 of train_idxs/val_idxs/test_idxs, or "h5:/group" inside `path`.
     split_file: str = ""
     batch_size: int = 64
     eval_batch_size: int = 0  # 0 = same as batch_size
@@ -79,6 +82,8 @@ class DataConfig:
     train_transforms: list[str] = field(default_factory=list)
     eval_transforms: list[str] = field(default_factory=list)
     # When `path` does not exist, `dtrain launch` can create demo data of this layout ("" = never).
+    # Only at a path whose file name starts with "demo" (DEMO_FILE_PREFIX): any other missing path
+    # is an error, so a mistyped path to real data is never silently replaced by generated events.
     synth_if_missing: Literal["", "wch5", "wch5_channels_last", "image", "hits"] = ""
     synth_events: int = 4000
     synth_shape: list[int] = field(default_factory=list)  # image layout (C, H, W); [] = (1, 28, 28)
@@ -115,7 +120,7 @@ class ModelConfig:
 
 
 TASK_NAMES = ("classification", "regression")
-REGRESSION_LOSSES = ("mse", "l1", "huber", "smooth_l1")
+REGRESSION_LOSSES = ("mse", "l1", "huber", "smooth_l1", "angular")
 # What a regression target can be declared to be, for the derived physics metrics.
 TARGET_KINDS = ("plain", "energy", "position", "direction")
 
@@ -128,16 +133,29 @@ class TaskConfig:
     name: str = "classification"
     # HDF5 datasets learned from, in this order ([] = [data.y_key]).
     targets: list[str] = field(default_factory=list)
-    # "" = the task's default: cross_entropy (classification), mse (regression).
-    loss: str = ""
+    # "" = the task's default: cross_entropy (classification), mse (regression). Regression: one loss
+    # for every target, or a table by target, {energies = "mse", angles = "angular"} (unlisted: mse);
+    # "angular" = the angle between predicted and true direction, for a target of 2 columns (zenith,
+    # azimuth in radians) or 3 (a vector).
+    loss: str | dict[str, Any] = ""
+    # Regression: each target's weight in the loss ({energies = 3.0}; unlisted: 1).
+    loss_weights: dict[str, Any] = field(default_factory=dict)
     huber_delta: float = 1.0
-    # Regression: the loss sees (target - mean) / std; metrics and predictions are in file units.
-    target_norm: Literal["none", "auto", "given"] = "none"
+    # Regression: the loss sees (target - mean) / std of the training split ("auto"), or of
+    # target_mean/target_std ("given"); metrics and predictions are in file units. "none": raw targets
+    # (a warning when their scales differ by more than 100x).
+    target_norm: Literal["none", "auto", "given"] = "auto"
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
     # Regression: what each target is, for derived metrics ({} = guessed from the standard names
     # energies/positions/angles/directions): "energy", "position", "direction" or "plain".
     kinds: dict[str, Any] = field(default_factory=dict)
+    # Regression: evaluation metrics per bin [lo, hi) of a one-column target's true value as well,
+    # {energies = [100.0, 200.0, 400.0]} -> val/bin_energies_100_200/positions/distance_68 ...
+    bins: dict[str, Any] = field(default_factory=dict)
+    # Regression: names of a target's columns in metric keys, {positions = ["x", "y", "z"]} ->
+    # val/positions/x/rmse (default: 0, 1, 2).
+    columns: dict[str, Any] = field(default_factory=dict)
     # Classification extras.
     label_smoothing: float = 0.0
     class_weights: list[float] | str = field(default_factory=list)  # or "balanced"
@@ -191,7 +209,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     eval_every_epochs: int = 1
     # Optimizer steps between the ranks' agreement on stop requests and time-based checkpoints
-    # (one tiny all-reduce); a signal is acted on within this many steps, at the same step everywhere.
+    # (one tiny all-reduce); a signal is acted on within this many steps (+1) or at the epoch's end,
+    # whichever comes first, at the same step everywhere.
     stop_check_every: int = 10
     detect_anomaly: bool = False
     # Console: "auto" shows a progress bar on a terminal and plain lines otherwise.
@@ -238,6 +257,8 @@ class CheckpointConfig:
     every_epochs: int = 1
     every_steps: int = 0
     every_minutes: float = 0.0
+    # Complete checkpoints kept on disk, newest first (the one `latest` names and best.pt/`best`
+    # are always kept too); 0 keeps every checkpoint.
     keep_last: int = 3
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
@@ -300,6 +321,12 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Where the config was read from, for error messages and relative data paths; not serialised.
     source: str = field(default="", compare=False, repr=False)
+
+
+# `synth_if_missing` generates data only at paths whose file name starts with this.
+DEMO_FILE_PREFIX = "demo"
+# `data.split_file` naming a group of the data file itself instead of a file.
+H5_SPLIT_PREFIX = "h5:"
 
 
 # Sections whose unknown keys are collected into `kwargs` instead of being errors.
@@ -415,17 +442,23 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>", *, checks_or
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value``; the value is a TOML literal, or a bare string if it is not one."""
+    """Parse ``section.key=value``; the value is a TOML literal, or a bare string if it is not one.
+
+    An empty value (``--set data.split_file=``, which is what the shell makes of ``data.split_file=""``)
+    is the empty string: it clears a string option such as a path.
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value (for example --set train.epochs=3).")
     dotted, literal = text.split("=", 1)
     parts = [p.strip() for p in dotted.strip().split(".")]
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: the key must be section.key (for example train.epochs).")
+    if not literal.strip():
+        return parts, ""
     try:
         value = tomllib.loads(f"v = {literal}")["v"]
     except tomllib.TOMLDecodeError:
-        if any(c in literal for c in "[]{}\"'") or not literal.strip():
+        if any(c in literal for c in "[]{}\"'"):
             raise ConfigError(f"--set {text!r}: {literal!r} is not a valid TOML value.") from None
         value = literal.strip()  # bare words such as `--set launch.gpus=cpu`
     return parts, value
@@ -516,6 +549,7 @@ def validate(cfg: Config, origin: str) -> None:
     if d.normalize == "given" and (not d.mean or len(d.mean) != len(d.std)):
         fail("data.mean/std", (d.mean, d.std), "must be non-empty lists of equal length when normalize = 'given'.")
     _validate_hit_settings(d, fail)
+    _validate_stratify(cfg, fail)
     if cfg.model.num_classes < 1:
         fail("model.num_classes", cfg.model.num_classes, "must be at least 1.")
     if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
@@ -547,8 +581,8 @@ def validate(cfg: Config, origin: str) -> None:
         if isinstance(names, list) and not all(n.strip() and n.isidentifier() for n in names):
             fail(f"fsdp.{key}", names, "must list module class names such as \"TransformerBlock\".")
     c = cfg.checkpoint
-    if c.keep_last < 1:
-        fail("checkpoint.keep_last", c.keep_last, "must be at least 1, or the resume point would be deleted.")
+    if c.keep_last < 0:
+        fail("checkpoint.keep_last", c.keep_last, "must be >= 0 (the newest N checkpoints are kept; 0 keeps all).")
     if c.every_epochs < 0 or c.every_steps < 0 or c.every_minutes < 0:
         fail("checkpoint.every_*", (c.every_epochs, c.every_steps, c.every_minutes), "must be >= 0 (0 = off).")
     if cfg.launch.nproc < 0:
@@ -580,10 +614,12 @@ def _validate_task(cfg: Config, fail: Any) -> None:
             fail("task.class_weights", t.class_weights, f"must have one weight per class (model.num_classes = {cfg.model.num_classes}).")
         if not 0.0 <= t.label_smoothing < 1.0:
             fail("task.label_smoothing", t.label_smoothing, "must be in [0, 1).")
+    if t.name != "regression":
+        for key in ("loss_weights", "bins", "columns"):
+            if getattr(t, key):
+                fail(f"task.{key}", getattr(t, key), f"applies to task.name = \"regression\" only (this task is {t.name!r}).")
     if t.name == "regression":
-        if t.loss not in ("", *REGRESSION_LOSSES):
-            hint = _did_you_mean(t.loss, list(REGRESSION_LOSSES))
-            fail("task.loss", t.loss, f"is not a regression loss.{hint} Use one of {', '.join(map(repr, REGRESSION_LOSSES))}.")
+        _validate_regression_tables(t, t.resolved_targets(cfg.data.y_key), fail)
         if t.huber_delta <= 0:
             fail("task.huber_delta", t.huber_delta, "must be positive.")
         for target, kind in t.kinds.items():
@@ -599,6 +635,35 @@ def _validate_task(cfg: Config, fail: Any) -> None:
     overlap = set(cfg.data.input_keys) & ({cfg.data.x_key} | set(t.resolved_targets(cfg.data.y_key)))
     if overlap:
         fail("data.input_keys", cfg.data.input_keys, f"repeats {sorted(overlap)}, already the model input or a target.")
+
+
+def _validate_regression_tables(t: TaskConfig, targets: list[str], fail: Callable[[str, Any, str], None]) -> None:
+    """task.loss (a name or a table by target), loss_weights, bins and columns of a regression."""
+    losses = t.loss if isinstance(t.loss, dict) else {"": t.loss}
+    for target, loss in losses.items():
+        where = f"task.loss.{target}" if target else "task.loss"
+        if target and target not in targets:
+            fail(where, loss, f"names no target; targets are {targets}.")
+        if loss not in ("", *REGRESSION_LOSSES):
+            hint = _did_you_mean(str(loss), list(REGRESSION_LOSSES))
+            fail(where, loss, f"is not a regression loss.{hint} Use one of {', '.join(map(repr, REGRESSION_LOSSES))}.")
+    for target, weight in t.loss_weights.items():
+        if target not in targets:
+            fail(f"task.loss_weights.{target}", weight, f"names no target; targets are {targets}.")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            fail(f"task.loss_weights.{target}", weight, "must be a number >= 0.")
+    for target, edges in t.bins.items():
+        if target not in targets:
+            fail(f"task.bins.{target}", edges, f"names no target; targets are {targets}.")
+        numbers = isinstance(edges, list) and all(isinstance(e, int | float) and not isinstance(e, bool) for e in edges)
+        if not numbers or len(edges) < 2 or any(not a < b for a, b in zip(edges, edges[1:], strict=False)):
+            fail(f"task.bins.{target}", edges, "must be a list of at least 2 increasing bin edges, e.g. [100.0, 200.0, 400.0].")
+    for target, names in t.columns.items():
+        if target not in targets:
+            fail(f"task.columns.{target}", names, f"names no target; targets are {targets}.")
+        plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n for n in names)
+        if not plain or len(set(names)) != len(names):
+            fail(f"task.columns.{target}", names, 'must be a list of distinct non-empty names without "/", e.g. ["x", "y", "z"].')
 
 
 def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None]) -> None:
@@ -627,6 +692,15 @@ def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None])
              "mpmt_image_positions for images, position/orientation for point clouds).")
     if d.synth_if_missing == "hits" and d.format != "hits":
         fail("data.synth_if_missing", d.synth_if_missing, "writes a hit-list file: set data.format = \"hits\" too.")
+
+
+def _validate_stratify(cfg: Config, fail: Callable[[str, Any, str], None]) -> None:
+    s = cfg.data.stratify
+    if isinstance(s, str) and not s.strip():
+        fail("data.stratify", s, "must be true, false or the name of an integer dataset to stratify by (e.g. \"labels\").")
+    if s is True and cfg.task.name != "classification" and not cfg.data.split_file:
+        fail("data.stratify", s, f"stratifies by class labels, which a {cfg.task.name!r} task does not have. Name an integer "
+             "dataset to stratify by instead (e.g. data.stratify = \"labels\"), or set it to false (random splits).")
 
 
 def resolve_geometry_path(cfg: Config) -> Path:
@@ -705,6 +779,26 @@ def resolve_data_path(cfg: Config) -> Path:
     elsewhere (SLURM nodes, restarts) read the same file.
     """
     return Path(cfg.data.path).expanduser().absolute()
+
+
+def resolve_split_file(cfg: Config) -> str:
+    """``data.split_file`` as an absolute path ("" and "h5:/group", a group of the data file, as they are)."""
+    s = cfg.data.split_file
+    if not s or s.startswith(H5_SPLIT_PREFIX):
+        return s
+    return str(Path(s).expanduser().absolute())
+
+
+def make_data_paths_absolute(cfg: Config) -> None:
+    """``data.path``, ``geometry_file`` and ``split_file`` made absolute (relative ones are relative to the
+    working directory): the run directory's config.toml then names the same files from any directory
+    (SLURM nodes, restarts, ``dtrain eval``)."""
+    d = cfg.data
+    if d.path:
+        d.path = str(resolve_data_path(cfg))
+    if d.geometry_file:
+        d.geometry_file = str(resolve_geometry_path(cfg))
+    d.split_file = resolve_split_file(cfg)
 
 
 def torch_version_tuple(version: str) -> tuple[int, int]:

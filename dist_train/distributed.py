@@ -250,6 +250,10 @@ class AsyncFlags:
         self._local = [False] * size
 
     def post(self, flags: list[bool]) -> None:
+        if self._work is not None or any(self._local):
+            # A reduction still unread (a post at start-up followed by one before the first check):
+            # its answer is folded into this one, never dropped.
+            flags = [a or b for a, b in zip(flags, self.result(), strict=True)]
         if not is_distributed():
             self._local = list(flags)
             return
@@ -308,6 +312,19 @@ def new_cpu_group(timeout_s: float) -> Any:
     dead rank fails a save within ``timeout_s`` instead of hanging it, and CPU objects need no
     device copies."""
     if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def new_checkpoint_group(timeout_s: float) -> Any:
+    """A gloo group of all ranks for a sharded checkpoint's collectives (DCP's plan exchange, the
+    manifest gather), whenever a process group exists, also FSDP's private one of a single process.
+
+    ``dcp.async_save`` needs a group with a CPU backend: the default group of a GPU run is NCCL only
+    (it asserts "A CPU backend must be enabled for async save"). Its own group also keeps the
+    background save's collectives from interleaving with the training thread's (as torchtitan does).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
         return None
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 

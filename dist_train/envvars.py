@@ -19,14 +19,20 @@ DEBUG = "DTRAIN_DEBUG"
 DEVICE = "DTRAIN_DEVICE"
 # Set by the launcher: a human-readable job id used in lock files and `dtrain gpus`.
 JOB_ID = "DTRAIN_JOB_ID"
-# "1": the launcher reports a worker's bad-input error (exit 2) from torchrun's error file, so the
-# worker writes it to its rank log only and the user reads it once.
+# "1": the launcher reports a worker's failure from torchrun's error files (a bad-input paragraph, or
+# the first rank that failed with its exception and log), so the worker writes its error to its rank
+# log only (no traceback on stderr unless --verbose) and the user reads it once.
 LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 
 # CPU FSDP workers on glibc: mallopt(M_MMAP_THRESHOLD, this many bytes) so that freed all-gather and
 # gradient buffers go back to the OS (dist_train/cpu_allocator.py). Unset: 1 MiB; "0": leave malloc alone.
 # A user-set MALLOC_MMAP_THRESHOLD_ (or glibc.malloc.mmap_threshold tunable) always wins.
 CPU_MALLOC_THRESHOLD = "DTRAIN_CPU_MALLOC_THRESHOLD"
+
+# Written by the launcher (one signal name, e.g. "SIGINT") before it forwards a stop request to
+# torchrun as SIGTERM, so that the workers' logs name the signal the user or scheduler sent.
+# Relative to the run directory; removed when a launch prepares the directory.
+STOP_SIGNAL_FILE = "launcher/stop_signal"
 
 ALL = (RUN_DIR, RESUME, DEBUG, DEVICE, JOB_ID, LAUNCHER_REPORTS_ERRORS, CPU_MALLOC_THRESHOLD)
 

@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 from dist_train.tasks import MetricSums, SampleCollector, Task
+from dist_train.tasks.base import HistogramCollector
+
+#: Buckets of each evaluation histogram (regression's residuals).
+HISTOGRAM_BINS = 50
 
 
 def batch_to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -72,6 +76,7 @@ def evaluate_batches(
     model.eval()
     sums = MetricSums(device)
     samples = SampleCollector()
+    histograms = HistogramCollector(HISTOGRAM_BINS)
     try:
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
@@ -82,6 +87,8 @@ def evaluate_batches(
             sums.add({"loss": task.loss(outputs, on_device).detach()})
             sums.add(task.eval_metrics(outputs, on_device))
             samples.add(task.eval_samples(outputs, on_device))
+            if task.has_histograms:
+                histograms.add(task.eval_histograms(outputs, on_device))
             if predictions is not None:
                 predictions.add(batch["index"], task.predictions(outputs, on_device))
     finally:
@@ -89,4 +96,7 @@ def evaluate_batches(
     totals = sums.reduce()
     metrics = task.finalize(totals)
     metrics.update(task.finalize_samples(samples.gather()))
-    return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, task.reports(totals))
+    reports = task.reports(totals)
+    if task.has_histograms:  # the same on every rank: all ranks reduce, or none
+        reports.update(task.histogram_reports(histograms.reduce()))
+    return EvalResult({f"{prefix}/{k}": v for k, v in metrics.items()}, reports)

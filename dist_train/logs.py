@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +48,16 @@ def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
         sh.setFormatter(logging.Formatter("%(message)s"))
         sh.addFilter(_shown_on_console)
         log.addHandler(sh)
+    # Python warnings (torch's, the data libraries') would reach only a console rank's stderr:
+    # through the log they are in every rank's log file too, once per place as Python shows them.
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+) -> None:
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    logging.getLogger("dtrain.warnings").warning("%s", text)
 
 
 class MetricsLogger(Protocol):
@@ -78,7 +89,12 @@ def is_metric(key: str, value: Any) -> bool:
 
 
 class RunMetricsLogger:
-    """Writes each record to ``metrics.jsonl`` and every metric in it to TensorBoard (same names)."""
+    """Writes each record to ``metrics.jsonl`` and every metric in it to TensorBoard (same names).
+
+    Every start in a run directory first rewinds both to its starting point, so that no step is
+    recorded twice: to the checkpoint's position on a resume, to nothing on a start from scratch
+    (a run killed before its first checkpoint, or whose only checkpoint is damaged).
+    """
 
     def __init__(
         self,
@@ -89,22 +105,37 @@ class RunMetricsLogger:
         resume_step: int | None,
         resume_epoch: int | None = None,
     ) -> None:
-        """``resume_step``/``resume_epoch``: the checkpoint's position (None for a fresh run)."""
+        """``resume_step``/``resume_epoch``: the checkpoint's position (None for a start from step 0)."""
         self.jsonl_path = run_dir / "metrics.jsonl"
+        tb_dir = run_dir / "tb"
         self._jsonl = None
         purge_step = None
-        if resume_step is not None:
-            redone = self._truncate_after(resume_step, resume_epoch) if jsonl else True
+        replay: list[dict[str, Any]] = []
+        if resume_step is None:
+            if jsonl and self.jsonl_path.exists():
+                self._rewrite_jsonl([])
+            if tensorboard:
+                for events in tb_dir.glob("events.out.tfevents.*"):
+                    events.unlink()  # the earlier attempt's, as its metrics.jsonl lines are gone
+        else:
+            split = self._truncate_after(resume_step, resume_epoch) if jsonl else None
+            kept, dropped = split if split is not None else ([], [])
+            redone = split is None or any(r.get("step", 0) == resume_step for r in dropped)
             # purge_step drops events a killed run wrote after its last checkpoint; when the epoch's
-            # summary at the checkpoint's own step will be written again, that step goes too.
+            # summary at the checkpoint's own step will be written again, that step goes too, and
+            # the records kept at that step are written to TensorBoard again (from metrics.jsonl).
             purge_step = resume_step if redone else resume_step + 1
+            replay = [r for r in kept if r.get("step", 0) == resume_step] if redone else []
         if jsonl:
             self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+            self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
+            for record in replay:
+                self._write_scalars(record)
+            self._tb.flush()
 
     @staticmethod
     def _repeated(record: dict[str, Any], step: int, epoch: int | None) -> bool:
@@ -115,25 +146,37 @@ class RunMetricsLogger:
             return True  # the test evaluation always runs again at the end of a resumed run
         return epoch is not None and record.get("kind") == "epoch" and record.get("epoch", -1) >= epoch
 
-    def _truncate_after(self, step: int, epoch: int | None) -> bool:
-        """Drop the records the resumed run repeats; True if one at the checkpoint's step was dropped."""
+    def _truncate_after(self, step: int, epoch: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """Drop the records the resumed run repeats; returns (kept, dropped), None without a file."""
         if not self.jsonl_path.exists():
-            return False
-        kept = []
-        redone_at_step = False
+            return None
+        kept: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] = []
+        lines = []
         for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
-            if not self._repeated(record, step, epoch):
-                kept.append(line)
-            elif record.get("step", 0) == step:
-                redone_at_step = True
+            if self._repeated(record, step, epoch):
+                dropped.append(record)
+            else:
+                kept.append(record)
+                lines.append(line)
+        self._rewrite_jsonl(lines)
+        return kept, dropped
+
+    def _rewrite_jsonl(self, lines: list[str]) -> None:
         from dist_train.fsutil import atomic_write_text
 
-        atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
-        return redone_at_step
+        atomic_write_text(self.jsonl_path, "".join(line + "\n" for line in lines))
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        assert self._tb is not None
+        step = int(record.get("step", 0))
+        for key, value in record.items():
+            if is_metric(key, value):
+                self._tb.add_scalar(key, value, step)
 
     def log(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
@@ -142,10 +185,7 @@ class RunMetricsLogger:
             self._jsonl.write(json.dumps({k: _finite(v) for k, v in stamped.items()}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            step = int(record.get("step", 0))
-            for key, value in record.items():
-                if is_metric(key, value):
-                    self._tb.add_scalar(key, value, step)
+            self._write_scalars(record)
             self._tb.flush()
 
     def add_histograms(self, model: Any, step: int) -> None:
@@ -164,6 +204,32 @@ class RunMetricsLogger:
         fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
         image = np.kron(fractions, np.ones((16, 16)))
         self._tb.add_image(tag, image[None].astype(np.float32), step, dataformats="CHW")
+        self._tb.flush()
+
+    def add_report(self, split: str, name: str, report: dict[str, Any], step: int) -> None:
+        """An evaluation's non-scalar result in TensorBoard: the confusion matrix, the residual histograms."""
+        if name == "confusion":
+            self.add_confusion(f"{split}/confusion", report["matrix"], step)
+        elif name == "residuals":
+            self.add_residual_histograms(split, report, step)
+
+    def add_residual_histograms(self, split: str, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        """``<split>/<target>/residual``: each target's (pred - true) histogram, as the task binned it."""
+        if self._tb is None:
+            return
+        for target, h in histograms.items():
+            counts, edges = h["counts"], h["edges"]
+            self._tb.add_histogram_raw(
+                f"{split}/{target}/residual",
+                min=edges[0],
+                max=edges[-1],
+                num=int(sum(counts)),
+                sum=h["sum"],
+                sum_squares=h["sum_squares"],
+                bucket_limits=edges[1:],  # each bucket's right edge
+                bucket_counts=counts,
+                global_step=step,
+            )
         self._tb.flush()
 
     def close(self) -> None:

@@ -18,7 +18,6 @@ import ast
 import difflib
 import importlib.machinery
 import importlib.util
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -207,7 +206,47 @@ class _Lookup:
     signature: Signature | None  # when the binding is a plain def/class
 
 
-def _lookup(tree: ast.Module, source: str, name: str) -> _Lookup:
+def parse_model_source(spec: str, source: bytes, path: Path) -> ast.Module:
+    """The module's syntax tree; a syntax error is one paragraph naming file, line and the line's text.
+
+    Python would raise the same error when the workers import the module, after the run directory
+    was created and torch loaded, as a traceback per rank."""
+    try:
+        return ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise syntax_error(spec, exc) from None
+    except ValueError as exc:  # null bytes
+        raise ConfigError(f"[model] name = {spec!r}: {path} is not Python source ({exc}).") from None
+
+
+def syntax_error(spec: str, exc: SyntaxError) -> ConfigError:
+    """``[model] name = 'm:Net': syntax error in /x/m.py, line 4: '(' was never closed: `super().__init__(`.``"""
+    where = f"{exc.filename}, line {exc.lineno}" if exc.lineno else str(exc.filename)
+    text = f": `{exc.text.strip()}`" if exc.text and exc.text.strip() else ""
+    return ConfigError(
+        f"[model] name = {spec!r}: syntax error in {where}: {exc.msg}{text}. Fix the module; the workers "
+        "could not import it."
+    )
+
+
+def _mentioned(tree: ast.Module, name: str) -> bool:
+    """Whether code (not a comment or a docstring) could bind ``name`` at run time: a use of the name,
+    a ``global`` statement, an attribute or a string equal to it (``globals()["Net"] = ...``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == name:
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == name:
+            return True
+        if isinstance(node, ast.Global | ast.Nonlocal) and name in node.names:
+            return True
+        if isinstance(node, ast.Constant) and node.value == name:
+            return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("exec", "eval"):
+            return True  # code built from strings: only running it can tell
+    return False
+
+
+def _lookup(tree: ast.Module, name: str) -> _Lookup:
     statements = list(_module_statements(tree.body))
     bindings = [s for s in statements if _binds(s, name)]
     if len(bindings) == 1:
@@ -219,9 +258,8 @@ def _lookup(tree: ast.Module, source: str, name: str) -> _Lookup:
         or (isinstance(s, ast.FunctionDef) and s.name == "__getattr__")
         for s in statements
     )
-    # A name that appears nowhere in the source cannot be set by globals()[...] or setattr either.
-    mentioned = re.search(rf"\b{re.escape(name)}\b", source) is not None
-    return _Lookup(False, not dynamic and not mentioned, None)
+    # A name the code never mentions (comments and docstrings aside) cannot be set by globals()[...] or setattr.
+    return _Lookup(False, not dynamic and not _mentioned(tree, name), None)
 
 
 def _public_names(tree: ast.Module) -> list[str]:
@@ -295,12 +333,13 @@ def imported_signature(spec: str, search_path: list[str]) -> Signature | None:
     if module_spec.name != module_name or not module_spec.origin or not module_spec.origin.endswith(".py"):
         return None  # a compiled module, a namespace package or a dynamic package path: the worker checks
     source_path = Path(module_spec.origin)
-    tree = _parse(source_path)
-    if tree is None:
-        return None  # a syntax error is for the worker's import to report, with its line
-    source = source_path.read_text(encoding="utf-8", errors="replace")
+    try:
+        source = source_path.read_bytes()  # bytes: ast honours a coding declaration as the import would
+    except OSError:
+        return None  # unreadable here (permissions): the worker's import decides
+    tree = parse_model_source(spec, source, source_path)
     first, _, rest = attr.partition(".")
-    found = _lookup(tree, source, first)
+    found = _lookup(tree, first)
     if found.missing:
         raise ConfigError(
             f"[model] name = {spec!r}: module {module_name!r} ({source_path}) has no attribute {first!r}."

@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import traceback
 import typing
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from dist_train.model_check import (
     did_you_mean,
     import_error,
     split_import_path,
+    syntax_error,
     unknown_model_error,
 )
 
@@ -356,6 +359,8 @@ def _import_class(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise import_error(spec, module_name, str(exc)) from None
+    except SyntaxError as exc:  # the module or one it imports; the launcher's check reads only the first
+        raise syntax_error(spec, exc) from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -497,11 +502,45 @@ def _cpu_forward(model: nn.Module, name: str, sample_shape: tuple[int, ...], inp
     try:
         with torch.no_grad():
             return model(x, **dry_inputs(inputs, "cpu"))
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        raise ConfigError(
-            f"model {name!r} cannot take samples of shape {sample_shape}: {_first_line(exc)}. "
+    except Exception as exc:
+        raise dry_forward_error(name, sample_shape, exc) from None
+
+
+# Where torch's and dtrain's own frames live: a traceback's frames outside them are the model author's.
+_LIBRARY_DIRS = (Path(torch.__file__).resolve().parent, Path(__file__).resolve().parent)
+# What torch raises when a tensor's shape, size or dtype does not fit an operation.
+_SHAPE_ERRORS = (RuntimeError, ValueError, IndexError)
+
+
+def _in_library(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(d) for d in _LIBRARY_DIRS)
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the exception's traceback in the model's own code (not torch's, not dtrain's)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _in_library(f.filename)]
+    return frames[-1] if frames else None
+
+
+def dry_forward_error(name: str, sample_shape: tuple[int, ...], exc: BaseException) -> ConfigError:
+    """The dry forward pass failed: a shape problem only when torch rejected the tensor; otherwise the
+    model's own exception, with its type, message and the model's line that raised it or called torch."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = _user_frame(exc)
+    where = f" at {user.filename}:{user.lineno} (in {user.name}: `{(user.line or '').strip()}`)" if user else ""
+    error = f"{type(exc).__name__}: {_first_line(exc)}"
+    raised_by_torch = bool(frames) and _in_library(frames[-1].filename)
+    if raised_by_torch and isinstance(exc, _SHAPE_ERRORS):
+        return ConfigError(
+            f"model {name!r} cannot take samples of shape {sample_shape}: {error}{where}. "
             "Check [model] (name, in_channels and size kwargs) or the data's x_key and transforms."
-        ) from None
+        )
+    return ConfigError(
+        f"model {name!r} raised {error}{where} on dtrain's dry forward pass (a batch of zeros of shape "
+        f"{(_DRY_BATCH, *sample_shape)}, before training). The model's own code raised it: fix the model, "
+        "or its [model] keys."
+    )
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Preemption signals: the handler only sets a flag; the trainer acts at the next step boundary.
+"""Preemption signals: the handler only sets a flag; the trainer acts at the next stop check or epoch end.
 
 Doing the work inside the handler would run a checkpoint in the middle of an optimizer step; a
 flag keeps the state consistent, and a second signal during the save just sets the flag again.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from dist_train import envvars
@@ -32,11 +33,30 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
     return out
 
 
-class PreemptionHandler:
-    """Installs handlers for the preemption signals while training runs."""
+def launcher_reports_stops() -> dict[str, bool] | None:
+    """``extra=`` for stop messages: file only under `dtrain launch`, which tells the user in its own words."""
+    return FILE_ONLY if envvars.get(envvars.JOB_ID) else None
 
-    def __init__(self, signals: list[signal.Signals]) -> None:
+
+def launcher_stop_signal_file() -> Path | None:
+    """Where `dtrain launch` notes the stop signal it forwards as SIGTERM (None outside a launch)."""
+    run_dir = envvars.get(envvars.RUN_DIR)
+    if not run_dir or not envvars.get(envvars.JOB_ID):
+        return None
+    return Path(run_dir) / envvars.STOP_SIGNAL_FILE
+
+
+class PreemptionHandler:
+    """Installs handlers for the preemption signals while training runs.
+
+    ``relayed_from``: the launcher's note of the signal it received (see envvars.STOP_SIGNAL_FILE);
+    the launcher turns every stop request into a SIGTERM for torchrun, and the log should still say
+    that the user pressed Ctrl-C (SIGINT) or that SLURM sent SIGUSR1.
+    """
+
+    def __init__(self, signals: list[signal.Signals], relayed_from: Path | None = None) -> None:
         self.signals = signals
+        self.relayed_from = relayed_from
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
 
@@ -44,19 +64,34 @@ class PreemptionHandler:
     def requested(self) -> bool:
         return self.received is not None
 
+    def describe(self) -> str:
+        """The received signal's name, e.g. "SIGINT (Ctrl-C)"; "" before any."""
+        if self.received is None:
+            return ""
+        return f"{self.received.name} (Ctrl-C)" if self.received == signal.SIGINT else self.received.name
+
+    def _original_signal(self, sig: signal.Signals) -> signal.Signals:
+        """The signal the launcher received, when ``sig`` is its forwarded SIGTERM."""
+        if sig != signal.SIGTERM or self.relayed_from is None:
+            return sig
+        try:
+            return signal.Signals[self.relayed_from.read_text(encoding="ascii").strip()]
+        except (OSError, KeyError, ValueError):
+            return sig
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
-        self.received = signal.Signals(signum)
-        # Under `dtrain launch` the user's own stop request (Ctrl-C) reaches the workers as the
-        # SIGTERM the launcher forwards, and the launcher has already told them in its words.
-        extra = FILE_ONLY if envvars.get(envvars.JOB_ID) else None
+        self.received = self._original_signal(signal.Signals(signum))
+        extra = launcher_reports_stops()
         if first:
             log.warning(
-                "received %s: stopping at the next step boundary and saving a checkpoint", self.received.name, extra=extra
+                "received %s: stopping at the next stop check or epoch end and saving a checkpoint",
+                self.describe(),
+                extra=extra,
             )
         else:
             log.warning(
-                "received %s again: already stopping, the checkpoint in progress is kept", self.received.name, extra=extra
+                "received %s again: already stopping, the checkpoint in progress is kept", self.describe(), extra=extra
             )
 
     def install(self) -> PreemptionHandler:

@@ -56,7 +56,7 @@ from dist_train.checkpoint import (
 from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text, fsync_dir
 
-log = logging.getLogger("dist_train.checkpoint")
+log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
 SHARDED_FORMAT = "dtrain-sharded"
 SHARDED_FORMAT_VERSION = 1
@@ -664,14 +664,17 @@ def read_sharded_state(path: Path, *, verify: bool = True, for_rank: tuple[int, 
     return common
 
 
-def load_sharded_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rest: dict[str, Any]) -> None:
-    """Collective: every rank reads the parts of every shard it now owns (any world size) and loads them."""
+def load_sharded_model_and_optimizer(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rest: dict[str, Any], *, group: Any = None
+) -> None:
+    """Collective: every rank reads the parts of every shard it now owns (any world size) and loads them.
+    ``group``: a gloo group for DCP's collectives (None: the default group)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     tensors, _ = split_tensors({"model": model_sd, "optimizer": optim_sd})
-    dcp.load(tensors, storage_reader=_safe_reader(path))
+    dcp.load(tensors, storage_reader=_safe_reader(path), process_group=group)
     full = merge_tensors(tensors, rest)
     set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optimizer"])
 

@@ -9,6 +9,7 @@ are sharded DTensors), the model and optimizer state that goes into a checkpoint
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -156,7 +157,12 @@ class FSDPStrategy:
         # Compute in train.precision, reduce gradients in fp32 (sums of many bf16 values lose digits).
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy(pin_memory=False) if self.cfg.cpu_offload else OffloadPolicy()
-        units = self._choose_units(model)
+        norms = _norms_with_running_stats(model) if self.param_dtype is not None else []
+        if norms:
+            # Leaves first (fully_shard needs children before parents), as one group: one all-gather
+            # and one reduce-scatter for all of them instead of one pair per norm layer.
+            fully_shard(norms, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=_norm_policy(mp), offload_policy=offload)
+        units = self._choose_units(model, already_sharded=norms)
         checkpointed = self._activation_checkpoint_names(units)
         for path, unit in units:
             if type(unit).__name__ in checkpointed:
@@ -164,17 +170,21 @@ class FSDPStrategy:
             fully_shard(unit, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
         fully_shard(model, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
         log.info(
-            "FSDP: %d sharded unit(s) + root over %d rank(s)%s%s",
+            "FSDP: %d sharded unit(s) + root over %d rank(s)%s%s%s",
             len(units),
             self.world_size,
+            f", {len(norms)} norm layer(s) with running statistics in fp32" if norms else "",
             ", activation checkpointing" if checkpointed else "",
             ", CPU offload" if self.cfg.cpu_offload else "",
         )
         return model
 
-    def _choose_units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Sub-modules sharded as their own units, innermost first (fully_shard needs children before parents)."""
-        named = [(path, m) for path, m in model.named_modules() if path]
+    def _choose_units(self, model: nn.Module, already_sharded: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+        """Sub-modules sharded as their own units, innermost first (fully_shard needs children before parents).
+
+        ``already_sharded`` (the norm group) are no units and their parameters count towards none."""
+        done = {id(m) for m in already_sharded}
+        named = [(path, m) for path, m in model.named_modules() if path and id(m) not in done]
         if self.cfg.wrap:
             units = [(p, m) for p, m in named if type(m).__name__ in self.cfg.wrap]
             if not units:
@@ -186,7 +196,7 @@ class FSDPStrategy:
                 )
             return _innermost_first(units)
         # Automatic: post-order, a module becomes a unit when the parameters not yet in a unit reach min_params.
-        owned: set[int] = set()
+        owned = {id(p) for m in already_sharded for p in m.parameters()}
         units = []
         for path, module in reversed(named):
             free = [p for p in module.parameters() if id(p) not in owned]
@@ -222,11 +232,10 @@ class FSDPStrategy:
         return total
 
     def grad_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
-        """Each rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found inf",
-        so every rank skips the same steps (a plain GradScaler would let the ranks diverge)."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(self.device.type, enabled=enabled)
+        """The plain scaler, as PyTorch's own FSDP2 tests use it: the gradients are DTensors, and DTensor's
+        inf/NaN check-and-unscale all-reduces "found inf" over the mesh, so every rank skips the same
+        steps although each sees only its shard (FSDP1's ShardedGradScaler would reduce a second time)."""
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
     # -------------------------------------------------------------- state
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool) -> dict[str, Any]:
@@ -282,6 +291,33 @@ def _ensure_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def _is_norm_with_running_stats(module: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return isinstance(module, _NormBase) and module.track_running_stats and any(True for _ in module.parameters(recurse=False))
+
+
+def _norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm/InstanceNorm layers with affine parameters and running statistics.
+
+    FSDP's ``param_dtype`` casts parameters, not buffers: in bf16/fp16 their weights would be low
+    precision beside fp32 running statistics, which batch_norm rejects ("expected scalar type
+    BFloat16 but found Float" on the CPU, "Expected running_mean to have type BFloat16" in backward
+    on CUDA). Under DDP's autocast these layers keep fp32 parameters and statistics and take a
+    low-precision input; sharding them with an fp32 policy does the same, so both strategies
+    compute the same numbers. Layers without affine parameters are left alone (nothing is cast).
+    """
+    return [m for m in model.modules() if _is_norm_with_running_stats(m)]
+
+
+def _norm_policy(mp: Any) -> Any:
+    """fp32 parameters and computation, fp32 gradient reduction, output in the model's compute dtype
+    (the next layer receives what it would receive from any other layer)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, output_dtype=mp.param_dtype, cast_forward_inputs=False)
+
+
 def _fsdp_modules(model: nn.Module) -> list[Any]:
     from torch.distributed.fsdp import FSDPModule
 
@@ -306,6 +342,27 @@ def _replace_with_checkpoint_wrapper(model: nn.Module, path: str, unit: nn.Modul
 
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    wrapped = checkpoint_wrapper(unit)
+    wrapped = checkpoint_wrapper(unit, context_fn=functools.partial(_recompute_contexts, unit))
     setattr(parent, attr, wrapped)
     return wrapped
+
+
+def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+    """(forward, recomputation) contexts of torch.utils.checkpoint for ``unit``."""
+    return contextlib.nullcontext(), _running_statistics_kept(unit)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(unit: nn.Module) -> Iterator[None]:
+    """The recomputation in backward runs the forward again in training mode: without this, every
+    BatchNorm's running statistics (and num_batches_tracked) would be updated twice per step."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    buffers = [b for m in unit.modules() if isinstance(m, _NormBase) and m.track_running_stats for b in m.buffers(recurse=False)]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)

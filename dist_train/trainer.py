@@ -40,12 +40,13 @@ from dist_train.distributed import (
     rank_zero_buffers,
     restore_buffers,
     settle_gradient_buckets,
+    sync_bool,
 )
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
-from dist_train.preempt import PreemptionHandler, parse_signals
+from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
 from dist_train.strategy import Strategy, build_strategy, use_sync_batchnorm
@@ -253,7 +254,8 @@ class Trainer:
 
     def _prepare_normalization(self) -> None:
         """Rank 0 computes normalisation statistics once; the others read the stored file."""
-        wanted = self.cfg.data.normalize == "auto" or self.cfg.task.target_norm == "auto"
+        task = self.cfg.task
+        wanted = self.cfg.data.normalize == "auto" or (task.name == "regression" and task.target_norm == "auto")
         if not wanted or self.run_dir is None:
             return
         from dist_train.data import ensure_normalization
@@ -341,8 +343,12 @@ class Trainer:
             state[name] = component.state_dict()
         return state
 
-    def save_checkpoint(self, reason: str, metrics: dict[str, float] | None = None, *, is_best: bool = False) -> None:
-        """All ranks call this at the same step; the store decides who writes what."""
+    def save_checkpoint(
+        self, reason: str, metrics: dict[str, float] | None = None, *, is_best: bool = False, blocking: bool = False
+    ) -> None:
+        """All ranks call this at the same step; the store decides who writes what.
+
+        ``blocking`` (always for a preemption): return only once the checkpoint is durable."""
         if self.ckpt_store is None:
             return
         rank_state = self._rank_state()  # this rank's own buffers, before they are swapped for rank 0's
@@ -357,7 +363,7 @@ class Trainer:
                 step=self.counters.step,
                 metrics=metrics or {},
                 is_best=is_best,
-                blocking=reason == "preempt",
+                blocking=blocking or reason == "preempt",
             )
         if path is not None:
             log.info("checkpoint (%s) -> %s", reason, path)
@@ -378,12 +384,26 @@ class Trainer:
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
 
+    def _say_if_starting_over(self) -> None:
+        """A run directory with earlier training but no checkpoint to resume from starts at step 0: say so."""
+        if not self.dist.is_main or self.run_dir is None or envvars.get(envvars.RESUME, "auto") == "never":
+            return
+        checkpoints = self.run_dir / "checkpoints"
+        metrics = self.run_dir / "metrics.jsonl"
+        if any(checkpoints.glob("ckpt-*")) or (metrics.exists() and metrics.stat().st_size > 0):
+            log.warning(
+                "no valid checkpoint in %s: starting from scratch (step 0); the records of the earlier attempt in "
+                "metrics.jsonl and TensorBoard are discarded",
+                checkpoints,
+            )
+
     def maybe_resume(self) -> int | None:
         """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
         from dist_train.checkpoint_store import open_checkpoint
 
         path = self._find_resume_path()
         if path is None:
+            self._say_if_starting_over()
             return None
         # Rank 0 checks sizes and sha256s (of every shard) before anything is loaded.
         opened = open_checkpoint(path, verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
@@ -396,7 +416,8 @@ class Trainer:
                 + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
             )
         try:
-            opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy)
+            group = self.ckpt_store.group if self.ckpt_store is not None else None
+            opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy, group=group)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():
@@ -511,22 +532,38 @@ class Trainer:
     def _at_step_boundary(self) -> bool:
         """Step-level decisions every rank must take together. Returns True to stop training.
 
-        Every ``train.stop_check_every`` steps the flags posted at the previous check are read
-        (that reduction finished long ago) and new ones are posted; every rank does this at the
-        same steps, so all act on the same answer at the same step.
+        The flags are posted one step before each ``train.stop_check_every``-th step and read at
+        it: the reduction overlaps with one step of compute (no round trip of its own), and a
+        request that arrived before the post is acted on at that check. Every rank posts and reads
+        at the same steps, so all act on the same answer at the same step.
         """
         stop = time_due = False
-        if self.counters.step % self.cfg.train.stop_check_every == 0:
+        every = self.cfg.train.stop_check_every
+        if self.counters.step % every == 0:
             stop, time_due = self.flags.result()
-            every_min = self.cfg.checkpoint.every_minutes
-            due_now = every_min > 0 and self.dist.is_main and time.monotonic() - self._last_ckpt_time >= every_min * 60
-            self.flags.post([self.preemption.requested, due_now])
+        if (self.counters.step + 1) % every == 0:
+            self.flags.post([self.preemption.requested, self._time_checkpoint_due()])
         if stop:
             return True
         every_steps = self.cfg.checkpoint.every_steps
         if time_due or (every_steps and self.counters.step % every_steps == 0):
             self.save_checkpoint("steps" if not time_due else "time", {})
         return False
+
+    def _time_checkpoint_due(self) -> bool:
+        every_min = self.cfg.checkpoint.every_minutes
+        return every_min > 0 and self.dist.is_main and time.monotonic() - self._last_ckpt_time >= every_min * 60
+
+    def _stop_agreed_at_epoch_boundary(self) -> bool:
+        """One synchronous agreement where every rank arrives together (an epoch's end).
+
+        The flags still in flight are read, and any request that arrived since they were posted is
+        added: a stop is never carried past the end of an epoch, where the next check may be many
+        steps away (or, after the last epoch, never come). A pending time-based checkpoint request
+        is dropped here; rank 0 posts it again at the next check.
+        """
+        pending_stop, _ = self.flags.result()
+        return sync_bool(pending_stop or self.preemption.requested)
 
     def _log_step(self, epoch: int, batches: int) -> None:
         step = self.counters.step
@@ -562,7 +599,7 @@ class Trainer:
         return result.metrics
 
     def _write_reports(self, split: str, reports: dict[str, Any]) -> None:
-        """Non-scalar results (the confusion matrix) as ``<name>_<split>.json`` and in TensorBoard."""
+        """Non-scalar results (confusion matrix, residual histograms) as ``<name>_<split>.json`` and in TensorBoard."""
         if not reports or not self.dist.is_main or self.run_dir is None:
             return
         from dist_train.fsutil import atomic_write_text
@@ -570,8 +607,8 @@ class Trainer:
         for name, report in reports.items():
             record = {"split": split, "epoch": self.counters.epoch, "step": self.counters.step, **report}
             atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
-            if name == "confusion" and isinstance(self.metrics_logger, RunMetricsLogger):
-                self.metrics_logger.add_confusion(f"{split}/confusion", report["matrix"], self.counters.step)
+            if isinstance(self.metrics_logger, RunMetricsLogger):
+                self.metrics_logger.add_report(split, name, report, self.counters.step)
 
     # ------------------------------------------------------------------ epochs
     def _epoch_metrics(self, epoch: int) -> dict[str, float]:
@@ -650,15 +687,14 @@ class Trainer:
         anomaly = torch.autograd.set_detect_anomaly(True) if cfg.train.detect_anomaly else contextlib.nullcontext()
         self.preemption.install()
         with anomaly:
+            # A request that came during start-up is read at the first check.
             self.flags.post([self.preemption.requested, False])
             while self.counters.epoch < cfg.train.epochs:
                 epoch = self.counters.epoch
-                if self.train_one_epoch(epoch) == "stop":
+                # The epoch's last steps: stop before its evaluation (the relaunch evaluates it).
+                if self.train_one_epoch(epoch) == "stop" or self._stop_agreed_at_epoch_boundary():
                     self.save_checkpoint("preempt", {})
-                    barrier()  # no rank exits (and makes torchrun kill the rest) before the write is durable
-                    self._write_marker("preempted", f"step {self.counters.step}\n")
-                    self._shutdown()
-                    return envvars.PREEMPTED_EXIT_CODE
+                    return self._end_preempted()
                 metrics = self._epoch_metrics(epoch)
                 self._check_monitors(list(metrics))
                 self.scheduler.step_epoch(metrics)
@@ -670,16 +706,43 @@ class Trainer:
                 self.counters.epoch += 1
                 self.sampler.set_epoch(self.counters.epoch)
                 last = self.counters.epoch == cfg.train.epochs
-                if last or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0):
-                    self.save_checkpoint("epoch", metrics, is_best=is_best)
-            self.flags.result()  # drain the outstanding reduction before other collectives
+                # A request that came during the evaluation: stop at this epoch boundary, with the
+                # epoch's checkpoint (after the last epoch the relaunch runs only the test).
+                stop = self._stop_agreed_at_epoch_boundary()
+                if stop or last or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0):
+                    self.save_checkpoint("epoch", metrics, is_best=is_best, blocking=stop)
+                if stop:
+                    return self._end_preempted()
             test = self.evaluate("test") if cfg.train.test_at_end else {}
             if test:
                 self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch - 1, "step": self.counters.step, **test})
                 log.info("test: " + "  ".join(f"{k}={test[k]:.4g}" for k in _console_metric_keys(test, ("test",))))
         self._shutdown()
         self._write_marker("completed", f"step {self.counters.step}\n")
+        if self.preemption.requested:
+            log.warning(
+                "%s arrived after the last epoch's checkpoint: the run completed before the stop could take "
+                "effect; there is nothing to resume",
+                self.preemption.describe(),
+                extra=launcher_reports_stops(),
+            )
+        # Last: a stop signal until here only sets the flag, and cannot kill a rank that is finishing.
+        self.preemption.uninstall()
         return 0
+
+    def _end_preempted(self) -> int:
+        """After the stop's checkpoint: wait until it is durable everywhere, mark the run, exit 75."""
+        barrier()  # no rank exits (and makes torchrun kill the rest) before the write is durable
+        self._write_marker("preempted", f"step {self.counters.step}\n")
+        log.info(
+            "stopped on %s at step %d with a checkpoint; a relaunch resumes here",
+            self.preemption.describe(),
+            self.counters.step,
+            extra=launcher_reports_stops(),
+        )
+        self._shutdown()
+        self.preemption.uninstall()
+        return envvars.PREEMPTED_EXIT_CODE
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
         parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}", f"step {self.counters.step}"]
@@ -699,7 +762,6 @@ class Trainer:
 
     def _shutdown(self) -> None:
         self.watchdog.close()
-        self.preemption.uninstall()
         if self.ckpt_store is not None:
             self.ckpt_store.close()
         self.metrics_logger.close()

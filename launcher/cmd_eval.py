@@ -14,7 +14,9 @@ import click
 @click.option("--checkpoint", "which", type=click.Choice(["latest", "best"]), default="latest", show_default=True,
               help="For a run directory: its newest valid checkpoint or best.pt.")
 @click.option("--predictions", type=click.Path(dir_okay=False), default=None,
-              help="Write indices, labels, softmax and predictions per event to this .npz file.")
+              help="Write one row per event to this .npz file: its index in the data file plus the task's "
+                   "columns (classification: labels, softmax, predictions; regression: <target>_pred and "
+                   "<target>_true; your own task: what its predictions() returns, else its raw outputs).")
 @click.option("--batch-size", type=int, default=0, help="Evaluation batch size (0 = the run's).")
 @click.option("--data", "data_path", default=None, help="Evaluate on another HDF5 file with the same layout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
@@ -38,7 +40,14 @@ def eval_cmd(target: str, split: str, which: str, predictions: str | None, batch
         click.echo(json.dumps(metrics, indent=2))
         return
     click.echo(f"{metrics['checkpoint']} (epoch {metrics['epoch']}, step {metrics['step']})")
-    for key in (f"{split}/loss", f"{split}/accuracy", f"{split}/samples"):
-        click.echo(f"  {key:<16} {metrics[key]:.6g}")
+    click.echo(metrics_table(metrics, split))
     if predictions:
         click.echo(f"  predictions -> {predictions}")
+
+
+def metrics_table(metrics: dict[str, object], split: str) -> str:
+    """Every metric the task reported for ``split``, one per line in the task's order (a custom task's
+    keys included): tasks report different names, so none is assumed."""
+    rows = {k: v for k, v in metrics.items() if k.startswith(f"{split}/") and isinstance(v, int | float)}
+    width = max((len(k) for k in rows), default=0)
+    return "\n".join(f"  {key:<{width}}  {value:.6g}" for key, value in rows.items())

@@ -14,16 +14,26 @@ from typing import Any
 import click
 
 from dist_train.config import (
+    DEMO_FILE_PREFIX,
     Config,
     check_sync_batchnorm_device,
     load_config,
+    make_data_paths_absolute,
+    read_toml,
     resolve_data_path,
     resolve_geometry_path,
     save_config,
 )
 from dist_train.errors import ConfigError, LaunchError
 from launcher import plan as plans
-from launcher.run_dirs import check_resume_source, check_run_kind, new_run_dir, newest_resumable_run, prepare_run_dir
+from launcher.run_dirs import (
+    check_resume_source,
+    check_run_kind,
+    new_run_dir,
+    newest_resumable_run,
+    newest_run_if_complete,
+    prepare_run_dir,
+)
 
 
 def _echo(message: str) -> None:
@@ -68,11 +78,12 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
     path = resolve_data_path(cfg)
     if not cfg.data.path:
         raise ConfigError(f"{cfg.source}: data.path is empty; set it to your HDF5 file.")
-    if not path.exists() and cfg.data.synth_if_missing and dry_run:
-        _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
-        cfg.data.path = str(path)
-        return
     if not path.exists() and cfg.data.synth_if_missing:
+        check_demo_path(cfg, path)
+        if dry_run:
+            _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
+            make_data_paths_absolute(cfg)
+            return
         from dist_train.data.synth import synth_dataset
 
         _echo(f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)")
@@ -87,14 +98,26 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
             num_classes=cfg.model.num_classes,
             geometry_path=resolve_geometry_path(cfg) if cfg.data.geometry_file else None,
         )
-    cfg.data.path = str(path)
-    if cfg.data.geometry_file:
-        # Like data.path: the run directory's config must name the same file from any directory.
-        cfg.data.geometry_file = str(resolve_geometry_path(cfg))
+    # Like data.path: the run directory's config must name the same files from any directory.
+    make_data_paths_absolute(cfg)
     info = preflight_check(cfg)
     for note in info.notes:
         _echo(f"dtrain: {note}")
     check_custom_task(cfg)
+
+
+def check_demo_path(cfg: Config, path: Path) -> None:
+    """``synth_if_missing`` writes demo data only at a ``demo*`` file name: a mistyped path to real data
+    (in a config copied from the quickstart) stops the launch instead of training on generated events."""
+    if path.name.startswith(DEMO_FILE_PREFIX):
+        return
+    raise ConfigError(
+        f"{cfg.source}: data.path {str(path)!r} does not exist. data.synth_if_missing = "
+        f"{cfg.data.synth_if_missing!r} generates demo data only at a file name starting with "
+        f"{DEMO_FILE_PREFIX!r} (such as the shipped data/demo_wch5.h5), so a mistyped path is never silently "
+        "replaced by generated events. Fix data.path, or name a demo file demo_*.h5 "
+        "(or set data.synth_if_missing = \"\" for your own data)."
+    )
 
 
 def check_custom_task(cfg: Config) -> None:
@@ -447,7 +470,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # Node 0 alone locks a multi-node job's shared run directory.
         run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0, debug=opts["debug"])
         save_config(cfg, run_dir / "config.toml")
-        _echo(f"dtrain: {'resuming' if resuming else 'new'} run in {run_dir}")
+        _echo(run_dir_text(cfg, config, run_dir, resuming=resuming, auto=resume == "auto" and not opts["run_dir"], debug=opts["debug"]))
         phases.mark("plan, run dir, config copy")
         if _verbose():
             _echo(f"dtrain: {PHASES_LABEL} {phases.report()}")
@@ -463,6 +486,31 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # SystemExit, not click's Exit: click returns Exit's code from main(standalone_mode=False),
         # and launcher.cli.main drops that return value.
         sys.exit(outcome.exit_code)
+
+
+def run_dir_text(cfg: Config, config: str, run_dir: Path, *, resuming: bool, auto: bool, debug: bool) -> str:
+    """"resuming run in ..." or "new run in ..."; a new run that follows a complete one says how to extend that one."""
+    if resuming:
+        return f"dtrain: resuming run in {run_dir}"
+    complete = newest_run_if_complete(cfg.run.output_dir, cfg.run.name, debug=debug) if auto else None
+    if complete is None or complete.absolute() == run_dir:
+        return f"dtrain: new run in {run_dir}"
+    epochs = _trained_epochs(complete)
+    more = f"N (more than its {epochs})" if epochs else "N"
+    return (
+        f"dtrain: the newest run of {cfg.run.name!r}, {complete}, is complete; starting a new run from scratch in "
+        f"{run_dir} (to train the complete run further instead: dtrain launch {config} --run-dir {complete} "
+        f"--set train.epochs={more})"
+    )
+
+
+def _trained_epochs(run_dir: Path) -> int | None:
+    """train.epochs of a run's saved config.toml (None if unreadable)."""
+    try:
+        epochs = read_toml(run_dir / "config.toml").get("train", {}).get("epochs")
+    except (ConfigError, OSError):
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 # The label of the `--verbose` phase line; benchmarks/compare.py finds the line by it.

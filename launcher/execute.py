@@ -15,9 +15,11 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from dist_train import envvars
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import USAGE_EXIT_CODE
 from launcher.plan import LaunchPlan
-from launcher.run_dirs import PREEMPTED_MARKER
+from launcher.run_dirs import COMPLETED_MARKER, PREEMPTED_MARKER
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -82,6 +84,7 @@ class SignalForwarder:
         self.received.append(sig)
         if len(self.received) == 1:
             print(stop_requested_text(sig), file=sys.stderr, flush=True)
+            self._note_signal(sig)
             self._send(signal.SIGTERM)
         elif len(self.received) >= 3:
             print("dtrain: killing the workers now", file=sys.stderr, flush=True)
@@ -91,6 +94,13 @@ class SignalForwarder:
 
     def job_processes(self) -> list[Any]:
         return job_processes(self.run_dir)
+
+    def _note_signal(self, sig: signal.Signals) -> None:
+        """Tell the workers which signal their SIGTERM stands for (their logs name it); best effort."""
+        try:
+            (Path(self.run_dir) / envvars.STOP_SIGNAL_FILE).write_text(sig.name + "\n", encoding="ascii")
+        except OSError:
+            pass
 
     def _send(self, sig: signal.Signals) -> None:
         try:
@@ -113,7 +123,7 @@ def stop_requested_text(sig: signal.Signals) -> str:
     what = "Ctrl-C" if sig == signal.SIGINT else sig.name
     again = "press Ctrl-C" if sig == signal.SIGINT else f"send {sig.name}"
     return (
-        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next step boundary, then exit "
+        f"dtrain: stop requested ({what}): the workers write a checkpoint at the next stop check or epoch end, then exit "
         f"({again} twice more to kill them without one)"
     )
 
@@ -142,7 +152,27 @@ def run_plan(plan: LaunchPlan) -> Outcome:
             except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
                 continue
         stop_leftovers(plan, code)
-    return interpret(plan, code, stop_requested=bool(forwarder.received))
+    outcome = interpret(plan, code, stop_requested=bool(forwarder.received))
+    keep_in_run_logs(plan, outcome)
+    return outcome
+
+
+LAUNCHER_LOG = "launcher.log"
+
+
+def keep_in_run_logs(plan: LaunchPlan, outcome: Outcome) -> None:
+    """The verdict the console shows (which rank failed, why, where its log is) also goes to
+    ``<run_dir>/logs/launcher.log``: the run directory alone tells what happened to the run."""
+    if not outcome.message:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        logs = Path(plan.run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / LAUNCHER_LOG).open("a", encoding="utf-8") as f:
+            f.write(f"{stamp} exit {outcome.exit_code} {outcome.message}\n")
+    except OSError:
+        pass  # a full or read-only disk must not hide the verdict: the console still gets it
 
 
 def _become_subreaper() -> None:
@@ -207,6 +237,10 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
     run_dir = Path(plan.run_dir)
     if (run_dir / PREEMPTED_MARKER).exists():
         return Outcome(PREEMPTED_EXIT_CODE, stopped_text(run_dir))
+    if stop_requested and (run_dir / COMPLETED_MARKER).exists():
+        # The workers finished training (and wrote the marker) before the stop reached a point where
+        # they act on it; torchrun then still exits as signalled. The run is done, not stopped.
+        return Outcome(0, completed_before_stop_text(run_dir))
     if code == 0:
         return Outcome(0, "")
     if code == USAGE_EXIT_CODE and plan.backend == "debug":
@@ -228,6 +262,15 @@ def stopped_text(run_dir: Path) -> str:
     return (
         f"dtrain: stopped at {where} with the checkpoint written; run the same command again to resume "
         f"(run directory {run_dir})."
+    )
+
+
+def completed_before_stop_text(run_dir: Path) -> str:
+    """A stop that came after the last epoch: the run is complete, nothing is left to resume."""
+    where = (run_dir / COMPLETED_MARKER).read_text().strip()
+    return (
+        f"dtrain: the run completed ({where}) before the stop request could take effect: all epochs are "
+        f"trained and the final checkpoint is written; there is nothing to resume (run directory {run_dir})."
     )
 
 
@@ -263,11 +306,43 @@ def _was_killed(failure: dict[str, Any]) -> bool:
     return bool(failure.get("signal")) and not _was_torn_down(failure)
 
 
+# What a rank's collective or rendezvous raises when a peer died or stopped answering (gloo, NCCL,
+# the TCP store): the consequence of another rank's failure, never its cause.
+PEER_LOST_ERRORS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote worker crashing",
+    "NCCL communicator was aborted",
+    "NCCL error",
+    "collective operation timeout",
+    "Timed out waiting",
+    "DistNetworkError",
+    "DistStoreError",
+    "DistBackendError",
+)
+
+
+def lost_a_peer(failure: dict[str, Any]) -> bool:
+    """A rank that failed because a collective lost its connection to a failed peer (a victim)."""
+    if _was_killed(failure):
+        return False
+    # A rank torchrun tore down after its collective broke still has that error in its error file.
+    text = _error_message(failure)
+    return any(marker in text for marker in PEER_LOST_ERRORS)
+
+
+def _failed_at(failure: dict[str, Any]) -> float:
+    # The error file's write time (sub-second) where there is one, else torchrun's whole seconds.
+    return float(failure.get("failed_at") or failure.get("timestamp") or 0)
+
+
 def _ordered(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The likely cause first: ranks killed by a signal, then ranks that failed on their own (earliest
-    first), then the ones torchrun tore down."""
+    """The likely cause first: ranks killed by a signal, then ranks that failed with their own exception
+    (earliest first), then ranks whose collective lost a failed peer, then the ones torchrun tore down."""
     return sorted(
-        failures, key=lambda f: (not _was_killed(f), _was_torn_down(f), f.get("timestamp") or 0, f.get("rank", 0))
+        failures,
+        key=lambda f: (not _was_killed(f), _was_torn_down(f), lost_a_peer(f), _failed_at(f), f.get("rank", 0)),
     )
 
 
@@ -337,28 +412,73 @@ def _looks_hung(plan: LaunchPlan, failure: dict[str, Any]) -> bool:
     return _dumped_stacks_on_timeout(plan, failure) or not _first_line_of_error(failure)
 
 
+def _traceback(failure: dict[str, Any]) -> str:
+    """The failed rank's traceback as its error file recorded it ("" without an error file)."""
+    message = failure.get("message") or ""
+    try:
+        info = json.loads(message).get("extraInfo", {}) if message.startswith("{") else {}
+    except (ValueError, AttributeError):
+        return ""
+    return str(info.get("py_callstack") or "") if isinstance(info, dict) else ""
+
+
+# Frames of these files are torch's, dtrain's or Python's, not the user's code.
+_NOT_USER_CODE = ("/torch/", "/dist_train/", "/launcher/", "<frozen ", "/lib/python", "/site-packages/")
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)', re.MULTILINE)
+
+
+def _user_frame(failure: dict[str, Any]) -> str:
+    """``file:line (in function)`` of the innermost frame of the user's own code in the traceback."""
+    frames = [m for m in _FRAME.finditer(_traceback(failure)) if not any(p in m["file"] for p in _NOT_USER_CODE)]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{last['file']}:{last['line']} (in {last['name']})"
+
+
 def _describe(failure: dict[str, Any]) -> str:
     if failure.get("signal"):
         return f"was killed by {failure['signal']}"
     err = _first_line_of_error(failure)
-    return f"exited with code {failure.get('exitcode')}" + (f": {err}" if err else "")
+    where = _user_frame(failure)
+    text = f"exited with code {failure.get('exitcode')}" + (f": {err}" if err else "")
+    return text + (f" at {where}" if where else "")
 
 
 def _where(plan: LaunchPlan, failure: dict[str, Any]) -> str:
     rank = failure.get("rank", 0)
     text = f"Its log: {Path(plan.run_dir) / 'logs' / f'rank{rank}.log'}"
     if failure.get("stderr_file"):
-        text += f"; its stdout/stderr (tracebacks, stack dumps): {failure['stderr_file']}"
+        text += f"; its stdout/stderr (what it printed, stack dumps): {failure['stderr_file']}"
     return text + "."
 
 
 def _others(failures: list[dict[str, Any]]) -> str:
-    if not failures:
-        return ""
-    ranks = ", ".join(str(f.get("rank")) for f in failures)
-    if len(failures) == 1:
-        return f" Rank {ranks} was stopped after it."
-    return f" Ranks {ranks} were stopped after it."
+    """The ranks that failed because of the first one: named, their tracebacks left to their logs."""
+    victims = [f for f in failures if lost_a_peer(f)]
+    stopped = [f for f in failures if not lost_a_peer(f)]
+    text = ""
+    if victims:
+        one = len(victims) == 1
+        text += (
+            f" {_ranks_text(victims).capitalize()} {'was' if one else 'were'} cut off from it (a collective's "
+            f"connection broke; {'that traceback is in its log' if one else 'those tracebacks are in their logs'}, "
+            "`dtrain --verbose launch` shows it)."
+        )
+    if stopped:
+        text += f" {_ranks_text(stopped).capitalize()} {'was' if len(stopped) == 1 else 'were'} stopped after it."
+    return text
+
+
+def _verbose(plan: LaunchPlan) -> bool:
+    # `dtrain --verbose launch` passes --verbose on to the workers (launcher/plan.py).
+    return "--verbose" in plan.argv
+
+
+def _all_tracebacks(failures: list[dict[str, Any]]) -> str:
+    """--verbose: every failed rank's traceback from its error file, the cause's first."""
+    parts = [f"\n--- rank {f.get('rank')}:\n{_traceback(f).rstrip()}" for f in failures if _traceback(f)]
+    return "".join(parts)
 
 
 def _ranks_text(failures: list[dict[str, Any]]) -> str:
@@ -391,12 +511,29 @@ def failure_report(plan: LaunchPlan, code: int) -> str:
         return f"dtrain: the job failed (exit code {code}); see the logs in {logs}."
     first, rest = failures[0], failures[1:]
     if _is_usage_error(first):
-        # Bad input (config, data, checkpoint): the worker's own paragraph, once, as the launcher's
-        # own errors read. Its rank log has it too; which rank found it does not change the fix.
         paragraph = _error_paragraph(first)
         if paragraph:
-            return f"dtrain: error: {paragraph}"
+            return usage_report(plan, first, paragraph, rest)
     if _looks_hung(plan, first):
         return hang_report(plan, [f for f in failures if _looks_hung(plan, f)])
     rank = first.get("rank", 0)
-    return f"dtrain: rank {rank} {_describe(first)}. {_where(plan, first)}{_others(rest)}"
+    report = f"dtrain: rank {rank} {_describe(first)}. {_where(plan, first)}{_others(rest)}"
+    if lost_a_peer(first):
+        # Every rank here only lost a peer: the one that failed is on another node or left no record.
+        report += (
+            f" It only lost its connection to another rank, which failed first (on another node, or "
+            f"without an error record): look for it in the logs in {logs}."
+        )
+    return report + (_all_tracebacks(failures) if _verbose(plan) else "")
+
+
+def usage_report(plan: LaunchPlan, first: dict[str, Any], paragraph: str, rest: list[dict[str, Any]]) -> str:
+    """Bad input (config, data, checkpoint, a model that fails its dry forward pass): the worker's own
+    paragraph, once, as the launcher's own errors read. Found by every rank, which one does not change
+    the fix; found by some ranks only (a rank-dependent model), the first is named with its log."""
+    if all(_is_usage_error(f) for f in rest):
+        return f"dtrain: error: {paragraph}"
+    rank = first.get("rank", 0)
+    log = Path(plan.run_dir) / "logs" / f"rank{rank}.log"
+    report = f"dtrain: error: rank {rank}: {paragraph} Its log: {log}.{_others(rest)}"
+    return report + (_all_tracebacks([first, *rest]) if _verbose(plan) else "")

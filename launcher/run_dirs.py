@@ -14,6 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from dist_train.envvars import STOP_SIGNAL_FILE
 from dist_train.errors import ConfigError, LaunchError
 from dist_train.fsutil import make_private_dir
 
@@ -51,17 +52,32 @@ def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / "config.toml").exists() or (run_dir / "checkpoints").is_dir()
 
 
-def newest_resumable_run(output_dir: str, name: str, *, debug: bool = False) -> Path | None:
-    """The newest run of this config name and kind (``--debug`` or not) that has a checkpoint and did not finish."""
+def _runs_newest_first(output_dir: str, name: str, *, debug: bool) -> list[Path]:
+    """This user's run directories of this config name and kind (``--debug`` or not), newest first."""
     base = Path(output_dir).expanduser() / name
     if not base.is_dir():
-        return None
+        return []
     runs = [p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid()]
-    for run in sorted(runs, key=lambda p: p.name, reverse=True):
-        if is_debug_run(run) != debug:
-            continue
-        if has_checkpoint(run) and not (run / COMPLETED_MARKER).exists() and not is_in_use(run):
+    return [run for run in sorted(runs, key=lambda p: p.name, reverse=True) if is_debug_run(run) == debug]
+
+
+def newest_resumable_run(output_dir: str, name: str, *, debug: bool = False) -> Path | None:
+    """The newest run of this config name and kind (``--debug`` or not) that has a checkpoint and did not finish."""
+    for run in _runs_newest_first(output_dir, name, debug=debug):
+        if has_checkpoint(run) and not is_complete(run) and not is_in_use(run):
             return run
+    return None
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / COMPLETED_MARKER).exists()
+
+
+def newest_run_if_complete(output_dir: str, name: str, *, debug: bool = False) -> Path | None:
+    """The newest run of this config name and kind with a checkpoint, if it finished all its epochs."""
+    for run in _runs_newest_first(output_dir, name, debug=debug):
+        if has_checkpoint(run):
+            return run if is_complete(run) else None
     return None
 
 
@@ -155,7 +171,7 @@ def prepare_run_dir(path: Path, *, lock: bool = True, debug: bool = False) -> tu
     for sub in ("logs", "launcher"):
         (run_dir / sub).mkdir(exist_ok=True)
     lock_fd = lock_run_dir(run_dir) if lock else None
-    for marker in (PREEMPTED_MARKER, COMPLETED_MARKER):
+    for marker in (PREEMPTED_MARKER, COMPLETED_MARKER, STOP_SIGNAL_FILE):
         (run_dir / marker).unlink(missing_ok=True)
     if debug:
         _write_debug_marker(run_dir)

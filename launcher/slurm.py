@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import Config, SlurmConfig, resolve_data_path, resolve_geometry_path, save_config
+from dist_train.config import Config, SlurmConfig, make_data_paths_absolute, save_config
 from dist_train.errors import ConfigError, LaunchError
 from dist_train.fsutil import atomic_write_text, make_private_dir
 
@@ -229,11 +229,9 @@ def new_run_dir(cfg: Config) -> Path:
 
 def prepare_run_dir(cfg: Config, run_dir: Path, script: str) -> Path:
     make_private_dir(run_dir)
-    if cfg.data.path:
-        # The job may start in another directory (and on other nodes): store the absolute data path.
-        cfg = replace(cfg, data=replace(cfg.data, path=str(resolve_data_path(cfg))))
-    if cfg.data.geometry_file:
-        cfg = replace(cfg, data=replace(cfg.data, geometry_file=str(resolve_geometry_path(cfg))))
+    # The job may start in another directory (and on other nodes): store absolute data paths.
+    cfg = replace(cfg, data=replace(cfg.data))
+    make_data_paths_absolute(cfg)
     save_config(cfg, run_dir / "config.toml")
     path = run_dir / SCRIPT_NAME
     atomic_write_text(path, script)

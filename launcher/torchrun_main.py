@@ -29,9 +29,19 @@ def _failure_record(failures: dict[int, Any], log_dir: str) -> list[dict[str, An
                 "error_file": f.error_file,
                 "stderr_file": _stderr_file(log_dir, f.local_rank, f.error_file),
                 "timestamp": f.timestamp,
+                # The error file's write time: sub-second, where torchrun's timestamp has whole
+                # seconds, so that of two ranks failing in one second the first is known.
+                "failed_at": _mtime(f.error_file),
             }
         )
     return out
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
 
 
 def _stderr_file(log_dir: str, local_rank: int, error_file: str) -> str:

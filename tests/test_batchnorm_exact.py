@@ -113,14 +113,8 @@ def test_logged_metrics_equal_dtrain_eval_of_the_checkpoint(tmp_path: Path, mode
     assert_logged_metrics_are_the_checkpoints(run_dir)
 
 
-# FSDP's MixedPrecisionPolicy casts BatchNorm's weight to bf16 while its running statistics stay fp32, and
-# batch_norm refuses the mix ("expected scalar type BFloat16 but found Float"): FSDPStrategy.wrap must keep
-# BatchNorm in fp32 (issue 20, a separate change). strict: this fails as soon as that is fixed.
-FSDP_BF16_BATCHNORM = pytest.mark.xfail(strict=True, reason="FSDP bf16 + BatchNorm fails in FSDP's mixed precision (issue 20)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=FSDP_BF16_BATCHNORM)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_bf16_logged_metrics_equal_dtrain_eval_of_the_checkpoint(tmp_path: Path, strategy: str) -> None:
     run_dir = _run(tmp_path, model="bn_cnn", strategy=strategy, nproc=3, precision="bf16")
     assert_logged_metrics_are_the_checkpoints(run_dir)

@@ -242,7 +242,7 @@ def test_truncated_newest_falls_back_with_warning(tmp_path: Path, caplog: pytest
     with open(newest, "r+b") as fh:
         fh.truncate(newest.stat().st_size // 2)
 
-    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
         assert manager.latest_valid() == older
     assert newest.name in caplog.text and "truncated" in caplog.text
     with pytest.raises(CheckpointError, match="failed verification"):
@@ -257,7 +257,7 @@ def test_flipped_bytes_fail_the_sha256_check(tmp_path: Path, caplog: pytest.LogC
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
 
-    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
         assert manager.latest_valid() == older
     assert "sha256 mismatch" in caplog.text and newest.name in caplog.text
     assert [r.valid for r in manager.list_checkpoints()] == [False, True]

@@ -282,7 +282,7 @@ def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path, builder: str, 
     reader.read(np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"PMT id 12 is outside the geometry, which has 12 PMTs"):
         reader.read(np.array([2, 3]))
-    with pytest.raises(DataError, match=r"PMT id -1 is outside the geometry"):
+    with pytest.raises(DataError, match=r"PMT id -1 is negative; PMT ids count from 0"):
         reader.read(np.array([4, 5]))
 
 
@@ -302,3 +302,37 @@ def test_reader_threads_share_one_reader_once_it_is_open(hit_setup: tuple, build
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(shared.read, batches))
         assert all(same_bits(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_point_cloud_statistics_and_n_hits_count_real_hits_only(hit_setup: tuple, builder: str) -> None:
+    """normalize = "auto" statistics over each cloud's real hits (never its zero padding), and n_hits,
+    against the per-hit reference; both builders give the same bits."""
+    from dist_train.data.hits import HitCountReader
+    from dist_train.data.preflight import compute_channel_stats
+
+    data, geo, geometry, events = hit_setup
+    n_points = 20  # events hold up to 60 hits: some are truncated, many padded, some empty
+    rows = np.arange(1, len(events), 2, dtype=np.int64)
+    real = [min(len(events[r][0]), n_points) for r in rows]
+    assert 0 in real and n_points in real and any(0 < k < n_points for k in real)
+    reference = [reference_cloud(events[r], geometry, n_points) for r in rows]
+    values = np.concatenate([cloud[:, :k] for cloud, k in zip(reference, real, strict=True)], axis=1).astype(np.float64)
+
+    def stats(kind: str) -> tuple[list[float], list[float], int]:
+        s = spec(geo, builder=kind, representation="point_cloud", n_points=n_points)
+        return compute_channel_stats(data, "", rows, reader=HitReader(data, s))
+
+    mean, std, used = stats(builder)
+    assert used == len(rows)
+    np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(std, values.std(axis=1), rtol=1e-12, atol=1e-12)
+    padded = np.concatenate(reference, axis=1).astype(np.float64)
+    assert not np.allclose(padded.mean(axis=1), mean), "the padding must not count"
+    assert (mean, std) == stats("numpy")[:2], "numba and numpy statistics differ"
+    s = spec(geo, builder=builder, representation="point_cloud", n_points=n_points)
+    counts = HitCountReader(data, s).read(rows)
+    assert counts.dtype == np.int64 and counts.tolist() == real
+    clouds = HitReader(data, s).read(rows)
+    assert all(not clouds[i, :, k:].any() for i, k in enumerate(real)), "columns from n_hits on are padding"
+    image_counts = HitCountReader(data, spec(geo, builder=builder)).read(rows)
+    assert image_counts.tolist() == [len(events[r][0]) for r in rows], "images: every hit of the event"

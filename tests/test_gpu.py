@@ -3,6 +3,8 @@
 Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
 ``pytest tests/test_gpu.py``. One GPU is enough: every launch here is one rank (NCCL cannot run two
 ranks on one device), and "another user's job" is a second process holding memory on the same GPU.
+FSDP on one GPU is a world of size 1 on a private NCCL group: nothing is sharded, but mixed precision,
+DTensor parameters, sharded (DCP) async saves from GPU memory, resume, export and eval run for real.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from dist_train.checkpoint import CheckpointManager, load_checkpoint
 from dist_train.envvars import PREEMPTED_EXIT_CODE
+from dist_train.sharded_checkpoint import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
 from tests.helpers.run import (
     REPO,
     assert_ok,
@@ -221,3 +224,118 @@ def test_async_save_from_gpu_memory_keeps_the_values_of_the_save_moment(tmp_path
     loaded = load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], expected)
     assert torch.equal(weights[0, 0, :3].cpu(), torch.full((3,), 7.0))
+
+
+# --------------------------------------------------------------------------------------- FSDP on CUDA
+BN_CNN = {"name": "tests.helpers.models:BNConvNet", "num_classes": 3, "channels": 8}
+MLP = {"name": "mlp", "num_classes": 3, "hidden": [16, 16]}
+
+
+@pytest.mark.parametrize("model", ["batchnorm", "mlp"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_precision_matrix_on_the_gpu_trains_and_saves(tmp_path: Path, strategy: str, precision: str, model: str) -> None:
+    """README's matrix, CUDA half: each combination trains on GPU 0, writes its checkpoint (FSDP: the default
+    async sharded save, which asserted "A CPU backend must be enabled" on NCCL) and evaluates from it."""
+    name = f"{strategy}-{precision}-{model}"
+    cfg = gpu_config(tmp_path, name, model=BN_CNN if model == "batchnorm" else MLP,
+                     train={"epochs": 2, "precision": precision, "strategy": strategy, "max_steps_per_epoch": 10})
+    run_dir = tmp_path / "run"
+    proc = dtrain("launch", "--gpus", "0,", "--force", str(cfg), "--run-dir", str(run_dir), "--lock-dir",
+                  str(tmp_path / "locks"), cwd=tmp_path, env=gpu_env())
+    assert_ok(proc)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "device cuda:0" in log and f"precision {precision}" in log, log
+    if strategy == "fsdp" and model == "batchnorm" and precision != "fp32":
+        assert "3 norm layer(s) with running statistics in fp32" in log, log
+    epochs = records(run_dir, "epoch")
+    assert len(epochs) == 2 and all(r["train/loss"] == r["train/loss"] for r in epochs), epochs
+    ckpt = load_final_model(run_dir)
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+    if precision == "fp16":
+        assert ckpt["scaler"]["scale"] > 0
+    if strategy == "fsdp":
+        assert (run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()).is_dir()
+    assert_ok(dtrain("eval", str(run_dir), "--split", "val", cwd=tmp_path, env=gpu_env()))
+
+
+def test_fsdp_bf16_resnet18_sigterm_resume_bit_exact_then_export_and_eval(tmp_path: Path) -> None:
+    """The physicists' default model (ResNet-18: BatchNorm) in bf16 under FSDP on the GPU: trains, stops on
+    SIGTERM mid-epoch with a sharded checkpoint, resumes bit-exact (deterministic kernels), and the export
+    of its sharded checkpoint evaluates to the run's own numbers."""
+    locks = str(tmp_path / "locks")
+    data = tmp_path / "img.h5"
+    make_image_h5(data, events=600, shape=(3, 16, 16))
+
+    def config(name: str) -> Path:
+        return write_config(
+            tmp_path / f"{name}.toml", data,
+            run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
+            data={"batch_size": 8},
+            model={"name": "tests.helpers.models:SlowResNet18", "num_classes": 3, "delay": 0.02},
+            optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            train={"epochs": 3, "precision": "bf16", "strategy": "fsdp", "log_every": 1, "stop_check_every": 2},
+        )
+
+    ref = tmp_path / "ref"
+    assert_ok(dtrain("launch", "--gpus", "0,", "--force", str(config("ref")), "--run-dir", str(ref), "--lock-dir", locks,
+                     cwd=tmp_path, env=gpu_env()))
+    log = (ref / "logs" / "rank0.log").read_text()
+    assert "precision bf16" in log and "norm layer(s) with running statistics in fp32" in log, log
+    epochs = records(ref, "epoch")
+    assert len(epochs) == 3 and epochs[-1]["train/loss"] < epochs[0]["train/loss"], epochs
+
+    run_dir = tmp_path / "cut"
+    args = ("launch", "--gpus", "0,", "--force", str(config("cut")), "--run-dir", str(run_dir), "--lock-dir", locks)
+    proc = start_dtrain(*args, cwd=tmp_path, env=gpu_env())
+    steps_per_epoch = 60  # 480 training samples / 8
+    wait_for_step(run_dir, steps_per_epoch + 20, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    cut = load_final_model(run_dir)
+    assert cut["reason"] == "preempt" and not cut["epoch_complete"], "the stop must land mid-epoch"
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest.is_dir() and verify_sharded_checkpoint(latest) is None, "a sharded checkpoint"
+    assert_ok(dtrain(*args, cwd=tmp_path, env=gpu_env()))
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert_same_state(load_final_model(ref), load_final_model(run_dir))
+    assert metric_history(ref) == metric_history(run_dir)
+
+    exported = tmp_path / "model.pt"
+    assert_ok(dtrain("ckpt", "export", str(run_dir), str(exported), cwd=tmp_path, env=gpu_env()))
+    weights = torch.load(exported, weights_only=True)["model"]
+    final = load_final_model(run_dir)["model"]
+    assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k]) for k in final)
+    from_run = dtrain("eval", str(run_dir), "--split", "val", "--json", cwd=tmp_path, env=gpu_env())
+    from_file = dtrain("eval", str(exported), "--split", "val", "--json", cwd=tmp_path, env=gpu_env())
+    assert_ok(from_run)
+    assert_ok(from_file)
+    # The same weights; two processes may still pick different cuDNN kernels for the bf16 convolutions.
+    run_metrics, file_metrics = json.loads(from_run.stdout), json.loads(from_file.stdout)
+    assert file_metrics["val/loss"] == pytest.approx(run_metrics["val/loss"], rel=1e-3)
+    assert file_metrics["val/samples"] == run_metrics["val/samples"] == 60
+
+
+def test_async_sharded_save_from_gpu_memory_keeps_the_values_of_the_save_moment(tmp_path: Path) -> None:
+    """DCP's staging copies device to host (pinned buffers, non-blocking copies): what is written is the
+    state when save() returned, although the next optimizer step changes it at once."""
+    torch.manual_seed(0)
+    weights = torch.randn(64, 1024, 1024, device="cuda")  # 256 MiB, so the copy takes a while
+    moments = torch.randn(16, 1024, 1024, device="cuda")
+    expected = {"w": weights.cpu(), "m": moments.cpu()}
+    manager = ShardedCheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, group=None, async_save=True)
+    common = {"epoch": 0, "step": 1, "world_size": 1, "config": {}}
+    for step in (1, 2):  # the second save reuses the stager's pinned buffers
+        state = {"model": {"w": weights}, "optimizer": {"state": {"m": moments}}}
+        path = manager.save(state, common, {"meter": {}}, epoch=0, step=step)
+        weights.mul_(0).add_(7 * step)  # the next optimizer step, right after save() returns
+        moments.mul_(0).add_(-step)
+        manager.wait()
+        assert path is not None and verify_sharded_checkpoint(path) is None
+        whole = consolidate(path, optimizer=True)
+        assert torch.equal(whole["model"]["w"], expected["w"]), step
+        assert torch.equal(whole["optimizer"]["state"]["m"], expected["m"]), step
+        expected = {"w": weights.cpu(), "m": moments.cpu()}
+    manager.close()
+    assert torch.equal(weights[0, 0, :3].cpu(), torch.full((3,), 14.0))

@@ -104,3 +104,18 @@ def test_geometry_that_does_not_fit_exits_2_before_training(demo: tuple[Path, Pa
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "is outside the geometry, which has 560 PMTs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt")), "nothing is trained"
+
+
+def test_point_cloud_model_gets_the_hit_count_on_two_ranks(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    """data.input_keys = ["n_hits"]: each cloud's real hits reach the model (which masks with them)."""
+    data, geometry = demo
+    cfg = write_config(tmp_path / "c.toml", data,
+                       data=hits_data(geometry, representation="point_cloud", n_points=32, normalize="auto",
+                                      input_keys=["n_hits"]),
+                       model={"name": "tests.helpers.models:MaskedCloudMean", "num_classes": 3},
+                       train={"epochs": 1, "log_every": 5, "precision": "fp32"})
+    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path))
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert "val/accuracy" in records(run_dir, "epoch")[-1]
+    stats = json.loads((run_dir / "normalization.json").read_text())
+    assert len(stats["mean"]) == 8

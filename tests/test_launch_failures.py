@@ -21,6 +21,8 @@ from tests.helpers.run import assert_ok, dtrain, make_image_h5, only_run_dir, st
 
 # make_image_h5's default sample shape (2, 6, 6), flattened: the test models take it explicitly.
 IN_FEATURES = 72
+# Where the test models raise: reports name the model's own file and line.
+FAULTY_MLP_FILE = Path(__file__).resolve().parent / "helpers" / "models.py"
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +95,64 @@ def test_exception_in_rank_1_is_reported_with_rank_message_and_log(tmp_path: Pat
     run_dir = only_run_dir(tmp_path / "runs")
     report = proc.stderr.strip().splitlines()[-1]
     assert report.startswith("dtrain: rank 1 exited with code 1: RuntimeError: injected failure on rank 1"), report
+    assert f"at {FAULTY_MLP_FILE}:" in report and "(in forward)" in report, "the model's line that raised"
     assert f"Its log: {run_dir / 'logs' / 'rank1.log'}" in report
-    # Rank 1 is not a console rank: its traceback went to a file the report names.
-    stderr_file = Path(report.split("stack dumps): ")[1].split(". ")[0].rstrip("."))
-    assert "injected failure on rank 1" in stderr_file.read_text()
-    assert "[rank1]" not in output(proc), "only rank 0 should reach the console"
+    assert "injected failure on rank 1" in (run_dir / "logs" / "rank1.log").read_text(), "its traceback"
+    # Rank 0 only lost its peer: its connection error stays in its own log, off the console.
+    text = output(proc)
+    assert "Traceback" not in text and "Connection closed by peer" not in text, text
+    assert "[rank1]" not in text, "only rank 0 should reach the console"
+    assert (run_dir / "logs" / "launcher.log").read_text().strip().endswith(report), "the verdict is kept in the run"
+
+
+def test_a_forward_raising_on_rank_1_in_the_dry_pass_names_rank_1(tmp_path: Path, data: Path) -> None:
+    """Rank 1's model raises in the dry forward pass; rank 0 then dies of a broken DDP collective.
+    The report is rank 1's own exception (type, message, the model's line) and log, once; rank 0's
+    connection error is not shown as the failure, --verbose shows both tracebacks."""
+    cfg = write_config(
+        tmp_path / "c.toml", data,
+        model={"name": "tests.helpers.models:RaisingMLP", "num_classes": 3, "in_features": IN_FEATURES, "rank": 1},
+        launch={"pg_timeout": 30},
+    )
+    proc = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2, output(proc)
+    run_dir = only_run_dir(tmp_path / "runs")
+    text = output(proc)
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, text
+    report = errors[0]
+    assert report.startswith(
+        "dtrain: error: rank 1: model 'tests.helpers.models:RaisingMLP' raised RuntimeError: boom at "
+        f"{FAULTY_MLP_FILE}:"
+    ), report
+    assert "(in forward: `raise RuntimeError(self.message)`)" in report and "cannot take samples" not in report
+    assert f"Its log: {run_dir / 'logs' / 'rank1.log'}" in report
+    assert "Rank 0 was cut off from it" in report
+    assert "Traceback" not in text and "Connection closed by peer" not in text, text
+    assert "Connection closed by peer" in (run_dir / "logs" / "rank0.log").read_text(), "the victim's own log keeps it"
+
+    verbose = dtrain("--verbose", "launch", "--gpus", "cpu", "--nproc", "2", "--resume", "never", str(cfg), cwd=tmp_path)
+    assert verbose.returncode == 2, output(verbose)
+    assert "--- rank 0:" in verbose.stderr and "Connection closed by peer" in verbose.stderr, output(verbose)
+
+
+def test_own_failures_come_before_ranks_that_lost_a_failed_peer() -> None:
+    """Rank 0's collective broke when rank 2 died with its own exception; torchrun records rank 0 first
+    (an earlier timestamp, a lower rank): the report must still name rank 2."""
+    from launcher.execute import _root_cause, lost_a_peer
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:52890."
+    failures = [
+        {"rank": 0, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.1, "message": gloo},
+        {"rank": 1, "exitcode": -15, "signal": "SIGTERM", "timestamp": 100, "message": ""},
+        {"rank": 2, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.4, "message": "KeyError: 'x'"},
+        {"rank": 3, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.2,
+         "message": '{"message": "DistBackendError: NCCL communicator was aborted on rank 3."}'},
+    ]
+    assert [lost_a_peer(f) for f in failures] == [True, False, False, True]
+    assert _root_cause(failures)["rank"] == 2
+    own = [*failures, {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.3, "message": "ValueError"}]
+    assert _root_cause(own)["rank"] == 4, "of two own failures in one second, the earlier"
 
 
 def test_sigkilled_rank_is_reported_as_killed(tmp_path: Path, data: Path) -> None:
@@ -250,3 +305,23 @@ def test_a_killed_rank_is_the_cause_even_if_a_peer_raised_first() -> None:
     ]
     assert _root_cause(failures)["rank"] == 1
     assert _root_cause(failures[::2])["rank"] == 0, "an own failure still comes before a torn-down rank"
+
+
+def test_a_report_of_victims_only_says_the_cause_is_elsewhere(tmp_path: Path) -> None:
+    """On one node of a multi-node job every local rank may only have lost a peer on another node."""
+    from launcher.execute import failure_report
+    from launcher.plan import LaunchPlan, Topology
+
+    summary = tmp_path / "failures.json"
+    gloo = "RuntimeError: [pair.cc:561] Connection closed by peer [10.0.0.2]:52890."
+    summary.write_text(json.dumps({"status": "failed", "failures": [
+        {"rank": 5, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+        {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+    ]}))
+    plan = LaunchPlan(argv=(), env=(), run_dir=str(tmp_path), backend="torchrun",
+                      topology=Topology(nproc_per_node=2, nnodes=2, node_rank=1), cuda_visible_devices=None,
+                      summary_file=str(summary))
+    report = failure_report(plan, 1)
+    assert report.startswith("dtrain: rank 4 exited with code 1: RuntimeError:"), report
+    assert "Rank 5 was cut off from it" in report
+    assert f"which failed first (on another node, or without an error record): look for it in the logs in {tmp_path / 'logs'}" in report

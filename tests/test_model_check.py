@@ -127,6 +127,55 @@ def test_imported_module_class_and_keys(tmp_path: Path) -> None:
     assert "user_nets" not in sys.modules, "the check must not import the user's module"
 
 
+def test_a_syntax_error_or_a_class_named_only_in_comments_is_found_from_source(tmp_path: Path) -> None:
+    _write_module(tmp_path, "broken_nets", """
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self, num_classes):
+                super().__init__(
+    """)
+    with pytest.raises(ConfigError) as info:
+        _check("broken_nets:Net", [str(tmp_path)])
+    message = str(info.value)
+    assert f"syntax error in {tmp_path / 'broken_nets.py'}, line 6: '(' was never closed" in message, message
+    assert "`super().__init__(`" in message
+    _write_module(tmp_path, "commented_nets", '''
+        """Nets. TODO: EventNet, a bigger model."""
+        from torch import nn
+
+        # class EventNet(nn.Module): not written yet
+        class SmallNet(nn.Module):
+            pass
+    ''')
+    with pytest.raises(ConfigError, match=r"has no attribute 'EventNet'"):
+        _check("commented_nets:EventNet", [str(tmp_path)])
+    _write_module(tmp_path, "dynamic_nets", """
+        globals()["EventNet"] = object
+    """)
+    _check("dynamic_nets:EventNet", [str(tmp_path)])  # bound at run time: left to the worker
+
+
+@pytest.mark.parametrize("mode", ["launch", "dry-run"])
+def test_a_model_module_with_a_syntax_error_stops_the_launch_with_file_and_line(
+    tmp_path: Path, data: Path, mode: str
+) -> None:
+    _write_module(tmp_path, "user_models", """
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self, num_classes, in_features):
+                super().__init__(
+                self.fc = nn.Linear(in_features, num_classes)
+    """)
+    write_config(tmp_path / "c.toml", data, model={"name": "user_models:Net", "in_features": IN_FEATURES})
+    flags = ["--dry-run"] if mode == "dry-run" else []
+    proc = dtrain("launch", "--gpus", "cpu", "c.toml", *flags, cwd=tmp_path)
+    line = assert_reported_once(proc, f"syntax error in {tmp_path / 'user_models.py'}, line 6: '(' was never closed")
+    assert line.startswith("dtrain: error: c.toml: [model] name = 'user_models:Net': "), line
+    assert not (tmp_path / "runs").exists(), "no run directory for a launch that cannot start"
+
+
 def test_packages_are_found_without_running_their_code(tmp_path: Path) -> None:
     package = tmp_path / "user_pkg"
     package.mkdir()

@@ -209,6 +209,29 @@ def test_imported_model_shape_mismatch() -> None:
         _build("torch.nn:Linear", WCH5_SHAPE, in_features=10, out_features=5)
 
 
+def test_a_forward_that_raises_its_own_error_is_reported_as_such_not_as_a_shape_problem() -> None:
+    """RaisingMLP's forward raises RuntimeError("boom") itself: its type, message and line, no shape blame."""
+    with pytest.raises(ConfigError) as info:
+        _build("tests.helpers.models:RaisingMLP", WCH5_SHAPE, in_features=16 * 40 * 38)
+    msg = str(info.value)
+    models_py = Path(__file__).resolve().parent / "helpers" / "models.py"
+    assert msg.startswith(
+        f"model 'tests.helpers.models:RaisingMLP' raised RuntimeError: boom at {models_py}:"
+    ), msg
+    assert "(in forward: `raise RuntimeError(self.message)`)" in msg
+    assert "cannot take samples" not in msg and "(5, 16, 40, 38)" not in msg and "(2, 16, 40, 38)" in msg
+
+
+def test_a_shape_error_raised_by_torch_inside_a_user_model_names_the_models_line() -> None:
+    """The model's Linear gets the wrong width: torch raises, and the model's line that called it is named."""
+    with pytest.raises(ConfigError) as info:
+        _build("tests.helpers.models:RaisingMLP", WCH5_SHAPE, in_features=10, after=10)
+    msg = str(info.value)
+    assert msg.startswith("model 'tests.helpers.models:RaisingMLP' cannot take samples of shape (16, 40, 38): "), msg
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in msg
+    assert "models.py:" in msg and "(in forward: `return self.net(x)`)" in msg
+
+
 def test_image_too_small_for_cnn() -> None:
     with pytest.raises(ConfigError, match=r"model 'cnn' cannot take samples of shape \(1, 8, 8\).*padding"):
         _build("cnn", (1, 8, 8))

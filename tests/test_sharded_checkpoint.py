@@ -171,7 +171,7 @@ def test_damaged_newest_falls_back_to_the_previous_with_a_warning(tmp_path: Path
 
     expected = {"flip_shard": "sha256 mismatch in __0_0.distcp", "truncate_shard": "__0_0.distcp is", "drop_rank_file": "rank-00000.pt is missing", "no_manifest": "no manifest.json"}[damage]
     assert expected in (verify_sharded_checkpoint(newest) or "")
-    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
         assert latest_valid_checkpoint(tmp_path) == older
     assert f"checkpoint {newest} is invalid" in caplog.text and "falling back" in caplog.text
     with pytest.raises(CheckpointError, match="failed verification"):
@@ -495,3 +495,21 @@ def test_async_reused_staging_buffers_never_leak_into_an_earlier_checkpoint(tmp_
     assert first is not None and second is not None
     assert torch.equal(consolidate(first)["model"]["w"], torch.zeros(1000))
     assert torch.equal(consolidate(second)["model"]["w"], torch.ones(1000))
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_sharded_saves_and_loads_when_the_default_group_has_no_cpu_backend(tmp_path: Path, mode: str) -> None:
+    """On a GPU the default group is NCCL only, and ``dcp.async_save`` on it asserts "A CPU backend must be
+    enabled for async save" (seen on one H200 with FSDP's one-process group). ``cuda:gloo`` on a CPU-only
+    torch has no CPU device type either: the checkpoint store must run DCP on its own gloo group."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.dcp_group_worker", str(tmp_path / "ckpt"), "cuda:gloo", mode],
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RESTORED 0.0" in proc.stdout
+    assert verify_sharded_checkpoint(latest_valid_checkpoint(tmp_path / "ckpt") or tmp_path) is None

@@ -203,8 +203,9 @@ def test_two_ranks_match_one_rank_with_double_batch_for_mse(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------- custom tasks
 
 
-def naive_custom_task_metrics(run_dir: Path, data: Path, rows: np.ndarray, tolerance: float) -> dict[str, float]:
-    """AbsErrorTask's metrics from a per-sample loop: one forward per event, float64 arithmetic."""
+def naive_custom_task_metrics(run_dir: Path, data: Path, rows: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """AbsErrorTask's metrics (and every sample's absolute error) from a per-sample loop: one forward per event,
+    float64 arithmetic."""
     from dist_train.models import build_model
 
     cfg = load_config(run_dir / "config.toml")
@@ -219,7 +220,8 @@ def naive_custom_task_metrics(run_dir: Path, data: Path, rows: np.ndarray, toler
             abs_err.append(abs(out * 1000.0 - energy))
             losses.append(abs(out - energy / 1000.0))
     n = len(rows)
-    return {"mae": sum(abs_err) / n, "hit_rate": sum(e <= tolerance for e in abs_err) / n, "loss": sum(losses) / n}
+    return {"mae": sum(abs_err) / n, "hit_rate": sum(e <= tolerance for e in abs_err) / n, "loss": sum(losses) / n,
+            "abs_errors": abs_err}
 
 
 # 2 ranks in the default suite; 3 ranks (reduction-order bugs that 2 ranks hide) with the slow trials.
@@ -228,14 +230,14 @@ def test_custom_task_runs_on_several_ranks_and_its_metrics_are_exact(tmp_path: P
     data = wch5(tmp_path / "d.h5", 251)  # val and test: 25 events each, divisible by neither 2 nor 3
     cfg = regression_config(
         tmp_path, data, "custom",
-        task={"name": "tests.helpers.tasks:AbsErrorTask", "targets": ["energies"], "target_norm": "none", "loss": "",
+        task={"name": "tests.helpers.tasks:QuantileTask", "targets": ["energies"], "target_norm": "none", "loss": "",
               "kwargs": {"tolerance": 100.0}},
         checkpoint={"monitor": "val/mae"},
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")
     last = records(run_dir, "epoch")[-1]
-    assert {"train/mae", "train/hit_rate", "train/loss", "val/mae", "val/hit_rate", "val/loss"} <= set(last)
+    assert {"train/mae", "train/hit_rate", "train/loss", "val/mae", "val/hit_rate", "val/loss", "val/abs_err_90"} <= set(last)
     runs = {"val": last, "test": records(run_dir, "test")[0]}
     for split, record in runs.items():
         single = eval_json(run_dir, split, tmp_path, "--predictions", str(tmp_path / f"{split}.npz"))
@@ -244,6 +246,9 @@ def test_custom_task_runs_on_several_ranks_and_its_metrics_are_exact(tmp_path: P
         assert len(np.unique(indices)) == len(rows), "every event evaluated once"
         assert len(rows) % nproc != 0, "the split must not divide evenly over the ranks"
         naive = naive_custom_task_metrics(run_dir, data, rows, tolerance=100.0)
+        # Exact quantiles across ranks through eval_samples/finalize_samples (tests/helpers/tasks.py).
+        abs_err = np.array(naive.pop("abs_errors"))
+        naive.update({"abs_err_median": float(np.quantile(abs_err, 0.5)), "abs_err_90": float(np.quantile(abs_err, 0.9))})
         for key, value in naive.items():
             name = f"{split}/{key}"
             # The run and `dtrain eval` compute in float32 per sample, the loop in float64.

@@ -5,7 +5,8 @@ Configuration (``[data]``): ``path``, ``x_key`` / ``y_key`` (default ``event_dat
 ``"auto"``: per-channel mean/std of the training split stored in ``<run_dir>/normalization.json``,
 ``"given"``: ``mean`` / ``std``), ``train_transforms`` / ``eval_transforms``, and the splits:
 
-* fractions ``val_split`` / ``test_split`` with ``split_seed``, ``stratify`` and ``limit``;
+* fractions ``val_split`` / ``test_split`` with ``split_seed``, ``stratify`` (``true``: by the
+  classification labels; ``"key"``: by that integer dataset) and ``limit``;
   ``test_split = 0`` means no test set;
 * or ``split_file``: an ``.npz`` with ``train_idxs`` / ``val_idxs`` / ``test_idxs`` (row numbers of
   the data file), an ``.h5`` file with datasets of those names at its root, or ``"h5:/group"``
@@ -16,7 +17,8 @@ With ``format = "hits"`` the samples are built from a hit-list file (per-event P
 (``representation``, ``channels``, ``pmts_per_module``, ``n_points``); see :mod:`.hits`.
 
 A batch is a dict ``{"x": float32 (B, *sample_shape), "y": int64 (B,), "index": int64 file rows
-(B,), <extra_key>: tensor (B, ...)}`` in exactly the batch sampler's order.
+(B,), <extra_key>: tensor (B, ...)}`` in exactly the batch sampler's order; ``"y"`` (class labels)
+only for classification: other tasks read no labels. Hit-list files add the derived key ``n_hits``.
 
 This package root and the modules ``h5io``, ``hits``, ``splits``, ``preflight``, ``transform_spec``,
 ``synth``, ``synth_hits``, ``convert`` and ``convert_hits`` are torch-free (the launcher uses them before starting workers);

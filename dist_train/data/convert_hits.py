@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dist_train.data.h5io import list_datasets, open_h5
-from dist_train.data.hits import HitReader, HitSpec, check_hit_file
+from dist_train.data.hits import HIT_COUNT_KEY, HitReader, HitSpec, check_hit_file
 from dist_train.errors import DataError
 
 _BLOCK_BYTES = 32 << 20
@@ -64,6 +64,9 @@ def convert_hits(
                         hi = min(n, lo + block)
                         x[lo:hi] = reader.read(np.arange(lo, hi, dtype=np.int64))
                         bar.update(hi - lo)
+                if HIT_COUNT_KEY not in per_event:
+                    # The hits of each sample, as the hit-list file gives them (data.input_keys = ["n_hits"]).
+                    g.create_dataset(HIT_COUNT_KEY, data=reader.hits_in_samples(np.arange(n, dtype=np.int64)))
                 for name, d in per_event.items():
                     g.create_dataset(name, data=d[...])
                     for k, v in d.attrs.items():

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from dist_train.data.h5io import RowReader
-from dist_train.data.hits import HitReader, HitSpec
+from dist_train.data.hits import HitReader, HitSpec, extra_reader
 from dist_train.data.transforms import BatchTransforms
 from dist_train.errors import DataError
 
@@ -33,7 +33,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         rows: np.ndarray,
         *,
         x_key: str = "event_data",
-        y_key: str = "labels",
+        y_key: str | None = "labels",
         extra_keys: list[str] | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
@@ -56,8 +56,10 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         self.hits = hits
         # Readers hold no handle until the first read in the process that reads (see RowReader).
         self._x = self._new_x_reader()
-        self._y = RowReader(self.path, y_key)
-        self._extra = {k: RowReader(self.path, k) for k in self.extra_keys}
+        # Class labels as batch["y"] (classification); None: no "y" (regression and custom tasks
+        # read their targets under their own names, and a file without labels is fine).
+        self._y = RowReader(self.path, y_key) if y_key is not None else None
+        self._extra = {k: extra_reader(self.path, k, hits) for k in self.extra_keys}
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._labels: np.ndarray | None = None
         self._specs: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None
@@ -79,8 +81,8 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         clone = H5Split.__new__(H5Split)
         clone.__dict__.update(self.__getstate__())
         clone._x = self._new_x_reader()
-        clone._y = RowReader(self.path, self.y_key)
-        clone._extra = {k: RowReader(self.path, k) for k in self.extra_keys}
+        clone._y = RowReader(self.path, self.y_key) if self.y_key is not None else None
+        clone._extra = {k: extra_reader(self.path, k, self.hits) for k in self.extra_keys}
         clone.transforms = BatchTransforms(list(transforms), where or self.transforms.where)
         return clone
 
@@ -133,7 +135,8 @@ class H5Split(Dataset):  # type: ignore[type-arg]
     def prepare_in_this_process(self) -> None:
         """Open the files and build the caches now, before reader threads share this object."""
         self._sample_specs()
-        self._split_labels()
+        if self._y is not None:
+            self._split_labels()
         self._x.sample_shape()
 
     @property
@@ -156,13 +159,12 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         rows = self.rows[positions]
         if raw is None:
             raw = np.empty((len(rows), *self._x.sample_shape()), dtype=np.float32)
-        out: dict[str, torch.Tensor | None] = {
-            "x": None,  # filled by gather()
-            "y": torch.from_numpy(self._split_labels()[positions]),  # fancy indexing: a new array
-            "index": torch.from_numpy(rows),  # also a new array, made just above
-        }
+        out: dict[str, torch.Tensor | None] = {"x": None}  # x: filled by gather()
+        if self._y is not None:
+            out["y"] = torch.from_numpy(self._split_labels()[positions])  # fancy indexing: a new array
+        out["index"] = torch.from_numpy(rows)  # also a new array, made just above
         if self._extra:
-            for key, dtype, shape in self._sample_specs()[3:]:
+            for key, dtype, shape in self._sample_specs()[len(self._fixed_keys()) :]:
                 out[key] = _empty((len(rows), *shape), dtype)
         return PlannedBatch(out, rows, raw, int(getattr(batch, "seed", 0)))
 
@@ -212,7 +214,8 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         if self.mean is not None and self.std is not None:
             mean, std = self._norm_tensors(x.ndim)
             x.sub_(mean).div_(std)  # after the transforms, in place on memory this batch owns
-        np.take(self._split_labels(), positions, out=out["y"].numpy(), mode="clip")  # positions checked above
+        if self._y is not None:
+            np.take(self._split_labels(), positions, out=out["y"].numpy(), mode="clip")  # positions checked above
         out["index"].numpy()[:] = rows
         for key, reader in self._extra.items():
             reader.read(rows, out=out[key].numpy())
@@ -222,15 +225,24 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         """(key, dtype, per-sample shape) of each batch entry; worked out once per process."""
         if self._specs is None:
             x_shape = self.transforms.output_shape(self._channels_first_shape())
-            specs = [("x", torch.float32, x_shape), ("y", torch.int64, ()), ("index", torch.int64, ())]
+            specs = [("x", torch.float32, x_shape)]
+            if self._y is not None:
+                specs.append(("y", torch.int64, ()))
+            specs.append(("index", torch.int64, ()))
             for key, reader in self._extra.items():
                 specs.append((key, _torch_dtype(reader.dtype_after_open()), reader.sample_shape()))
             self._specs = specs
         return self._specs
 
+    def _fixed_keys(self) -> tuple[str, ...]:
+        """The batch entries before the extra keys, in :meth:`_sample_specs` order."""
+        return ("x", "y", "index") if self._y is not None else ("x", "index")
+
     def _split_labels(self) -> np.ndarray:
         # The labels of this split, read once per process: 8 bytes a sample, and a batch's labels
         # then cost one small take instead of another file read.
+        if self._y is None:
+            raise DataError(f"split {self.name!r} has no class labels: only classification reads data.y_key.")
         if self._labels is None:
             self._labels = self._y.read(self.rows).reshape(-1).astype(np.int64, copy=False)
         return self._labels
@@ -250,7 +262,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         return self._split_labels().copy()
 
     def close(self) -> None:
-        for reader in (self._x, self._y, *self._extra.values()):
+        for reader in (self._x, *([self._y] if self._y is not None else []), *self._extra.values()):
             reader.close()
 
 

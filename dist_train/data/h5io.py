@@ -96,9 +96,10 @@ def get_dataset(f: h5py.File, key: str, path: Path | str, role: str) -> h5py.Dat
     obj = f.get(key)
     if not isinstance(obj, h5py.Dataset):
         what = "is a group, not a dataset" if obj is not None else "does not exist"
+        setting = role if role.startswith(("data.", "task.")) else f"data.{role}"
         raise DataError(
             f"{str(path)!r}: key {key!r} ({role}) {what}. Datasets in the file: {describe_keys(f)}. "
-            f"Set data.{role} to one of them."
+            f"Set {setting} to one of them."
         )
     return obj
 

@@ -59,6 +59,9 @@ from dist_train.errors import DataError
 log = logging.getLogger("dtrain")
 
 IMAGE_POSITIONS_KEY = "mpmt_image_positions"
+# A batch key of hit-list files that is no dataset: each sample's number of hits (point clouds:
+# its real, non-padding columns), for data.input_keys (a model's mask) or data.extra_keys.
+HIT_COUNT_KEY = "n_hits"
 POSITION_KEY = "position"
 ORIENTATION_KEY = "orientation"
 # PMT ids are checked over the whole file at launch up to this many hits (2 GiB of int32 ids,
@@ -456,13 +459,19 @@ def builder_kind(requested: str) -> str:
     return "numpy"
 
 
-def check_pmt_ids(pmt: np.ndarray, num_pmts: int, where: str) -> None:
-    """DataError if a PMT id is negative or has no place in the geometry."""
+def check_pmt_ids(pmt: np.ndarray, num_pmts: int | None, where: str) -> None:
+    """DataError if a PMT id is negative or has no place in the geometry (``num_pmts`` None: no geometry)."""
     if len(pmt) == 0:
         return
     lo, hi = int(pmt.min()), int(pmt.max())
-    if lo < 0 or hi >= num_pmts:
-        bad = lo if lo < 0 else hi
+    if lo < 0:
+        # Said the same way with or without a geometry: `dtrain data inspect` and the launch agree.
+        raise DataError(
+            f"{where}: PMT id {lo} is negative; PMT ids count from 0. The file is corrupt, or "
+            "data.hit_keys.pmt names another dataset."
+        )
+    if num_pmts is not None and hi >= num_pmts:
+        bad = hi
         raise DataError(
             f"{where}: PMT id {bad} is outside the geometry, which has {num_pmts} PMTs (ids 0..{num_pmts - 1}). "
             "The geometry file does not belong to this hit-list file (or data.pmts_per_module is wrong)."
@@ -520,6 +529,14 @@ class HitReader:
     def truncated_events(self) -> int:
         builder = self._builder
         return builder.truncated_events if isinstance(builder, PointCloudBuilder) else 0
+
+    def hits_in_samples(self, rows: np.ndarray) -> np.ndarray:
+        """``n_hits`` of events ``rows`` (int64): the hits each sample holds, i.e. a point cloud's
+        real (non-padding) columns, min(hits, n_points); all of the event's hits for an image."""
+        _, counts = self.hit_counts(np.asarray(rows, dtype=np.int64))
+        if self.spec.representation == "point_cloud":
+            counts = np.minimum(counts, self.spec.n_points)
+        return counts
 
     def hit_counts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first hit, number of hits) of each event in ``rows``."""
@@ -616,6 +633,45 @@ class HitReader:
         self._readers = None
 
 
+class HitCountReader:
+    """``n_hits`` (:data:`HIT_COUNT_KEY`) as a batch key: the interface of ``RowReader`` for a value
+    derived from ``event_hits_index`` (see :meth:`HitReader.hits_in_samples`), not a dataset."""
+
+    def __init__(self, path: Path | str, spec: HitSpec) -> None:
+        self.hits = HitReader(path, spec)
+
+    @property
+    def uses_memmap(self) -> bool:
+        return self.hits.uses_memmap
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return ()
+
+    def dtype_after_open(self) -> np.dtype:
+        return np.dtype(np.int64)
+
+    def num_rows(self) -> int:
+        self.hits.sample_shape()  # opens the file
+        return self.hits.num_events
+
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        counts = self.hits.hits_in_samples(rows)
+        if out is None:
+            return counts
+        out[...] = counts
+        return out
+
+    def close(self) -> None:
+        self.hits.close()
+
+
+def extra_reader(path: Path | str, key: str, hits: HitSpec | None) -> RowReader | HitCountReader:
+    """The reader of a per-sample batch key: a dataset, or ``n_hits`` of a hit-list file."""
+    if hits is not None and key == HIT_COUNT_KEY:
+        return HitCountReader(path, hits)
+    return RowReader(path, key)
+
+
 # ----------------------------------------------------------------------------- checks before training
 
 
@@ -640,10 +696,12 @@ def hit_counts_of(index: np.ndarray, num_hits: int) -> np.ndarray:
     return np.diff(np.append(index.astype(np.int64, copy=False), np.int64(num_hits)))
 
 
-def check_hit_file(f: Any, path: Path | str, spec: HitSpec, *, scan_ids: bool) -> HitFileInfo:
-    """Check the hit arrays of an open file against ``spec`` and its geometry; DataError naming the problem.
+def check_hit_arrays(f: Any, path: Path | str, spec: HitSpec) -> tuple[dict[str, Any], np.ndarray, int]:
+    """The hit-list arrays of an open file, checked without a geometry: present, 1-D, integer index and
+    ids, one entry per hit in each hit array, offsets increasing and inside the hit arrays.
 
-    ``scan_ids``: also check every PMT id against the geometry (the launcher does; ranks do not).
+    Returns (datasets by role, the whole index as int64, the number of hits). The one copy of these
+    checks: the launch (:func:`check_hit_file`) and ``dtrain data inspect`` both run it.
     """
     dsets = {role: get_dataset(f, spec.key_of(role), path, f"hit_keys.{role}") for role in HitReader.ROLES}
     for role, dset in dsets.items():
@@ -671,11 +729,20 @@ def check_hit_file(f: Any, path: Path | str, spec: HitSpec, *, scan_ids: bool) -
     except OSError as exc:
         raise DataError(f"{str(path)!r}: reading {spec.index_key!r} failed ({exc}); the file is corrupt or truncated.") from None
     _check_index(index, num_hits, path, spec.index_key)
+    return dsets, index, num_hits
+
+
+def check_hit_file(f: Any, path: Path | str, spec: HitSpec, *, scan_ids: bool) -> HitFileInfo:
+    """Check the hit arrays of an open file against ``spec`` and its geometry; DataError naming the problem.
+
+    ``scan_ids``: also check every PMT id against the geometry (the launcher does; ranks do not).
+    """
+    dsets, index, num_hits = check_hit_arrays(f, path, spec)
     geometry = load_geometry(spec)
     builder = make_builder(spec, geometry)
     ids_checked = "per batch"
     if scan_ids:
-        ids_checked = _check_ids(dsets["pmt"], builder.num_pmts, path, spec, full=num_hits <= FULL_ID_SCAN_HITS)
+        ids_checked, _ = scan_pmt_ids(dsets["pmt"], builder.num_pmts, path, spec, full=num_hits <= FULL_ID_SCAN_HITS)
     counts = hit_counts_of(index, num_hits)
     over = int((counts > spec.n_points).sum()) if spec.representation == "point_cloud" else 0
     return HitFileInfo(
@@ -711,8 +778,9 @@ def _check_index(index: np.ndarray, num_hits: int, path: Path | str, key: str) -
         )
 
 
-def _check_ids(pmt: Any, num_pmts: int, path: Path | str, spec: HitSpec, *, full: bool) -> str:
-    """Every PMT id (or evenly spaced blocks of them) within the geometry."""
+def scan_pmt_ids(pmt: Any, num_pmts: int | None, path: Path | str, spec: HitSpec, *, full: bool) -> tuple[str, int]:
+    """Every PMT id (or evenly spaced blocks of them) non-negative and, with ``num_pmts``, within the
+    geometry. Returns ("all" or "sampled", the largest id seen; -1 without hits)."""
     n = int(pmt.shape[0])
     if full:
         blocks = [(lo, min(n, lo + _SCAN_BLOCK_HITS)) for lo in range(0, n, _SCAN_BLOCK_HITS)]
@@ -720,9 +788,12 @@ def _check_ids(pmt: Any, num_pmts: int, path: Path | str, spec: HitSpec, *, full
         starts = np.linspace(0, max(0, n - _SCAN_BLOCK_HITS), 64).astype(np.int64)
         blocks = [(int(lo), min(n, int(lo) + _SCAN_BLOCK_HITS)) for lo in np.unique(starts)]
     where = f"{str(path)!r}: {spec.pmt_key!r}"
+    largest = -1
     try:
         for lo, hi in blocks:
-            check_pmt_ids(np.asarray(pmt[lo:hi]), num_pmts, where)
+            block = np.asarray(pmt[lo:hi])
+            check_pmt_ids(block, num_pmts, where)
+            largest = max(largest, int(block.max())) if len(block) else largest
     except OSError as exc:
         raise DataError(f"{where}: reading failed ({exc}); the file is corrupt or truncated.") from None
-    return "all" if full else "sampled"
+    return ("all" if full else "sampled"), largest

@@ -19,7 +19,7 @@ from dist_train.config import Config, resolve_data_path, resolve_geometry_path
 from dist_train.data.h5io import RowReader, Storage, file_size, get_dataset, open_h5, storage_of
 from dist_train.data.hits import HitReader, check_hit_file, hit_spec
 from dist_train.data.splits import SplitRows, make_splits
-from dist_train.data.targets import check_task_keys, is_classification, label_key, target_normalization_for
+from dist_train.data.targets import check_task_keys, label_key, target_normalization_for
 from dist_train.data.transform_spec import parse_transforms
 from dist_train.errors import DataError
 
@@ -38,10 +38,10 @@ class DatasetInfo:
     path: Path
     num_rows: int
     x_key: str
-    y_key: str
+    y_key: str | None  # the classification labels (batch["y"]); None for other tasks
     sample_shape: tuple[int, ...]
     x_dtype: str
-    y_dtype: str
+    y_dtype: str | None
     num_channels: int
     class_counts: list[int]
     x_storage: Storage
@@ -77,34 +77,45 @@ def preflight_check(cfg: Config) -> DatasetInfo:
     For hit-list files this also checks the PMT ids of the hits against the geometry (a pass over
     ``hit_pmt``), which the ranks' own checks (:func:`inspect_config_data`) skip.
     """
-    info, _labels = inspect_config_data(cfg, at_launch=True)
+    info, strata = inspect_config_data(cfg, at_launch=True)
+    # The splits too (a missing or mismatched split file, an empty training split): said before any worker starts.
+    make_splits(info.num_rows, strata, cfg.data, info.path)
     return info
 
 
-def inspect_config_data(cfg: Config, *, at_launch: bool = False) -> tuple[DatasetInfo, np.ndarray]:
-    """:func:`preflight_check` plus the labels it read (int64, one per row)."""
+def inspect_config_data(cfg: Config, *, at_launch: bool = False) -> tuple[DatasetInfo, np.ndarray | None]:
+    """:func:`preflight_check` plus the values the fraction splits stratify by (int64, one per row;
+    None for random or explicit splits).
+
+    Only what the task reads is required: classification its label dataset, regression and custom
+    tasks their targets and inputs (no ``labels``), plus a ``data.stratify`` key when one is named.
+    """
     d = cfg.data
     path = resolve_data_path(cfg)
     if not d.path:
         raise DataError("data.path is empty: set it to an HDF5 file, e.g. data.path = \"data/events.h5\".")
     parse_transforms(d.train_transforms, "data.train_transforms")
     parse_transforms(d.eval_transforms, "data.eval_transforms")
+    y_key = label_key(cfg)
+    strat_key = stratify_key(cfg)
     with open_h5(path) as f:
         if d.format == "hits":
             x_info = _hits_x_info(f, cfg, path, at_launch)
         else:
             x_info = _array_x_info(f, d.x_key, path, d.layout)
-        y_key = label_key(cfg)
-        y = get_dataset(f, y_key, path, "task.targets" if y_key != d.y_key else "y_key")
         num_rows, rows_key = x_info.num_rows, x_info.rows_key
-        _check_y_shape(y, path, y_key, rows_key, num_rows)
-        extra = check_task_keys(f, cfg, path, num_rows)
-        labels = read_labels(y, path, y_key)
-        y_dtype = str(y.dtype)
-    if is_classification(cfg):
+        labels = y_dtype = None
+        if y_key is not None:
+            y = get_dataset(f, y_key, path, "task.targets" if y_key != d.y_key else "y_key")
+            _check_y_shape(y, path, y_key, rows_key, num_rows)
+            labels, y_dtype = read_labels(y, path, y_key), str(y.dtype)
+        extra = check_task_keys(f, cfg, path, num_rows, hits=d.format == "hits")
+        strata = None
+        if strat_key is not None:
+            strata = labels if strat_key == y_key else _read_strata(f, strat_key, path, rows_key, num_rows)
+    counts: list[int] = []
+    if labels is not None and y_key is not None:
         counts = _check_label_range(labels, cfg.model.num_classes, path, y_key)
-    else:  # labels only drive stratified splits for other tasks; any integers will do
-        counts = []
     info = DatasetInfo(
         path=path,
         num_rows=num_rows,
@@ -121,7 +132,23 @@ def inspect_config_data(cfg: Config, *, at_launch: bool = False) -> tuple[Datase
     )
     if d.normalize == "given":
         _check_given_stats(d.mean, d.std, info.num_channels)
-    return info, labels
+    return info, strata
+
+
+def stratify_key(cfg: Config) -> str | None:
+    """The dataset the fraction splits are stratified by, or None (random splits, or a split file)."""
+    s = cfg.data.stratify
+    if cfg.data.split_file or s is False:
+        return None
+    if s is True:  # config validation allows true only for classification
+        return label_key(cfg)
+    return str(s)
+
+
+def _read_strata(f: Any, key: str, path: Path, rows_key: str, num_rows: int) -> np.ndarray:
+    values = get_dataset(f, key, path, "data.stratify")
+    _check_y_shape(values, path, key, rows_key, num_rows, what="data.stratify values")
+    return read_labels(values, path, key, what="data.stratify values")
 
 
 @dataclass
@@ -172,16 +199,16 @@ def _check_x(x: Any, path: Path, key: str) -> None:
         raise DataError(f"{str(path)!r}: {key!r} has shape {x.shape}; it needs at least one sample (axis 0).")
 
 
-def _check_y_shape(y: Any, path: Path, y_key: str, x_key: str, num_rows: int) -> None:
+def _check_y_shape(y: Any, path: Path, y_key: str, x_key: str, num_rows: int, what: str = "labels") -> None:
     if y.ndim == 0 or not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
-        raise DataError(f"{str(path)!r}: labels {y_key!r} have shape {y.shape}; expected (N,) or (N, 1).")
+        raise DataError(f"{str(path)!r}: {what} {y_key!r} have shape {y.shape}; expected (N,) or (N, 1).")
     if y.shape[0] != num_rows:
         raise DataError(
-            f"{str(path)!r}: {y_key!r} has {y.shape[0]} labels but {x_key!r} has {num_rows} samples; "
+            f"{str(path)!r}: {y_key!r} has {y.shape[0]} {what} but {x_key!r} has {num_rows} samples; "
             "the two must have the same length (axis 0)."
         )
     if y.dtype.kind not in "biuf":
-        raise DataError(f"{str(path)!r}: labels {y_key!r} have dtype {y.dtype}; expected integer class ids.")
+        raise DataError(f"{str(path)!r}: {what} {y_key!r} have dtype {y.dtype}; expected integer class ids.")
 
 
 def _check_not_truncated(x: Any, storage: Storage, path: Path, key: str) -> None:
@@ -197,7 +224,7 @@ def _check_not_truncated(x: Any, storage: Storage, path: Path, key: str) -> None
         raise DataError(f"{str(path)!r}: reading {key!r} failed ({exc}); the file is corrupt or truncated.") from None
 
 
-def read_labels(y: Any, path: Path | str, key: str) -> np.ndarray:
+def read_labels(y: Any, path: Path | str, key: str, what: str = "labels") -> np.ndarray:
     """All labels as int64, read in blocks; float labels must hold whole numbers."""
     n = int(y.shape[0])
     out = np.empty(n, dtype=np.int64)
@@ -206,11 +233,12 @@ def read_labels(y: Any, path: Path | str, key: str) -> np.ndarray:
             block = np.asarray(y[lo : lo + _LABEL_BLOCK_ROWS]).reshape(-1)
             if block.dtype.kind == "f" and not np.all(np.isfinite(block) & (np.mod(block, 1) == 0)):
                 raise DataError(
-                    f"{str(path)!r}: labels {key!r} are floats that are not whole numbers; labels must be class ids."
+                    f"{str(path)!r}: {what} {key!r} are floats that are not whole numbers; {what} must be class ids"
+                    + (" (stratify by an integer dataset, or set data.stratify = false)." if what != "labels" else ".")
                 )
             out[lo : lo + len(block)] = block
     except OSError as exc:
-        raise DataError(f"{str(path)!r}: reading labels {key!r} failed ({exc}); the file is corrupt or truncated.") from None
+        raise DataError(f"{str(path)!r}: reading {what} {key!r} failed ({exc}); the file is corrupt or truncated.") from None
     return out
 
 
@@ -238,8 +266,8 @@ def _check_given_stats(mean: list[float], std: list[float], channels: int) -> No
 
 
 def prepare_splits(cfg: Config) -> tuple[DatasetInfo, SplitRows]:
-    info, labels = inspect_config_data(cfg)
-    return info, make_splits(info.num_rows, labels, cfg.data, info.path)
+    info, strata = inspect_config_data(cfg)
+    return info, make_splits(info.num_rows, strata, cfg.data, info.path)
 
 
 def compute_channel_stats(
@@ -255,6 +283,8 @@ def compute_channel_stats(
     """Per-channel mean and std (population) over ``rows``; a seeded subset if there are more than ``max_samples``.
 
     ``reader``: where the samples come from (default: the dataset ``x_key``); it is closed after.
+    Point clouds of a hit-list file: over their real hits only (each sample's first ``n_hits``
+    columns), never the zero padding.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) > max_samples:
@@ -273,10 +303,12 @@ def compute_channel_stats(
             block = reader.read(rows[lo : lo + block_rows]).astype(np.float64, copy=False)
             if channels_last:  # (B, H, W, C) -> (B, C, H*W): the statistics are per channel either way
                 block = block.reshape(len(block), -1, channels).transpose(0, 2, 1)
-            block = block.reshape(len(block), channels, -1)
-            n_b = float(block.shape[0] * block.shape[2])
-            mean_b = block.mean(axis=(0, 2))
-            m2_b = ((block - mean_b[None, :, None]) ** 2).sum(axis=(0, 2))
+            values = _real_values(block.reshape(len(block), channels, -1), reader, rows[lo : lo + block_rows])
+            n_b = float(values.shape[1])
+            if n_b == 0:
+                continue
+            mean_b = values.mean(axis=1)
+            m2_b = ((values - mean_b[:, None]) ** 2).sum(axis=1)
             # Chan et al.'s pairwise update: stable for any number of blocks.
             delta = mean_b - mean
             total = count + n_b
@@ -289,6 +321,14 @@ def compute_channel_stats(
     # A constant channel would divide by zero; leaving it unscaled is the useful choice.
     std = np.where(std > 0, std, 1.0)
     return mean.tolist(), std.tolist(), len(rows)
+
+
+def _real_values(block: np.ndarray, reader: RowReader | HitReader, rows: np.ndarray) -> np.ndarray:
+    """(C, values) of a (B, C, L) block: every value, or for point clouds only each sample's real hits."""
+    if not (isinstance(reader, HitReader) and reader.spec.representation == "point_cloud"):
+        return block.transpose(1, 0, 2).reshape(block.shape[1], -1)
+    real = np.arange(block.shape[2])[None, :] < reader.hits_in_samples(rows)[:, None]  # (B, L)
+    return block.transpose(1, 0, 2)[:, real]
 
 
 def rows_fingerprint(rows: np.ndarray) -> str:

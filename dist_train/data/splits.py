@@ -4,7 +4,8 @@ Two ways to split (see the package docstring for the config keys):
 
 * fractions: ``data.val_split`` / ``data.test_split`` with ``data.split_seed``; rows are drawn
   without replacement, the splits are disjoint and together cover the selected rows;
-  ``data.stratify`` keeps each class's share in every split; ``data.limit`` first takes a seeded
+  ``data.stratify`` keeps each class's share in every split (``true``: the classification labels;
+  ``"key"``: the values of that integer dataset, for any task; ``false``: random); ``data.limit`` first takes a seeded
   subset (without replacement) of the whole file.
 * explicit index arrays (``data.split_file``):
   - ``path/to/splits.npz`` with arrays ``train_idxs``, ``val_idxs`` and optionally ``test_idxs``
@@ -25,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.config import DataConfig
+from dist_train.config import H5_SPLIT_PREFIX, DataConfig
 from dist_train.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
-H5_SPLIT_PREFIX = "h5:"
 
 
 @dataclass
@@ -45,14 +45,15 @@ class SplitRows:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
 
 
-def make_splits(num_rows: int, labels: np.ndarray | None, cfg: DataConfig, data_path: Path) -> SplitRows:
+def make_splits(num_rows: int, strata: np.ndarray | None, cfg: DataConfig, data_path: Path) -> SplitRows:
+    """``strata``: one integer per row to stratify by (``data.stratify``), None for random splits."""
     if cfg.split_file:
         arrays = load_split_arrays(cfg.split_file, data_path)
         splits = validate_split_arrays(arrays, num_rows, where=cfg.split_file)
         if cfg.limit:
             splits = _limit_explicit(splits, cfg.limit, cfg.split_seed)
         return splits
-    return fraction_splits(num_rows, labels, cfg)
+    return fraction_splits(num_rows, strata, cfg)
 
 
 # ----------------------------------------------------------------------------- fraction splits
@@ -70,14 +71,14 @@ def _split_counts(n: int, val: float, test: float) -> tuple[int, int]:
     return int(round(n * val)), int(round(n * test))
 
 
-def fraction_splits(num_rows: int, labels: np.ndarray | None, cfg: DataConfig) -> SplitRows:
+def fraction_splits(num_rows: int, strata: np.ndarray | None, cfg: DataConfig) -> SplitRows:
     rows = select_rows(num_rows, cfg.limit, cfg.split_seed)
     rng = np.random.default_rng([cfg.split_seed, 2])
-    if cfg.stratify:
-        if labels is None:
-            raise DataError("data.stratify = true needs labels, but none were read.")
+    if cfg.stratify is not False:
+        if strata is None:
+            raise DataError(f"data.stratify = {cfg.stratify!r} needs the values to stratify by, but none were read.")
         parts: list[tuple[np.ndarray, ...]] = []
-        row_labels = labels[rows]
+        row_labels = strata[rows]
         for cls in np.unique(row_labels):
             parts.append(_draw(rows[row_labels == cls], cfg.val_split, cfg.test_split, rng))
         train = np.concatenate([p[0] for p in parts])

@@ -18,6 +18,7 @@ import numpy as np
 
 from dist_train.config import Config
 from dist_train.data.h5io import RowReader, get_dataset
+from dist_train.data.hits import HIT_COUNT_KEY
 from dist_train.errors import ConfigError, DataError
 
 TARGET_NORMALIZATION_FILE = "target_normalization.json"
@@ -29,9 +30,10 @@ def is_classification(cfg: Config) -> bool:
     return cfg.task.name == "classification"
 
 
-def label_key(cfg: Config) -> str:
-    """The dataset read as ``batch["y"]``: the classification target, else ``data.y_key``."""
-    return cfg.task.resolved_targets(cfg.data.y_key)[0] if is_classification(cfg) else cfg.data.y_key
+def label_key(cfg: Config) -> str | None:
+    """The dataset read as ``batch["y"]``: the classification target; None for other tasks, which
+    read their targets under their own names (a file without class labels trains them)."""
+    return cfg.task.resolved_targets(cfg.data.y_key)[0] if is_classification(cfg) else None
 
 
 def regression_targets(cfg: Config) -> list[str]:
@@ -57,8 +59,11 @@ def key_origin(cfg: Config, key: str) -> str:
     return "data.extra_keys"
 
 
-def check_task_keys(f: Any, cfg: Config, path: Path, num_rows: int) -> dict[str, dict[str, Any]]:
-    """Shapes and dtypes of :func:`batch_keys`, checked: present, numeric, one row per sample."""
+def check_task_keys(f: Any, cfg: Config, path: Path, num_rows: int, *, hits: bool = False) -> dict[str, dict[str, Any]]:
+    """Shapes and dtypes of :func:`batch_keys`, checked: present, numeric, one row per sample.
+
+    ``hits``: a hit-list file, whose ``n_hits`` (:data:`~dist_train.data.hits.HIT_COUNT_KEY`) is derived, not read.
+    """
     out = {}
     regression = set(regression_targets(cfg))
     for key in batch_keys(cfg):
@@ -67,6 +72,9 @@ def check_task_keys(f: Any, cfg: Config, path: Path, num_rows: int) -> dict[str,
             raise ConfigError(
                 f"{origin} names {key!r}, which the batch uses for itself (x, y, index); rename the dataset."
             )
+        if hits and key == HIT_COUNT_KEY:
+            out[key] = _hit_count_spec(f, cfg, path, origin)
+            continue
         e = get_dataset(f, key, path, origin)
         if e.ndim == 0 or e.shape[0] != num_rows:
             raise DataError(
@@ -82,6 +90,17 @@ def check_task_keys(f: Any, cfg: Config, path: Path, num_rows: int) -> dict[str,
             )
         out[key] = {"shape": [int(s) for s in e.shape[1:]], "dtype": str(e.dtype)}
     return out
+
+
+def _hit_count_spec(f: Any, cfg: Config, path: Path, origin: str) -> dict[str, Any]:
+    if HIT_COUNT_KEY in f:
+        raise DataError(
+            f"{str(path)!r} has its own dataset {HIT_COUNT_KEY!r}, but in a hit-list file (data.format = \"hits\") "
+            f"{origin} = {HIT_COUNT_KEY!r} means the hits of each sample, counted by dtrain. Rename the dataset."
+        )
+    if HIT_COUNT_KEY in regression_targets(cfg):
+        raise DataError(f"task.targets names {HIT_COUNT_KEY!r}, the integer hit count of a hit-list file; regression targets must be float datasets.")
+    return {"shape": [], "dtype": "int64"}
 
 
 def target_widths(cfg: Config, shapes: dict[str, dict[str, Any]]) -> list[int]:

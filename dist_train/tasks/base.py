@@ -65,6 +65,8 @@ class Task:
     output_width: int | None = None
     #: HDF5 datasets the task reads into every batch besides ``x`` (its targets).
     batch_keys: tuple[str, ...] = ()
+    #: Whether :meth:`eval_histograms` returns anything (else evaluation skips their reduction).
+    has_histograms = False
 
     def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """The loss SUMMED over the batch's samples (dtrain divides by the global sample count)."""
@@ -99,6 +101,14 @@ class Task:
 
     def reports(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Non-scalar results of an evaluation, written to the run directory (name -> JSON-able)."""
+        return {}
+
+    def eval_histograms(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample values to histogram over the evaluated split (never gathered: see HistogramCollector)."""
+        return {}
+
+    def histogram_reports(self, histograms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Reports made of the split's histograms of :meth:`eval_histograms` (name -> JSON-able)."""
         return {}
 
     def predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -247,3 +257,48 @@ class SampleCollector:
             for key, value in part.items():
                 out.setdefault(key, []).append(value)
         return {k: np.concatenate(v) for k, v in out.items()}
+
+
+class HistogramCollector:
+    """Histograms of per-sample values over every rank's shard, without moving the values.
+
+    Each rank keeps its own values; the ranks agree on each key's range (one gather of extremes),
+    bin their values with the same edges and add the counts: the counts of ``np.histogram`` of all
+    the values at once, for the traffic of a few numbers per bin.
+    """
+
+    def __init__(self, bins: int) -> None:
+        self.bins = bins
+        self._parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            self._parts.setdefault(key, []).append(value.detach().double().reshape(-1).cpu().numpy())
+
+    def reduce(self) -> dict[str, dict[str, Any]]:
+        """Per key: ``edges`` (bins + 1), ``counts``, and the ``sum`` and ``sum_squares`` of the finite values."""
+        local = {k: _finite(np.concatenate(v)) for k, v in self._parts.items()}
+        extremes: dict[str, list[float]] = {}
+        for part in all_gather_objects({k: [v.min(), v.max(), v.sum(), np.square(v).sum()] for k, v in local.items() if len(v)}):
+            for key, (low, high, total, squares) in part.items():
+                seen = extremes.setdefault(key, [low, high, 0.0, 0.0])
+                seen[:] = [min(seen[0], low), max(seen[1], high), seen[2] + total, seen[3] + squares]
+        edges = {k: _histogram_edges(low, high, self.bins) for k, (low, high, _, _) in extremes.items()}
+        counts = {k: np.histogram(local.get(k, np.zeros(0)), bins=e)[0].astype(np.float64) for k, e in edges.items()}
+        totals = add_sums(all_gather_objects(counts))
+        return {
+            k: {"edges": e.tolist(), "counts": totals[k].astype(np.int64).tolist(), "sum": float(extremes[k][2]),
+                "sum_squares": float(extremes[k][3])}
+            for k, e in edges.items()
+        }
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def _histogram_edges(low: float, high: float, bins: int) -> np.ndarray:
+    """np.histogram's own edges for values from ``low`` to ``high`` (a unit wide range when they are equal)."""
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    return np.linspace(low, high, bins + 1)

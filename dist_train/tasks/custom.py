@@ -3,8 +3,9 @@
 The class needs ``loss(outputs, batch)`` (a scalar tensor: the SUM over the batch's samples) and
 ``metrics(outputs, batch)`` (a dict of per-batch SUMS, scalar tensors or numbers, including
 ``count``); optionally ``finalize(sums)`` (default: each sum divided by ``sums["count"]``),
-``predictions(outputs, batch)`` (per-sample rows for ``dtrain eval --predictions``) and an
-``output_width`` attribute (the model output width; checked at start-up when given). ``[task]
+``predictions(outputs, batch)`` (per-sample rows for ``dtrain eval --predictions``),
+``eval_samples(outputs, batch)`` with ``finalize_samples(samples)`` (exact quantiles: per-sample
+values of an evaluation, gathered from every rank, each sample once) and an ``output_width`` attribute (the model output width; checked at start-up when given). ``[task]
 kwargs`` go to its constructor. dtrain adds the loss sum to the metric sums as ``"loss"`` and
 reports ``<split>/loss`` unless ``finalize`` returns its own.
 
@@ -69,6 +70,16 @@ class CustomTask(Task):
         width = getattr(self.user, "output_width", None)
         self.output_width = int(width) if width is not None else None
         self._metrics_checked = False
+        self._samples_checked = False
+        has = [callable(getattr(self.user, m, None)) for m in ("eval_samples", "finalize_samples")]
+        if any(has) and not all(has):
+            given, missing = ("eval_samples", "finalize_samples") if has[0] else ("finalize_samples", "eval_samples")
+            raise ConfigError(
+                f"task {spec!r}: {self.name} has {given}() but no {missing}(); per-sample values need both: "
+                "eval_samples(outputs, batch) returns them, finalize_samples(samples) turns the whole split's into "
+                "metrics (see docs/tasks.md)."
+            )
+        self._has_samples = all(has)
 
     def _call(self, method: str, *args: Any) -> Any:
         fn: Callable[..., Any] = getattr(self.user, method)
@@ -126,6 +137,36 @@ class CustomTask(Task):
             out = super().finalize(sums)
         out.setdefault("loss", plain["loss"] / max(plain["count"], 1.0))
         return out
+
+    def eval_samples(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        if not self._has_samples:
+            return {}
+        with torch.no_grad():
+            values = self._call("eval_samples", outputs, batch)
+        if not self._samples_checked:
+            self._check_samples(values, outputs)
+            self._samples_checked = True
+        return values  # type: ignore[no-any-return]
+
+    def _check_samples(self, values: Any, outputs: Any) -> None:
+        where = f"task {self.spec}: {self.name}.eval_samples()"
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} returned {_describe(values)}; it must return a dict of per-sample tensors.")
+        size = outputs.shape[0] if isinstance(outputs, torch.Tensor) else None
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 1 or (size is not None and len(value) != size):
+                raise ConfigError(
+                    f"{where} returned {key!r} = {_describe(value)}; every value must be a 1-D tensor with one "
+                    f"entry per sample of the batch{f' ({size})' if size is not None else ''}."
+                )
+
+    def finalize_samples(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
+        if not self._has_samples:
+            return {}
+        result = self._call("finalize_samples", samples)
+        if not isinstance(result, dict):
+            raise ConfigError(f"task {self.spec}: {self.name}.finalize_samples() returned {_describe(result)}, not a dict.")
+        return {str(k): float(v) for k, v in result.items()}
 
     def predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         if not callable(getattr(self.user, "predictions", None)):

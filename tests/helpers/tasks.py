@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,3 +93,21 @@ class TwoHeadMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+class QuantileTask(AbsErrorTask):
+    """AbsErrorTask with exact quantiles of the absolute error, from the gathered per-sample values."""
+
+    def eval_samples(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"abs_err": (outputs[:, 0].float() * self.scale - batch["energies"].reshape(-1)).abs()}
+
+    def finalize_samples(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
+        values = samples.get("abs_err", np.zeros(0))
+        if not len(values):
+            return {}
+        return {"abs_err_median": float(np.quantile(values, 0.5)), "abs_err_90": float(np.quantile(values, 0.9))}
+
+
+class SamplesWithoutFinalizeTask(AbsErrorTask):
+    def eval_samples(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"abs_err": outputs[:, 0]}
