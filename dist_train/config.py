@@ -230,6 +230,10 @@ class TrainConfig:
     # "ddp": every rank holds the whole model; "fsdp": parameters, gradients and optimizer state are
     # sharded across ranks (FSDP2, see [fsdp]; needs torch >= 2.7).
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # BatchNorm layers normalise with the statistics of the whole global batch (every rank's samples)
+    # instead of each rank's own: torch.nn.SyncBatchNorm, one all-gather per BatchNorm layer and step.
+    # GPUs and DDP only (PyTorch has no CPU kernels for it); a no-op in one process.
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -580,6 +584,12 @@ def validate(cfg: Config, origin: str) -> None:
             f"watches checkpoint.monitor = {cfg.checkpoint.monitor!r}, but data.val_split = 0 leaves no validation split; "
             "set data.val_split, monitor a train/ metric, or set train.early_stop_patience = 0.",
         )
+    if t.sync_batchnorm and t.strategy == "fsdp":
+        raise ConfigError(
+            f"{origin}: train.sync_batchnorm = true with train.strategy = 'fsdp' is not supported: SyncBatchNorm is "
+            "untested under FSDP2 (its parameters are sharded and cast by FSDP's mixed precision). Use "
+            "train.strategy = 'ddp' for synchronised BatchNorm, or set train.sync_batchnorm = false."
+        )
     f = cfg.fsdp
     if f.min_params < 1:
         fail("fsdp.min_params", f.min_params, "must be at least 1 (parameters per automatically sharded block).")
@@ -811,6 +821,20 @@ def make_data_paths_absolute(cfg: Config) -> None:
 def torch_version_tuple(version: str) -> tuple[int, int]:
     major, minor = version.split("+")[0].split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_sync_batchnorm_device(cfg: Config, *, device_type: str, world_size: int) -> None:
+    """``train.sync_batchnorm`` on several CPU processes is a config error: torch's SyncBatchNorm has CUDA
+    kernels only (its forward raises on CPU input). Checked by the launcher once it knows the devices,
+    and again in the worker."""
+    if not cfg.train.sync_batchnorm or world_size <= 1 or device_type != "cpu":
+        return
+    raise ConfigError(
+        f"{cfg.source or '<config>'}: train.sync_batchnorm = true needs GPUs, but this job runs {world_size} "
+        "processes on the CPU, and PyTorch's SyncBatchNorm has no CPU implementation. Launch on GPUs "
+        "(--gpus auto), or set train.sync_batchnorm = false: each rank then normalises with its own "
+        "batch's statistics, and evaluation and checkpoints use rank 0's running statistics."
+    )
 
 
 def check_strategy_supported(cfg: Config, torch_version: str | None = None) -> None:

@@ -6,15 +6,17 @@ One process without torchrun's variables is a world of size 1 with no process gr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dist_train import envvars
 
@@ -117,6 +119,67 @@ def settle_gradient_buckets(ddp: Any, example_input: torch.Tensor, example_kwarg
             buffer.copy_(saved)
     for param in module.parameters():
         param.grad = None
+
+
+def broadcast_from_rank_zero(tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values: one broadcast per dtype, not one per tensor."""
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    device = _reduction_device()  # NCCL broadcasts CUDA tensors only, gloo CPU ones
+    with torch.no_grad():
+        for same in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1).to(device) for t in same])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for tensor in same:
+                tensor.copy_(flat[offset : offset + tensor.numel()].view(tensor.shape))
+                offset += tensor.numel()
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(module: nn.Module) -> Iterator[None]:
+    """Inside, every rank holds rank 0's buffers (BatchNorm running statistics); afterwards its own again.
+
+    Each rank updates its running statistics with its own batches, so after a training step the ranks'
+    buffers differ, while a checkpoint holds one copy of them (rank 0's). Evaluating and saving inside
+    this context makes the logged metrics those of the checkpoint, on every rank and under any
+    strategy. Training then continues with what each rank held before: evaluating and saving never
+    change the run (under FSDP, which leaves buffers per rank, that keeps resume bit-exact).
+    A collective: every rank enters it at the same point.
+    """
+    if not is_distributed():
+        yield
+        return
+    buffers = list(module.buffers())
+    own = [b.detach().clone() for b in buffers]
+    broadcast_from_rank_zero(buffers)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, own, strict=True):
+                buffer.copy_(saved)
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the buffers a state_dict holds (non-persistent ones are rebuilt by the model), by name."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer.detach().to("cpu", copy=True)
+    return out
+
+
+def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` (from :func:`persistent_buffers`) into ``module``'s buffers of the same names."""
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.items():
+            buffers[name].copy_(value)
 
 
 def destroy_distributed() -> None:

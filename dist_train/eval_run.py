@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ def evaluate_checkpoint(
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
     from dist_train.tasks import build_model_for_task, build_task
+    from dist_train.trainer import resolve_precision
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
@@ -61,8 +65,17 @@ def evaluate_checkpoint(
     )
     loader = make_loader(subset, sampler, cfg.data, train=False, device_type="cpu")
     preds = Predictions() if predictions_path is not None else None
+    # The run's precision, as its own evaluation on the CPU used it: a bf16 run's logged metrics are bf16 ones.
+    dtype = resolve_precision(cfg.train.precision, torch.device("cpu")).dtype
     result = evaluate_batches(
-        model, loader, torch.device("cpu"), task, input_keys=cfg.data.input_keys, prefix=split, predictions=preds
+        model,
+        loader,
+        torch.device("cpu"),
+        task,
+        input_keys=cfg.data.input_keys,
+        autocast=_cpu_autocast(dtype),
+        prefix=split,
+        predictions=preds,
     )
     metrics: dict[str, Any] = dict(result.metrics)
     if preds is not None and predictions_path is not None:
@@ -71,4 +84,10 @@ def evaluate_checkpoint(
     metrics["epoch"] = state["epoch"]
     metrics["step"] = state["step"]
     return metrics
+
+
+def _cpu_autocast(dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type="cpu", dtype=dtype)
 

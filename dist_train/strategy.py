@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.config import Config, FSDPConfig, check_strategy_supported
+from dist_train.config import Config, FSDPConfig, check_strategy_supported, check_sync_batchnorm_device
+from dist_train.distributed import persistent_buffers
 from dist_train.errors import ConfigError
 
 log = logging.getLogger("dtrain")
@@ -49,12 +50,38 @@ class Strategy(Protocol):
 
     def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
 
+    def rank_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """This rank's own buffers for its rank state, where they outlive a training step ({} where not):
+        a resume on as many ranks restores them, so training continues exactly as it would have."""
+        ...
+
 
 def build_strategy(cfg: Config, device: torch.device, world_size: int, distributed: bool) -> Strategy:
     if cfg.train.strategy == "fsdp":
         check_strategy_supported(cfg, torch.__version__)
         return FSDPStrategy(cfg.fsdp, _fsdp_param_dtype(cfg, device), device, world_size)
     return DDPStrategy(device, distributed, cfg.train.find_unused_parameters)
+
+
+def use_sync_batchnorm(model: nn.Module, cfg: Config, device: torch.device, world_size: int) -> nn.Module:
+    """``train.sync_batchnorm``: every BatchNorm layer becomes a SyncBatchNorm, before the model is wrapped.
+
+    The new layers hold the same parameter and buffer tensors under the same state_dict keys, so a
+    checkpoint loads with the setting on or off (and into ``dtrain eval``'s plain model).
+    """
+    if not cfg.train.sync_batchnorm:
+        return model
+    if world_size == 1:
+        log.info("train.sync_batchnorm: one process, nothing to synchronise; BatchNorm layers stay as they are")
+        return model
+    check_sync_batchnorm_device(cfg, device_type=device.type, world_size=world_size)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    count = sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    if count:
+        log.info("train.sync_batchnorm: %d BatchNorm layer(s) use the statistics of all %d ranks", count, world_size)
+    else:
+        log.warning("train.sync_batchnorm = true, but the model has no BatchNorm layer: nothing to synchronise")
+    return converted
 
 
 def _fsdp_param_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -107,6 +134,11 @@ class DDPStrategy:
 
     def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+    def rank_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """None: DDP (``broadcast_buffers``) gives every rank rank 0's buffers at the start of each forward, so a
+        rank's own never outlive a step; the checkpoint's (rank 0's) are what every rank continues with."""
+        return {}
 
 
 class FSDPStrategy:
@@ -251,6 +283,11 @@ class FSDPStrategy:
             for unit in units:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.cfg.reshard_after_forward and unit is not model, recurse=False)
+
+    def rank_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """All of them: FSDP does not synchronise buffers, so each rank's evolve with its own batches all run
+        long (the checkpoint's model state holds rank 0's, see ``distributed.rank_zero_buffers``)."""
+        return persistent_buffers(model)
 
 
 def _ensure_process_group(device: torch.device) -> None:

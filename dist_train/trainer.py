@@ -37,6 +37,8 @@ from dist_train.distributed import (
     barrier,
     broadcast_object,
     new_cpu_group,
+    rank_zero_buffers,
+    restore_buffers,
     settle_gradient_buckets,
     sync_bool,
 )
@@ -48,7 +50,7 @@ from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_
 from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
-from dist_train.strategy import Strategy, build_strategy
+from dist_train.strategy import Strategy, build_strategy, use_sync_batchnorm
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
 from dist_train.tasks.base import TrainStep, add_sums
 from dist_train.watchdog import HangWatchdog
@@ -172,7 +174,8 @@ class Trainer:
         self.task: Task = build_task(cfg, self.data)
         # Before the model's tensors exist, so that all of FSDP's large buffers follow the new threshold.
         return_large_frees_to_os(cfg.train.strategy, self.device.type)
-        self.model: nn.Module = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        model = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        self.model: nn.Module = use_sync_batchnorm(model, cfg, self.device, dist_info.world_size)
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.train_model: nn.Module = self._wrap_model(self.model)
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -301,13 +304,18 @@ class Trainer:
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        return {"rng": capture_rng(), "meter": _plain_sums(self.meter.local_sums())}
+        return {
+            "rng": capture_rng(),
+            "meter": _plain_sums(self.meter.local_sums()),
+            "buffers": self.strategy.rank_buffers(self.model),
+        }
 
     def _restore_rank_state(self, rank_states: list[Any]) -> None:
         if len(rank_states) == self.dist.world_size:
             mine = rank_states[self.dist.rank]
             restore_rng(mine["rng"])
             self.meter.load_sums(_upgrade_meter(mine["meter"]))
+            restore_buffers(self.model, mine.get("buffers", {}))
             return
         # World size changed: the sampler re-shards the rest of the epoch; partial-epoch sums move to
         # rank 0 so the reduced epoch metrics stay exact; RNG streams cannot map 1:1, so re-seed.
@@ -353,17 +361,20 @@ class Trainer:
         ``blocking`` (always for a preemption): return only once the checkpoint is durable."""
         if self.ckpt_store is None:
             return
-        path = self.ckpt_store.save(
-            self.model,
-            self.optimizer,
-            self.build_checkpoint(reason, metrics or {}),
-            self._rank_state(),
-            epoch=self._checkpoint_epoch(reason),
-            step=self.counters.step,
-            metrics=metrics or {},
-            is_best=is_best,
-            blocking=blocking or reason == "preempt",
-        )
+        rank_state = self._rank_state()  # this rank's own buffers, before they are swapped for rank 0's
+        # The model state holds rank 0's buffers, those the logged metrics were computed with (evaluate()).
+        with rank_zero_buffers(self.model):
+            path = self.ckpt_store.save(
+                self.model,
+                self.optimizer,
+                self.build_checkpoint(reason, metrics or {}),
+                rank_state,
+                epoch=self._checkpoint_epoch(reason),
+                step=self.counters.step,
+                metrics=metrics or {},
+                is_best=is_best,
+                blocking=blocking or reason == "preempt",
+            )
         if path is not None:
             log.info("checkpoint (%s) -> %s", reason, path)
         self._last_ckpt_time = time.monotonic()
@@ -587,7 +598,8 @@ class Trainer:
         loader = self.eval_loaders.get(split)
         if loader is None:
             return {}
-        with self.strategy.eval_context(self.model):
+        # Every rank evaluates with rank 0's buffers (BatchNorm statistics), the ones the checkpoint holds.
+        with self.strategy.eval_context(self.model), rank_zero_buffers(self.model):
             result = evaluate_batches(
                 self.model,
                 loader,

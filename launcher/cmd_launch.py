@@ -16,6 +16,7 @@ import click
 from dist_train.config import (
     DEMO_FILE_PREFIX,
     Config,
+    check_sync_batchnorm_device,
     load_config,
     make_data_paths_absolute,
     read_toml,
@@ -161,6 +162,12 @@ def check_training_strategy(cfg: Config) -> None:
     from dist_train.config import check_strategy_supported
 
     check_strategy_supported(cfg)
+
+
+def check_settings_for_devices(cfg: Config, devices: Devices) -> None:
+    """Settings that need GPUs, once the launch knows whether it has any (before anything is created)."""
+    world_size = devices.topology.nproc_per_node * devices.topology.nnodes
+    check_sync_batchnorm_device(cfg, device_type="cuda" if devices.cuda_visible else "cpu", world_size=world_size)
 
 
 def _job_id() -> str:
@@ -442,6 +449,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
     phases.mark("devices (NVML query, reservation)")
     run_lock: int | None = None
     try:
+        check_settings_for_devices(cfg, devices)
         launch_plan = build_plan(
             cfg,
             run_dir / "config.toml",

@@ -179,3 +179,56 @@ class StopSignalMLP(nn.Module):
                     return
             time.sleep(0.02)
         raise RuntimeError("the stop signal did not reach rank 0 within 60 s")
+
+
+class BatchNormMLP(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear: running statistics each rank updates with its own batches."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BatchNormCNN(nn.Module):
+    """Two (conv 3x3 -> BatchNorm2d -> ReLU) blocks, global average pooling, a linear head: a ResNet in miniature."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class RunningMeanMLP(nn.Module):
+    """Subtracts a running mean of its inputs that the training forward updates and reads (an input normaliser
+    of the kind physics models carry), then Linear -> BatchNorm1d -> ReLU -> Linear. Under FSDP, which leaves
+    buffers to each rank, every rank's mean evolves with its own batches and shapes its own gradients."""
+
+    def __init__(self, num_classes: int, in_features: int, momentum: float = 0.2) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.net = nn.Sequential(nn.Linear(in_features, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        if self.training:
+            with torch.no_grad():
+                self.input_mean.lerp_(x.mean(0), self.momentum)
+        return self.net(x - self.input_mean)
