@@ -530,10 +530,12 @@ def failure_report(plan: LaunchPlan, code: int) -> str:
 def usage_report(plan: LaunchPlan, first: dict[str, Any], paragraph: str, rest: list[dict[str, Any]]) -> str:
     """Bad input (config, data, checkpoint, a model that fails its dry forward pass): the worker's own
     paragraph, once, as the launcher's own errors read. Found by every rank, which one does not change
-    the fix; found by some ranks only (a rank-dependent model), the first is named with its log."""
-    if all(_is_usage_error(f) for f in rest):
+    the fix; found by some ranks only (a rank-dependent model: another rank got past that point and
+    then lost its connection to this one), the first is named with its log."""
+    if all(_is_usage_error(f) or _was_torn_down(f) for f in rest):
         return f"dtrain: error: {paragraph}"
     rank = first.get("rank", 0)
     log = Path(plan.run_dir) / "logs" / f"rank{rank}.log"
-    report = f"dtrain: error: rank {rank}: {paragraph} Its log: {log}.{_others(rest)}"
+    sentence = paragraph if paragraph.endswith((".", "!", "?")) else paragraph + "."
+    report = f"dtrain: error: rank {rank}: {sentence} Its log: {log}.{_others(rest)}"
     return report + (_all_tracebacks([first, *rest]) if _verbose(plan) else "")

@@ -96,7 +96,9 @@ def assert_logged_metrics_are_the_checkpoints(run_dir: Path) -> None:
     for record in epochs:
         _assert_same_metrics(record, _eval_here(_checkpoint_at(run_dir, record["step"]), "val"), "val")
     (test,) = records(run_dir, "test")
-    _assert_same_metrics(test, _eval(_checkpoint_at(run_dir, test["step"]), "test", run_dir), "test")
+    # The test record evaluates the checkpoint it names (train.test_checkpoint: best by default).
+    evaluated = Path(test["checkpoint"]["path"]) if "path" in test["checkpoint"] else _checkpoint_at(run_dir, test["step"])
+    _assert_same_metrics(test, _eval(evaluated, "test", run_dir), "test")
 
 
 @pytest.mark.parametrize(

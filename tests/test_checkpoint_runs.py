@@ -41,8 +41,10 @@ def test_keep_last_zero_keeps_every_checkpoint(tmp_path: Path, data: Path, strat
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")
     names = [n.removesuffix(".pt") for n in checkpoint_names(run_dir)]
-    # Every 2 steps in epoch 1 (epoch counter 0), then the end of training's (epoch 1 completed).
-    assert names == [*(f"ckpt-e0000-s{s:08d}" for s in (2, 4, 6, 8, 10)), "ckpt-e0001-s00000010"], names
+    # Every 2 steps of epoch 1, then the end of epoch 1's at the same step: a second save at one
+    # (epoch, step) gets a "-1" suffix, never overwriting the first.
+    expected = [*(f"ckpt-e0001-s{s:08d}" for s in (2, 4, 6, 8, 10)), "ckpt-e0001-s00000010-1"]
+    assert sorted(names) == sorted(expected), names
     if strategy == "fsdp":
         assert all((run_dir / "checkpoints" / n).is_dir() for n in names), "sharded checkpoints are directories"
 

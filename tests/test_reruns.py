@@ -52,7 +52,7 @@ def test_rerunning_a_complete_run_says_so_and_how_to_extend_it(tmp_path: Path) -
     extended = launch(tmp_path, cfg, "--run-dir", str(first), "--set", "train.epochs=2")
     assert_ok(extended)
     assert "resuming run in" in extended.stderr
-    assert [r["epoch"] for r in records(first, "epoch")] == [0, 1]
+    assert [r["epoch"] for r in records(first, "epoch")] == [1, 2]
     assert_each_step_once(first, 10)
 
 
@@ -71,7 +71,7 @@ def test_a_damaged_only_checkpoint_restarts_from_scratch_says_so_and_rewinds_the
     assert said in rerun.stdout + rerun.stderr
     assert said in (run_dir / "logs" / "rank0.log").read_text()
     assert_each_step_once(run_dir, 10)
-    assert [r["epoch"] for r in records(run_dir, "epoch")] == [0, 1]
+    assert [r["epoch"] for r in records(run_dir, "epoch")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------- the logger alone

@@ -86,7 +86,7 @@ def assert_resumes_bit_exact(tmp_path: Path, run_dir: Path, ref: Path, nproc: in
     assert held_out_metrics(ref) == held_out_metrics(run_dir) != []
     steps = [r["step"] for r in records(run_dir, "step")]
     assert steps == list(range(1, EPOCHS * steps_per_epoch(nproc) + 1)), "each step once, none missing"
-    assert [r["epoch"] for r in records(run_dir, "epoch")] == list(range(EPOCHS))
+    assert [r["epoch"] for r in records(run_dir, "epoch")] == list(range(1, EPOCHS + 1)), "epochs count from 1"
     # TensorBoard rewound alike: every metric at the steps of metrics.jsonl, once each.
     jsonl, tb = _jsonl_metrics(run_dir), _tensorboard_scalars(run_dir / "tb")
     assert set(tb) == set(jsonl)
