@@ -44,7 +44,7 @@ def hits_data(geometry: Path, **extra: object) -> dict[str, object]:
     return {"format": "hits", "geometry_file": str(geometry), "extra_keys": ["energies", "positions", "angles"], **extra}
 
 
-@pytest.mark.parametrize(("representation", "nproc"), [("mpmt_image", 2), ("point_cloud", 3)])
+@pytest.mark.parametrize(("representation", "nproc"), [("mpmt_image", 2), pytest.param("point_cloud", 3, marks=pytest.mark.slow)])
 def test_distributed_training_metrics_equal_one_process_evaluation(demo: tuple[Path, Path], tmp_path: Path,
                                                                     representation: str, nproc: int) -> None:
     data, geometry = demo

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from tests.helpers.run import assert_ok, dtrain, env_for_tests, make_image_h5, records, write_config
 from tests.test_logs import _jsonl_metrics, _tensorboard_scalars
@@ -36,6 +38,7 @@ def assert_each_step_once(run_dir: Path, last_step: int) -> None:
         assert [s for s, _ in tb[tag]] == [s for s, _ in points], tag
 
 
+@pytest.mark.slow
 def test_rerunning_a_complete_run_says_so_and_how_to_extend_it(tmp_path: Path) -> None:
     cfg = config(tmp_path, epochs=1)
     assert_ok(launch(tmp_path, cfg))

@@ -187,6 +187,7 @@ def _files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_a_debug_run_and_a_normal_run_never_resume_each_other(tmp_path: Path) -> None:
     """Ctrl-C a --debug run, then launch the same config normally: a run of its own, not the debug run's
     five-batch epochs continued (and the reverse). Each kind resumes its own runs; naming the other is refused."""

@@ -113,7 +113,7 @@ STOPS = {
     "after_epoch_1_3_ranks": (3, "6", 8, False),
     "in_the_last_epoch_3_ranks": (3, "9", 10, False),
 }
-FAST = ("at_the_last_step", "in_the_last_evaluation")
+FAST = ("at_the_last_step",)  # the rest run with the slow tests (CI runs both)
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ def test_regression_kill_and_resume_is_bit_exact(tmp_path: Path) -> None:
     assert metric_history(tmp_path / "ref", keys) == metric_history(run_dir, keys)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_double_batch_for_mse(tmp_path: Path) -> None:
     data = wch5(tmp_path / "d.h5", 300)
     runs = {}

@@ -107,24 +107,15 @@ _ANGLE_EPS = 1e-20
 _ASIN_MAX = 1.0 - 1e-7
 
 
-def _loss_function(name: str, delta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _loss_function(name: str, delta: float, reduction: str = "sum") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The elementwise loss ``name`` summed over the batch (``reduction="none"``: per element)."""
     if name == "l1":
-        return lambda o, t: F.l1_loss(o, t, reduction="sum")
+        return lambda o, t: F.l1_loss(o, t, reduction=reduction)
     if name == "huber":
-        return lambda o, t: F.huber_loss(o, t, reduction="sum", delta=delta)
+        return lambda o, t: F.huber_loss(o, t, reduction=reduction, delta=delta)
     if name == "smooth_l1":
-        return lambda o, t: F.smooth_l1_loss(o, t, reduction="sum", beta=delta)
-    return lambda o, t: F.mse_loss(o, t, reduction="sum")
-
-
-def _unreduced_loss(name: str, delta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if name == "l1":
-        return lambda o, t: F.l1_loss(o, t, reduction="none")
-    if name == "huber":
-        return lambda o, t: F.huber_loss(o, t, reduction="none", delta=delta)
-    if name == "smooth_l1":
-        return lambda o, t: F.smooth_l1_loss(o, t, reduction="none", beta=delta)
-    return lambda o, t: F.mse_loss(o, t, reduction="none")
+        return lambda o, t: F.smooth_l1_loss(o, t, reduction=reduction, beta=delta)
+    return lambda o, t: F.mse_loss(o, t, reduction=reduction)
 
 
 def _column_weights(terms: list[LossTerm], loss: str, width: int) -> torch.Tensor:
@@ -246,7 +237,7 @@ class RegressionTask(Task):
         self._uniform = all(term.loss == first != ANGULAR and term.weight == 1.0 for term in self.terms)
         self._loss = _loss_function(first, huber_delta) if self._uniform else self._combined_loss
         # The combined loss: per elementwise loss, its per-column weights; the angular terms.
-        self._unreduced = {term.loss: _unreduced_loss(term.loss, huber_delta) for term in self.terms if term.loss != ANGULAR}
+        self._unreduced = {term.loss: _loss_function(term.loss, huber_delta, "none") for term in self.terms if term.loss != ANGULAR}
         self._column_weights = {name: _column_weights(self.terms, name, self.width) for name in self._unreduced}
         self._angular = [term for term in self.terms if term.loss == ANGULAR]
         self.binnings = binnings(targets, bins or {})
