@@ -55,12 +55,61 @@ def _stderr_file(log_dir: str, local_rank: int, error_file: str) -> str:
     candidates = []
     if error_file and os.path.isfile(error_file):
         candidates.append(Path(error_file).parent / "stderr.log")
-    if log_dir:
-        runs = sorted(Path(log_dir).glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
-        attempts = sorted(runs[0].glob("attempt_*"), key=lambda p: int(p.name.split("_")[1])) if runs else []
-        if attempts:
-            candidates.append(attempts[-1] / str(local_rank) / "stderr.log")
+    attempt = _newest_attempt(log_dir)
+    if attempt is not None:
+        candidates.append(attempt / str(local_rank) / "stderr.log")
     return next((str(c) for c in candidates if c.is_file()), "")
+
+
+def _newest_attempt(log_dir: str) -> Path | None:
+    """``<log_dir>/<run id>_<random>/attempt_<n>/`` of the newest run's last attempt (None without one)."""
+    if not log_dir:
+        return None
+    runs = sorted(Path(log_dir).glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    attempts = sorted(runs[0].glob("attempt_*"), key=lambda p: int(p.name.split("_")[1])) if runs else []
+    return attempts[-1] if attempts else None
+
+
+def _failures_from_error_files(log_dir: str, first_rank: int) -> list[dict[str, Any]]:
+    """The failure record rebuilt from the last attempt's error files, for when torchrun could not build it.
+
+    A rank torn down while it writes its error file leaves that file empty; torch's elastic agent then
+    raises a JSONDecodeError instead of reporting the failed ranks. Such a rank (or one without an
+    error file) is recorded as stopped by torchrun; the ranks with complete error files keep their
+    exceptions, so the report still names the rank that failed first.
+    """
+    attempt = _newest_attempt(log_dir)
+    if attempt is None:
+        return []
+    out = []
+    for rank_dir in sorted((d for d in attempt.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+        local_rank = int(rank_dir.name)
+        error_file = rank_dir / "error.json"
+        try:
+            message = json.loads(error_file.read_text(encoding="utf-8"))["message"]
+        except (OSError, ValueError, KeyError, TypeError):
+            message = None
+        record: dict[str, Any] = {
+            "rank": first_rank + local_rank,
+            "local_rank": local_rank,
+            "pid": None,
+            "exitcode": 1 if message is not None else -15,
+            "signal": "" if message is not None else "SIGTERM",
+            "message": "" if message is None else message if isinstance(message, str) else json.dumps(message),
+            "error_file": str(error_file) if message is not None else "",
+            "stderr_file": _stderr_file(log_dir, local_rank, str(error_file) if message is not None else ""),
+            "timestamp": 0,
+            "failed_at": _mtime(str(error_file)) if message is not None else None,
+        }
+        out.append(record)
+    return out
+
+
+def _first_rank_of_node(args: Any) -> int:
+    try:
+        return int(args.node_rank) * int(args.nproc_per_node)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _write(path: Path, payload: dict[str, Any]) -> None:
@@ -125,6 +174,10 @@ def main(argv: list[str]) -> int:
         run(args)
     except ChildFailedError as exc:
         _write(summary, {"status": "failed", "failures": _failure_record(exc.failures, args.log_dir or "")})
+        return 1
+    except ValueError:
+        # json.JSONDecodeError from torch's reading of a half-written error file (see _failures_from_error_files).
+        _write(summary, {"status": "failed", "failures": _failures_from_error_files(args.log_dir or "", _first_rank_of_node(args))})
         return 1
     except SignalException as exc:
         # torchrun already sent the signal on to the workers and waited for them.

@@ -318,3 +318,26 @@ def test_multi_node_flags_reach_the_plan_and_are_validated(tmp_path: Path) -> No
     no_dir = dtrain("launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run",
                     cwd=tmp_path)
     assert no_dir.returncode == 2 and "--run-dir" in no_dir.stderr
+
+
+def test_a_rank_torn_down_while_writing_its_error_file_still_leaves_the_culprit_named(tmp_path: Path) -> None:
+    """Seen in CI: rank 0 lost its peer and was stopped by torchrun while writing error.json, which stayed
+    empty; torch's agent then raised a JSONDecodeError instead of listing the failures. The wrapper rebuilds
+    the record from the error files on disk, so the report still names rank 1 and its exception."""
+    from launcher.torchrun_main import _failures_from_error_files
+
+    attempt = tmp_path / "torchrun" / "run-id_x" / "attempt_0"
+    (attempt / "0").mkdir(parents=True)
+    (attempt / "0" / "error.json").write_text("")  # torn down mid-write
+    (attempt / "1").mkdir()
+    message = {"message": "RuntimeError: injected failure on rank 1", "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1"}}
+    (attempt / "1" / "error.json").write_text(json.dumps({"message": message}))
+    (attempt / "1" / "stderr.log").write_text("Traceback ...\n")
+    failures = _failures_from_error_files(str(tmp_path / "torchrun"), first_rank=0)
+    assert [(f["rank"], f["exitcode"], f["signal"]) for f in failures] == [(0, -15, "SIGTERM"), (1, 1, "")]
+    assert failures[1]["stderr_file"] == str(attempt / "1" / "stderr.log")
+    plan = _plan_with_failures(tmp_path, failures)
+    outcome = interpret(plan, 1, stop_requested=False)
+    assert outcome.exit_code == 1
+    assert outcome.message.startswith("dtrain: rank 1 exited with code 1: RuntimeError: injected failure on rank 1"), outcome.message
+    assert outcome.message.endswith("Rank 0 was stopped after it."), outcome.message
