@@ -154,14 +154,21 @@ def rank_zero_buffers(module: nn.Module) -> Iterator[None]:
         yield
         return
     buffers = list(module.buffers())
-    own = [b.detach().clone() for b in buffers]
-    broadcast_from_rank_zero(buffers)
+    with values_restored(buffers):
+        broadcast_from_rank_zero(buffers)
+        yield
+
+
+@contextlib.contextmanager
+def values_restored(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, ``tensors`` may be changed in place; on exit each holds its value from the entry again."""
+    saved = [t.detach().clone() for t in tensors]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, saved in zip(buffers, own, strict=True):
-                buffer.copy_(saved)
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dist_train.config import Config, FSDPConfig, check_strategy_supported, check_sync_batchnorm_device
-from dist_train.distributed import persistent_buffers
+from dist_train.distributed import persistent_buffers, values_restored
 from dist_train.errors import ConfigError
 
 log = logging.getLogger("dtrain")
@@ -364,17 +364,10 @@ def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextMana
     return contextlib.nullcontext(), _running_statistics_kept(unit)
 
 
-@contextlib.contextmanager
-def _running_statistics_kept(unit: nn.Module) -> Iterator[None]:
+def _running_statistics_kept(unit: nn.Module) -> contextlib.AbstractContextManager[None]:
     """The recomputation in backward runs the forward again in training mode: without this, every
     BatchNorm's running statistics (and num_batches_tracked) would be updated twice per step."""
     from torch.nn.modules.batchnorm import _NormBase
 
     buffers = [b for m in unit.modules() if isinstance(m, _NormBase) and m.track_running_stats for b in m.buffers(recurse=False)]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
+    return values_restored(buffers)

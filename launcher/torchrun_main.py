@@ -175,8 +175,8 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as exc:
         _write(summary, {"status": "failed", "failures": _failure_record(exc.failures, args.log_dir or "")})
         return 1
-    except ValueError:
-        # json.JSONDecodeError from torch's reading of a half-written error file (see _failures_from_error_files).
+    except json.JSONDecodeError:
+        # torch's agent could not read a half-written error file (see _failures_from_error_files).
         _write(summary, {"status": "failed", "failures": _failures_from_error_files(args.log_dir or "", _first_rank_of_node(args))})
         return 1
     except SignalException as exc:
