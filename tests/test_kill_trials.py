@@ -76,7 +76,9 @@ def config(tmp_path: Path, name: str, data: Path) -> Path:
         data={"batch_size": 8, "num_workers": 0},
         # Big enough that checkpoint writes take a while, so some kills land inside them.
         model={"name": "mlp", "num_classes": 3, "hidden": [768, 768]},
-        train={"epochs": 5, "log_every": 1, "precision": "fp32"},
+        # 10 epochs of 20 steps: a kill moves the run on by a few steps plus up to 0.3 s of steps, so 20
+        # kills need well over 100 steps on a quiet machine (CI once finished 5 epochs after 19 kills).
+        train={"epochs": 10, "log_every": 1, "precision": "fp32"},
         checkpoint={"every_steps": 3, "keep_last": 2},
     )
 
