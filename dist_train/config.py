@@ -204,7 +204,14 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad_norm: float = 0.0  # 0 = off
     log_every: int = 50
+    # torch.compile the model for training (dist_train/compile.py): the whole model under DDP, each
+    # sharded unit under FSDP; checkpoints, `dtrain eval` and `ckpt export` stay uncompiled.
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" adds CUDA graphs (CUDA only), "max-autotune" benchmarks
+    # kernel choices at compile time (slow to start, sometimes faster steps).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # true: a graph break is an error (the whole forward must compile into one graph per module).
+    compile_fullgraph: bool = False
     # Cap on optimizer steps per epoch (0 = full epoch); debug mode sets a small value.
     max_steps_per_epoch: int = 0
     eval_every_epochs: int = 1

@@ -23,5 +23,9 @@ class CheckpointError(DTrainError):
     """A checkpoint cannot be written or loaded safely."""
 
 
+class CompileError(DTrainError):
+    """``train.compile``: torch.compile cannot compile the model (a graph break under fullgraph, an op it rejects)."""
+
+
 class LaunchError(DTrainError):
     """The job cannot be started as requested (GPUs, ports, run directory)."""

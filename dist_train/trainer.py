@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_train
 from dist_train import envvars
+from dist_train.compile import Compiler, build_compiler
 from dist_train.config import Config, config_to_dict
 from dist_train.cpu_allocator import return_large_frees_to_os
 from dist_train.distributed import (
@@ -177,10 +178,12 @@ class Trainer:
         model = build_model_for_task(cfg, self.data, self.task).to(self.device)
         self.model: nn.Module = use_sync_batchnorm(model, cfg, self.device, dist_info.world_size)
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
+        self.compiler: Compiler = build_compiler(cfg, run_dir)
         self.train_model: nn.Module = self._wrap_model(self.model)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.scaler = self.strategy.grad_scaler(enabled=self.precision.use_scaler)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.compiler.report_first_step(self.optimizer)
         self.sampler = ResumableDistributedBatchSampler(
             len(self.data.train),
             num_replicas=dist_info.world_size,
@@ -225,9 +228,7 @@ class Trainer:
         if isinstance(wrapped, DistributedDataParallel):
             # Same bucket layout at every step of fresh and resumed processes: exact resume from 3 ranks on.
             settle_gradient_buckets(wrapped, *self._example_inputs())
-        if self.cfg.train.compile:
-            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
-        return wrapped
+        return self.compiler.compile(wrapped)
 
     def _example_inputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Two zero samples (and zero extra inputs) of the data's shapes, on the device."""
@@ -701,7 +702,7 @@ class Trainer:
         )
         anomaly = torch.autograd.set_detect_anomaly(True) if cfg.train.detect_anomaly else contextlib.nullcontext()
         self.preemption.install()
-        with anomaly:
+        with anomaly, self.compiler.failures_explained():
             # A request that came during start-up is read at the first check.
             self.flags.post([self.preemption.requested, False])
             while self.counters.epoch < cfg.train.epochs and not self.early_stopping.stopped:
