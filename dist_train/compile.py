@@ -87,7 +87,10 @@ class ModelCompiler:
 
     def compile(self, train_model: nn.Module) -> nn.Module:
         units = sharded_units(train_model)
-        what = f"{len(units)} FSDP unit(s)" if units else "the model"
+        if units and units != [train_model]:
+            what = f"{len(units)} FSDP unit(s) one by one ({', '.join(sorted({type(u).__name__ for u in units}))})"
+        else:
+            what = "the model as a whole"
         log.info(
             "torch.compile (mode %s%s): %s, compiled at the first step; cache %s",
             self.mode, ", fullgraph" if self.fullgraph else "", what, self.cache_dir,
@@ -120,18 +123,29 @@ class ModelCompiler:
             log.error("torch.compile failed for model %s:\n%s", self.model_name, exc, extra=FILE_ONLY)
             raise CompileError(
                 f"model {self.model_name!r} cannot be compiled (train.compile = true, mode {self.mode!r}"
-                f"{', fullgraph' if self.fullgraph else ''}): {first_line(exc)}. Train it without compiling "
-                "(--set train.compile=false), or change the model where the compiler stops (with "
-                "train.compile_fullgraph = true every graph break is an error; TORCH_LOGS=graph_breaks lists them); "
-                "the full error is in the run's logs/rank<N>.log."
+                f"{', fullgraph' if self.fullgraph else ''}): {first_line(exc)}. {self._hint()} The whole error is in "
+                f"the run's logs/rank{os.environ.get('RANK', '0')}.log."
             ) from exc
+
+
+    def _hint(self) -> str:
+        if self.fullgraph:
+            return (
+                "With train.compile_fullgraph = false the compiler runs such code eagerly between graphs; "
+                "or train without compiling (--set train.compile=false)."
+            )
+        return (
+            "Train it without compiling (--set train.compile=false), or change the model where the compiler "
+            "stops (TORCH_LOGS=graph_breaks lists where it could not follow)."
+        )
 
 
 def sharded_units(train_model: nn.Module) -> list[nn.Module]:
     """FSDP2: the outermost sharded units below the root, to compile one by one ([] for anything else).
 
     Norm layers sharded on their own (kept in fp32 under mixed precision) are left out: they are no
-    blocks worth a graph, and inside a unit they are compiled with it. A unit wrapped for activation
+    blocks worth a graph, and inside a unit they are compiled with it. Without a unit of the model's own
+    classes, the root (the whole model) is compiled in place instead. A unit wrapped for activation
     checkpointing is compiled inside the wrapper, so the recomputation in backward runs compiled too.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -145,9 +159,16 @@ def sharded_units(train_model: nn.Module) -> list[nn.Module]:
         if module is train_model or id(module) in inside or not isinstance(module, FSDPModule):
             continue
         inside.update(id(m) for m in module.modules())
-        if not isinstance(module, _NormBase):
-            units.append(getattr(module, "_checkpoint_wrapped_module", module))
+        unit = getattr(module, "_checkpoint_wrapped_module", module)
+        if not isinstance(unit, _NormBase) and not _is_torch_layer(unit):
+            units.append(unit)
     return units or [train_model]
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    """A layer of torch.nn itself (Linear, Conv2d...): dynamo skips frames that start in torch's own
+    files, so such a unit compiled on its own yields no graph; the model compiled as a whole covers it."""
+    return type(module).__module__.startswith("torch.")
 
 
 class CompileTimer:
@@ -190,8 +211,9 @@ class CompileTimer:
         step = time.perf_counter() - self.first_start if self.first_start is not None else 0.0
         hits = counters["inductor"]["fxgraph_cache_hit"]
         misses = counters["inductor"]["fxgraph_cache_miss"]
+        graphs = counters["stats"]["unique_graphs"]
         return (
-            f"first step {step:.1f} s, {self.seconds:.1f} s of it compiling ({self.compiles} compile(s)); "
+            f"first step {step:.1f} s, {self.seconds:.1f} s of it compiling ({self.compiles} compile(s), {graphs} graph(s)); "
             f"inductor's FX graph cache: {hits} hit(s), {misses} miss(es)"
             + (" (compiled code reused from an earlier start)" if hits and not misses else "")
         )

@@ -232,3 +232,43 @@ class RunningMeanMLP(nn.Module):
             with torch.no_grad():
                 self.input_mean.lerp_(x.mean(0), self.momentum)
         return self.net(x - self.input_mean)
+
+
+class BranchingMLP(nn.Module):
+    """Branches on a tensor's value in its forward: fine eagerly and for torch.compile with graph breaks,
+    an error under ``train.compile_fullgraph`` (data-dependent control flow cannot be one graph)."""
+
+    def __init__(self, num_classes: int, in_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if out.abs().sum() > 1e30:  # never true: only the branch itself matters
+            out = out / 2
+        return out
+
+
+class ResidualBlock(nn.Module):
+    """x + Linear(ReLU(Linear(x))): a block of the model's own class, what FSDP shards (and compiles) as a unit."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.outer = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(torch.relu(self.inner(x)))
+
+
+class ResidualMLP(nn.Module):
+    """Flatten, a linear stem, ``blocks`` ResidualBlocks, a linear head."""
+
+    def __init__(self, num_classes: int, in_features: int, width: int = 16, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width))
+        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks)))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
