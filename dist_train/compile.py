@@ -88,7 +88,7 @@ class ModelCompiler:
     def compile(self, train_model: nn.Module) -> nn.Module:
         units = sharded_units(train_model)
         if units and units != [train_model]:
-            what = f"{len(units)} FSDP unit(s) one by one ({', '.join(sorted({type(u).__name__ for u in units}))})"
+            what = f"{len(units)} FSDP unit(s) one by one ({', '.join(sorted({model_class(u).__name__ for u in units}))})"
         else:
             what = "the model as a whole"
         log.info(
@@ -168,7 +168,14 @@ def sharded_units(train_model: nn.Module) -> list[nn.Module]:
 def _is_torch_layer(module: nn.Module) -> bool:
     """A layer of torch.nn itself (Linear, Conv2d...): dynamo skips frames that start in torch's own
     files, so such a unit compiled on its own yields no graph; the model compiled as a whole covers it."""
-    return type(module).__module__.startswith("torch.")
+    return model_class(module).__module__.startswith("torch.")
+
+
+def model_class(module: nn.Module) -> type:
+    """The module's own class: fully_shard swaps it for a generated subclass (``FSDP<Name>``, defined in torch)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 class CompileTimer:

@@ -35,10 +35,10 @@ from tests.test_export import _cli
 from tests.test_resume import assert_same_state, held_out_metrics, step_history, wait_for_step
 
 
-def compiled_config(tmp_path: Path, name: str, data: Path, **sections: dict[str, Any]) -> Path:
+def compiled_config(tmp_path: Path, name: str, data_path: Path, **sections: dict[str, Any]) -> Path:
     train = {"epochs": 3, "precision": "fp32", "log_every": 2, "compile": True, **sections.pop("train", {})}
     return write_config(
-        tmp_path / f"{name}.toml", data,
+        tmp_path / f"{name}.toml", data_path,
         run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
         train=train, **sections,
     )
