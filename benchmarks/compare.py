@@ -5,6 +5,8 @@ with ``--worker``; P = 1 and 2 processes, gloo on the CPU, nccl with ``--device 
 
 * ``dtrain``         ``dtrain launch CFG --gpus cpu --nproc P`` (its own launcher, batched HDF5 loader);
                      numbers from its ``metrics.jsonl`` epoch record.
+* ``dtrain-compiled`` the same with ``train.compile = true`` (``--compile-mode``; compiled in the warm-up
+                     epoch, inductor's cache shared by all compiled runs of one invocation).
 * ``ddp``            the plain PyTorch DDP loop of the DDP tutorial: DistributedSampler + DataLoader,
                      ``DistributedDataParallel``, zero_grad / backward / step.
 * ``accelerate``     ``Accelerator().prepare(model, optimizer, loader)`` + ``accelerator.backward``.
@@ -27,8 +29,12 @@ same global batch; DDP gradient all-reduce cost from a ``no_sync`` run), cost gr
 memory for 10^4..10^6 samples; checkpoint time and size for 10^5..10^8 parameters) and start-up
 (``dtrain launch`` to the first training step vs ``torchrun`` started directly on the same worker).
 
+Goal of issue 24 (GPU): compiled dtrain at least 1.3x the in-memory DDP loop, the GPU busy (NVML
+utilisation over the timed epoch) at least 95%. On the CPU the busy figure is not measured.
+
 Usage: python benchmarks/compare.py [--quick] [--json OUT.json] [--plot OUT.png] [--device cpu|cuda]
            [--workloads mlp,cnn,simple_mlp] [--nprocs 1,2] [--repeats N] [--sections ...]
+           [--compile-mode default|reduce-overhead|...] [--no-compiled]
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ PEER_TARGET = 1.0  # dtrain / each peer, like-for-like HDF5 data
 PLAIN_TARGET = 0.98  # dtrain / the plain DDP loop with in-memory data (the strongest plain loop)
 STARTUP_TARGET_S = 1.0
 DATA_WAIT_TARGET = 0.05  # resnet18 on a GPU with 8 loader workers: the GPU must not wait for data
+COMPILED_TARGET = 1.3  # compiled dtrain / the in-memory DDP loop (issue 24)
+GPU_BUSY_TARGET_PCT = 95.0  # compiled dtrain's GPU utilisation over the timed epoch (issue 24)
 PY = sys.executable
 THIS = Path(__file__).resolve()
 
@@ -298,7 +306,7 @@ class Run:
     """One measured run of one contender."""
 
     workload: str
-    contender: str  # dtrain | ddp | accelerate | fabric (| ddp-nosync)
+    contender: str  # dtrain | dtrain-compiled | ddp | accelerate | fabric (| ddp-nosync)
     variant: str  # h5 | mem
     nproc: int
     samples_per_s: float = float("nan")
@@ -358,6 +366,7 @@ class Settings:
     precision: str = "fp32"
     batch: dict[str, int] = field(default_factory=lambda: dict(GLOBAL_BATCH))
     gpu_monitor: GpuMonitor | None = None
+    compile_mode: str = "default"  # the dtrain-compiled contender's train.compile_mode
 
 
 def cores() -> int:
@@ -476,19 +485,24 @@ def direct_torchrun(cfg: Path, run_dir: Path, nproc: int, settings: Settings, th
 
 def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads: int | None = None) -> Run:
     """Through ``dtrain launch``; through torchrun directly when a thread count is forced (the launcher
-    always gives CPU workers cores // P threads)."""
+    always gives CPU workers cores // P threads). ``dtrain-compiled``: with ``train.compile``; the first
+    (warm-up) epoch compiles, the second is timed as for every contender."""
     workload = WORKLOADS[run.workload]
     run_dir = Path(tempfile.mkdtemp(prefix="dtrain-run-", dir=settings.workdir))
+    compiled = run.contender == "dtrain-compiled"
     cfg = dtrain_config(
-        settings.workdir / f"dtrain-{run.workload}.toml", workload, data,
+        settings.workdir / f"{run.contender}-{run.workload}.toml", workload, data,
         batch_size=settings.batch[run.workload] // run.nproc, steps_per_epoch=steps, epochs=2,
         num_workers=settings.num_workers, output_dir=settings.workdir / "runs", precision=PRECISIONS[settings.precision][0],
+        extra={"train": {"compile": True, "compile_mode": settings.compile_mode}} if compiled else None,
     )
     threads = threads or settings.threads
     if threads:
         argv, env = direct_torchrun(cfg, run_dir, run.nproc, settings, threads)
     else:
         argv, env = dtrain_command(cfg, run_dir, run.nproc, settings.device), worker_env(run.nproc, settings)
+    if compiled:  # one cache for all compiled runs: repeats and P compile once per workload, not per run
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(settings.workdir / "inductor-cache")
     run.wall_s, run.error = _run_process(argv, env, 900, settings.verbose)
     if not run.error:
         last = epoch_records(run_dir)[-1]  # epoch 1 warms up, the last one is timed
@@ -511,11 +525,14 @@ def missing_peers() -> list[str]:
     return [peer for peer, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]
 
 
-def contender_list(variants: list[str], skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """dtrain (always its HDF5 loader), then each peer with each data variant; the in-memory plain DDP
-    loop is always there, since the plain-loop target compares against it."""
-    pairs = [("dtrain", "h5")] + [(peer, variant) for peer in PEERS if peer not in skip for variant in variants]
-    return pairs if ("ddp", "mem") in pairs else [*pairs[:2], ("ddp", "mem"), *pairs[2:]]
+def contender_list(variants: list[str], skip: tuple[str, ...] = (), *, compiled: bool = True) -> list[tuple[str, str]]:
+    """dtrain (always its HDF5 loader), compiled dtrain, then each peer with each data variant; the
+    in-memory plain DDP loop is always there, since the plain-loop targets compare against it."""
+    mine = [("dtrain", "h5")] + ([("dtrain-compiled", "h5")] if compiled else [])
+    peers = [(peer, variant) for peer in PEERS if peer not in skip for variant in variants]
+    if ("ddp", "mem") not in peers:
+        peers = [*peers[:1], ("ddp", "mem"), *peers[1:]]
+    return mine + peers
 
 
 def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[str, str]], repeats: int,
@@ -528,7 +545,7 @@ def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[s
             steps = settings.steps[name]
             data = ensure_data(WORKLOADS[name], steps * settings.batch[name])
             run = Run(name, contender, variant, nproc)
-            (run_dtrain if contender == "dtrain" else run_peer)(run, data, steps, settings)
+            (run_dtrain if contender.startswith("dtrain") else run_peer)(run, data, steps, settings)
             runs.append(run)
             status = f"ERROR {run.error.strip().splitlines()[-1] if run.error else ''}" if run.error else (
                 f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB"
@@ -583,6 +600,25 @@ def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], np
                     ratios.append(mine["samples_per_s"] / theirs["samples_per_s"])
             if ratios:
                 lines.append(result_line(f"compare_{tag}{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target))
+    return lines
+
+
+def compiled_results(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], tag: str,
+                     gpu: bool) -> list[str]:
+    """Issue 24's goal per workload: compiled dtrain / the in-memory DDP loop (worst over P), and on a
+    GPU compiled dtrain's GPU busy (lowest over P); on the CPU a line says busy is not measured."""
+    lines = []
+    for name in workloads:
+        pairs = [(summary.get(f"{name}/dtrain-compiled-h5/P{n}"), summary.get(f"{name}/ddp-mem/P{n}")) for n in nprocs]
+        ratios = [mine["samples_per_s"] / theirs["samples_per_s"] for mine, theirs in pairs if mine and theirs]
+        if ratios:
+            lines.append(result_line(f"compare_{tag}{name}_dtrain_compiled_vs_ddp_mem_min_over_P", min(ratios), ">=", COMPILED_TARGET))
+        busy = [mine["gpu_util_pct"] for mine, _ in pairs if mine]
+        if busy and gpu:
+            lines.append(result_line(f"{tag}{name}_dtrain_compiled_gpu_busy_pct_min_over_P", min(busy), ">=",
+                                     GPU_BUSY_TARGET_PCT, fmt=".1f"))
+        elif busy:
+            print(f"{name}: GPU busy (target >= {GPU_BUSY_TARGET_PCT:g}%) is not measured on the CPU; run with --device cuda")
     return lines
 
 
@@ -801,6 +837,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "1 avoids OpenMP oversubscription on a loaded shared machine; dtrain then runs via torchrun)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers per process (default: 0 on the CPU, where 2 cores have none to spare; 8 with cuda)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="train.compile_mode of the dtrain-compiled contender (reduce-overhead: CUDA graphs)")
+    p.add_argument("--no-compiled", action="store_true", help="leave out the dtrain-compiled contender")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="every contender's mixed precision (each framework's own switch; autocast+GradScaler in the plain loop)")
     p.add_argument("--sections", default="throughput,scaling,growth,startup")
@@ -825,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = (args.workloads or ("mlp" if args.quick else default_workloads)).split(",")
     nprocs = [int(n) for n in args.nprocs.split(",")]
     missing = missing_peers()
-    contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","), tuple(missing))
+    contenders = contender_list((args.variants or ("h5" if args.quick else "h5,mem")).split(","), tuple(missing),
+                                compiled=not args.no_compiled)
     repeats = args.repeats or (2 if args.quick else 3)
     sections = args.sections.split(",")
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -842,9 +883,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(args.device, num_workers, args.quick, Path(tmp), steps=steps, verbose=args.verbose,
                             threads=args.threads, precision=args.precision,
                             batch=dict(GPU_GLOBAL_BATCH if gpu else GLOBAL_BATCH),
-                            gpu_monitor=GpuMonitor() if gpu else None)
+                            gpu_monitor=GpuMonitor() if gpu else None, compile_mode=args.compile_mode)
         report["settings"] = {"steps": steps, "global_batch": settings.batch, "precision": args.precision,
-                              "num_workers": num_workers}
+                              "num_workers": num_workers, "compile_mode": args.compile_mode}
         if "throughput" in sections:
             print(f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {settings.batch}, precision {settings.precision}, "
                   f"{settings.num_workers} loader workers per process")
@@ -854,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
             report["throughput"] = {"runs": [asdict(r) for r in runs], "summary": summary}
             tag = "" if not gpu and args.precision == "fp32" else f"{args.device}_{args.precision}_"
             results += ratio_results(summary, workloads, nprocs, tag)
+            results += compiled_results(summary, workloads, nprocs, tag, gpu)
             if gpu and "resnet18" in workloads:
                 wait = summary.get(f"resnet18/dtrain-h5/P{nprocs[0]}", {}).get("data_wait_frac", float("nan"))
                 results.append(result_line(f"{tag}resnet18_dtrain_data_wait_frac", wait, "<=", DATA_WAIT_TARGET))

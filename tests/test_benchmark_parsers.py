@@ -88,3 +88,27 @@ def test_overhead_regression_contenders_train_one_network_on_the_same_targets(ov
     assert torch.equal(trainer.task.true_values(batch), targets[batch["index"]])
     assert contenders["dtrain"](2) == 16
     assert plain(2) == 16
+
+
+def test_compiled_contender_results_name_the_goal_and_never_fake_gpu_busy_on_the_cpu(compare, capsys) -> None:  # type: ignore[no-untyped-def]
+    nan = float("nan")
+    summary = {
+        "mlp/dtrain-compiled-h5/P1": {"samples_per_s": 140.0, "gpu_util_pct": nan},
+        "mlp/dtrain-compiled-h5/P2": {"samples_per_s": 120.0, "gpu_util_pct": nan},
+        "mlp/ddp-mem/P1": {"samples_per_s": 100.0, "gpu_util_pct": nan},
+        "mlp/ddp-mem/P2": {"samples_per_s": 100.0, "gpu_util_pct": nan},
+    }
+    lines = compare.compiled_results(summary, ["mlp"], [1, 2], "", gpu=False)
+    assert lines == ["RESULT compare_mlp_dtrain_compiled_vs_ddp_mem_min_over_P value=1.200 target=>=1.3 missed"]
+    assert "GPU busy (target >= 95%) is not measured on the CPU" in capsys.readouterr().out
+    for key, busy in (("mlp/dtrain-compiled-h5/P1", 97.0), ("mlp/dtrain-compiled-h5/P2", 96.0)):
+        summary[key]["gpu_util_pct"] = busy
+    lines = compare.compiled_results(summary, ["mlp"], [1, 2], "cuda_bf16_", gpu=True)
+    assert lines[1] == "RESULT cuda_bf16_mlp_dtrain_compiled_gpu_busy_pct_min_over_P value=96.0 target=>=95 met"
+
+
+def test_the_compiled_contender_runs_beside_dtrain_and_the_in_memory_loop_stays(compare) -> None:  # type: ignore[no-untyped-def]
+    assert compare.contender_list(["h5"], ("accelerate", "fabric")) == [
+        ("dtrain", "h5"), ("dtrain-compiled", "h5"), ("ddp", "h5"), ("ddp", "mem")
+    ]
+    assert ("dtrain-compiled", "h5") not in compare.contender_list(["h5", "mem"], compiled=False)
