@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_train.distributed import all_reduce_max, all_reduce_sums
+from dist_train.distributed.comm import all_reduce_max, all_reduce_sums
 
 
 @dataclass

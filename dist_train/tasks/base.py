@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from dist_train.distributed import all_gather_objects
+from dist_train.distributed.comm import all_gather_objects
 
 Batch = Mapping[str, torch.Tensor]
 # Per-batch metric sums: tensors on the device (any shape, e.g. a confusion matrix) or host numbers.
