@@ -47,12 +47,12 @@ from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import batch_to_device, evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
-from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
+from dist_train.metrics import StepTimer, add_sums, peak_memory_mb, rss_anon_mb, training_state_mb
 from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
-from dist_train.tasks.base import TrainStep, add_sums
+from dist_train.tasks.base import TrainStep
 from dist_train.watchdog import HangWatchdog
 
 if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
