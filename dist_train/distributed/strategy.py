@@ -338,9 +338,9 @@ def _fsdp_modules(model: nn.Module) -> list[Any]:
 def _root_fsdp(model: nn.Module) -> Any:
     from torch.distributed.fsdp import FSDPModule
 
-    root = getattr(model, "_orig_mod", model)  # through torch.compile
-    assert isinstance(root, FSDPModule), "FSDPStrategy.grad_sync needs the fully_shard-ed root"
-    return root
+    # train.compile compiles FSDP units in place (dist_train/compile.py): the root is never wrapped.
+    assert isinstance(model, FSDPModule), "FSDPStrategy.grad_sync needs the fully_shard-ed root"
+    return model
 
 
 def _innermost_first(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
