@@ -38,8 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_train.checkpoint import CheckpointManager  # noqa: E402
-from dist_train.sharded_checkpoint import ShardedCheckpointManager  # noqa: E402
+from dist_train.checkpoint.file import CheckpointManager  # noqa: E402
+from dist_train.checkpoint.sharded import ShardedCheckpointManager  # noqa: E402
 
 TARGET_RATIO = 0.2
 

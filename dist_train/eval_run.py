@@ -25,8 +25,8 @@ def evaluate_checkpoint(
     data_path: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
-    from dist_train.checkpoint import resolve_checkpoint_path
-    from dist_train.checkpoint_store import best_checkpoint, load_for_reading
+    from dist_train.checkpoint.file import resolve_checkpoint_path
+    from dist_train.checkpoint.store import best_checkpoint, load_for_reading
     from dist_train.data.loader import build_data, make_loader
     from dist_train.distributed.precision import autocast, resolve_precision
     from dist_train.evaluation import Predictions, evaluate_batches

@@ -56,7 +56,7 @@ from dist_train.tasks.base import TrainStep
 from dist_train.watchdog import HangWatchdog
 
 if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
-    from dist_train.checkpoint_store import CheckpointStore
+    from dist_train.checkpoint.store import CheckpointStore
 
 log = logging.getLogger("dtrain")
 
@@ -248,10 +248,10 @@ class Trainer:
         return steps
 
     def _make_checkpoint_store(self) -> CheckpointStore | None:
-        """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint_store.py)."""
+        """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint/store.py)."""
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return None
-        from dist_train.checkpoint_store import build_checkpoint_store
+        from dist_train.checkpoint.store import build_checkpoint_store
 
         mode = self.cfg.checkpoint.async_save
         return build_checkpoint_store(
@@ -359,7 +359,7 @@ class Trainer:
             return Path(mode)
         path = None
         if self.dist.is_main:
-            from dist_train.checkpoint_store import find_latest_valid
+            from dist_train.checkpoint.store import find_latest_valid
 
             found = find_latest_valid(self.run_dir / "checkpoints")
             path = str(found) if found else None
@@ -381,7 +381,7 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
-        from dist_train.checkpoint_store import open_checkpoint
+        from dist_train.checkpoint.store import open_checkpoint
 
         path = self._find_resume_path()
         if path is None:
@@ -749,7 +749,7 @@ class Trainer:
         last = {"which": "last", "epoch": self.counters.epoch, "step": self.counters.step}
         if self.cfg.train.test_checkpoint != "best" or self.ckpt_store is None or not self.cfg.checkpoint.save_best:
             return last
-        from dist_train.checkpoint_store import best_checkpoint, open_checkpoint
+        from dist_train.checkpoint.store import best_checkpoint, open_checkpoint
 
         self.ckpt_store.wait()  # an async write of the best checkpoint must be durable before it is read
         barrier()

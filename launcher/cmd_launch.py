@@ -41,7 +41,7 @@ def _echo(message: str) -> None:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    # "manifest.json" is dist_train.sharded_checkpoint.MANIFEST_NAME, not imported: that module imports torch.
+    # "manifest.json" is dist_train.checkpoint.sharded.MANIFEST_NAME, not imported: that module imports torch.
     return path.is_file() or (path.is_dir() and (path / "manifest.json").is_file())
 
 

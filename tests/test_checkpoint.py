@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from dist_train import checkpoint as ckpt
-from dist_train.checkpoint import (
+from dist_train.checkpoint import file as ckpt
+from dist_train.checkpoint.file import (
     BEST_NAME,
     LATEST_POINTER,
     CheckpointManager,
@@ -334,7 +334,7 @@ _KILLED_WRITER = r"""
 import os, sys, time
 from pathlib import Path
 import torch
-from dist_train import checkpoint as c
+from dist_train.checkpoint import file as c
 
 directory, phase = Path(sys.argv[1]), sys.argv[2]
 

@@ -21,9 +21,9 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.sharded import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
 from dist_train.envvars import PREEMPTED_EXIT_CODE
-from dist_train.sharded_checkpoint import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
 from tests.helpers.run import (
     REPO,
     assert_ok,

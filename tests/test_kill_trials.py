@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint
 from tests.helpers.run import (
     assert_ok,
     dtrain,

@@ -24,9 +24,8 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import verify_checkpoint
-from dist_train.errors import CheckpointError
-from dist_train.sharded_checkpoint import (
+from dist_train.checkpoint.file import verify_checkpoint
+from dist_train.checkpoint.sharded import (
     BEST_POINTER,
     COMMON_NAME,
     FAULT_ENV,
@@ -39,6 +38,7 @@ from dist_train.sharded_checkpoint import (
     read_sharded_state,
     verify_sharded_checkpoint,
 )
+from dist_train.errors import CheckpointError
 from launcher.cli import main as cli_main
 from tests.helpers.run import REPO, assert_ok, dtrain, env_for_tests, make_image_h5, records, start_dtrain, write_config
 

@@ -1,9 +1,9 @@
 """The one interface the trainer saves and resumes through, whatever the checkpoint format.
 
 - ``FileStore`` (DDP, one process): rank states gathered to rank 0, model and optimizer consolidated
-  by the strategy, one ``ckpt-*.pt`` file written by rank 0 (``checkpoint.CheckpointManager``).
+  by the strategy, one ``ckpt-*.pt`` file written by rank 0 (``file.CheckpointManager``).
 - ``ShardedStore`` (FSDP): every rank writes its own shard of model and optimizer and its own
-  rank state into a new directory (``sharded_checkpoint.ShardedCheckpointManager``).
+  rank state into a new directory (``sharded.ShardedCheckpointManager``).
 
 Reading does not depend on the store: ``find_latest_valid`` and ``open_checkpoint`` accept both
 formats (a run may hold file checkpoints of an earlier dtrain next to sharded ones).
@@ -18,10 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
-from dist_train.distributed.comm import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
-from dist_train.distributed.strategy import Strategy
-from dist_train.sharded_checkpoint import (
+from dist_train.checkpoint.file import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
+from dist_train.checkpoint.sharded import (
     BEST_POINTER,
     ShardedCheckpointManager,
     consolidate,
@@ -30,6 +28,8 @@ from dist_train.sharded_checkpoint import (
     load_sharded_model_and_optimizer,
     read_sharded_state,
 )
+from dist_train.distributed.comm import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
+from dist_train.distributed.strategy import Strategy
 
 
 class CheckpointStore(Protocol):

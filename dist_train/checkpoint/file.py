@@ -705,7 +705,7 @@ def load_file_for_reading(path: Path, *, verify: bool = True) -> dict[str, Any]:
 
 def resolve_checkpoint_path(path: Path) -> Path:
     """A checkpoint (file or sharded directory) from itself, a checkpoints directory, or a run directory."""
-    from dist_train.sharded_checkpoint import latest_valid_checkpoint, parse_sharded_name
+    from dist_train.checkpoint.sharded import latest_valid_checkpoint, parse_sharded_name
 
     path = Path(path)
     if path.is_file() or (path.is_dir() and parse_sharded_name(path.name) is not None):
@@ -776,7 +776,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     """What ``dtrain ckpt inspect`` shows: progress, metrics, versions, sizes, config and validity."""
     path = resolve_checkpoint_path(path)
     if path.is_dir():
-        from dist_train.sharded_checkpoint import describe_sharded
+        from dist_train.checkpoint.sharded import describe_sharded
 
         return describe_sharded(path)
     problem = verify_checkpoint(path)

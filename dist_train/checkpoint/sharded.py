@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint import (
+from dist_train.checkpoint.file import (
     LATEST_POINTER,
     CheckpointRecord,
     snapshot_state,
@@ -84,10 +84,6 @@ def parse_sharded_name(name: str) -> tuple[int, int, int] | None:
 
 def rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
 # ------------------------------------------------------------------------------------------ tensors vs. rest
@@ -262,14 +258,14 @@ def _sharded_dirs(directory: Path) -> list[Path]:
 
 
 def _file_checkpoints(directory: Path) -> list[Path]:
-    from dist_train.checkpoint import CheckpointManager
+    from dist_train.checkpoint.file import CheckpointManager
 
     return CheckpointManager(directory)._checkpoint_files()
 
 
 def _sort_key(path: Path) -> tuple[int, int, int, int]:
     """Newest first across both formats: (epoch, step, duplicate), a directory after a file of the same name."""
-    from dist_train.checkpoint import _parse_name
+    from dist_train.checkpoint.file import _parse_name
 
     parsed = parse_sharded_name(path.name) if path.is_dir() else _parse_name(path.name)
     epoch, step, dup = parsed or (0, 0, 0)
@@ -315,7 +311,7 @@ def _dir_size(path: Path) -> int:
 
 def list_all_checkpoints(directory: Path, *, deep: bool = True) -> list[CheckpointRecord]:
     """Records of every checkpoint (files and directories), newest first."""
-    from dist_train.checkpoint import CheckpointManager
+    from dist_train.checkpoint.file import CheckpointManager
 
     directory = Path(directory)
     files = {r.path: r for r in CheckpointManager(directory).list_checkpoints(deep=deep)}
@@ -637,7 +633,7 @@ def _torch_save_durably(obj: Any, path: Path) -> None:
 
 
 def _load_pt(path: Path) -> Any:
-    from dist_train.checkpoint import _torch_load_safely
+    from dist_train.checkpoint.file import _torch_load_safely
 
     return _torch_load_safely(path, "cpu")
 
@@ -711,7 +707,7 @@ def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> 
 
 def describe_sharded(path: Path) -> dict[str, Any]:
     """``dtrain ckpt inspect`` of a checkpoint directory (model tensors consolidated in this process)."""
-    from dist_train.checkpoint import _config_summary, _element_count, _storage_bytes, _tensors
+    from dist_train.checkpoint.file import _config_summary, _element_count, _storage_bytes, _tensors
 
     path = Path(path)
     problem = verify_sharded_checkpoint(path)
