@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR
 from dist_train.config import config_from_dict
 from dist_train.errors import CheckpointError, ConfigError
 
@@ -34,10 +35,10 @@ def evaluate_checkpoint(
     from dist_train.tasks import build_model_for_task, build_task
 
     target = Path(target)
-    run_dir = target if (target / "checkpoints").is_dir() else None
-    path = best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
+    run_dir = target if (target / CHECKPOINTS_SUBDIR).is_dir() else None
+    path = best_checkpoint(run_dir / CHECKPOINTS_SUBDIR) if which == "best" and run_dir is not None else None
     path = path or resolve_checkpoint_path(target)
-    if run_dir is None and path.parent.name == "checkpoints":
+    if run_dir is None and path.parent.name == CHECKPOINTS_SUBDIR:
         run_dir = path.parent.parent
     # A sharded checkpoint (directory) is consolidated in this process, without a process group; an
     # exported model's config comes from its sidecar.

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_train
 from dist_train import envvars
+from dist_train.checkpoint.layout import CHECKPOINT_GLOB, CHECKPOINTS_SUBDIR, FORMAT_VERSION
 from dist_train.config import Config, config_to_dict
 from dist_train.distributed.comm import (
     AsyncFlags,
@@ -60,7 +61,6 @@ if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkp
 
 log = logging.getLogger("dtrain")
 
-CHECKPOINT_FORMAT_VERSION = 1
 # Config keys that change what a checkpoint means; anything else may change between resumes.
 INCOMPATIBLE_ON_RESUME = (
     "model",
@@ -255,7 +255,7 @@ class Trainer:
 
         mode = self.cfg.checkpoint.async_save
         return build_checkpoint_store(
-            directory=self.run_dir / "checkpoints",
+            directory=self.run_dir / CHECKPOINTS_SUBDIR,
             strategy=self.strategy,
             dist_info=self.dist,
             keep_last=self.cfg.checkpoint.keep_last,
@@ -305,7 +305,7 @@ class Trainer:
     def build_checkpoint(self, reason: str, metrics: dict[str, float]) -> dict[str, Any]:
         """Everything but model, optimizer and the per-rank states, which the checkpoint store collects."""
         state: dict[str, Any] = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "dtrain_version": dist_train.__version__,
             "torch_version": torch.__version__,
             "config": config_to_dict(self.cfg),
@@ -361,7 +361,7 @@ class Trainer:
         if self.dist.is_main:
             from dist_train.checkpoint.store import find_latest_valid
 
-            found = find_latest_valid(self.run_dir / "checkpoints")
+            found = find_latest_valid(self.run_dir / CHECKPOINTS_SUBDIR)
             path = str(found) if found else None
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
@@ -370,9 +370,9 @@ class Trainer:
         """A run directory with earlier training but no checkpoint to resume from starts at step 0: say so."""
         if not self.dist.is_main or self.run_dir is None or envvars.get(envvars.RESUME, "auto") == "never":
             return
-        checkpoints = self.run_dir / "checkpoints"
+        checkpoints = self.run_dir / CHECKPOINTS_SUBDIR
         metrics = self.run_dir / "metrics.jsonl"
-        if any(checkpoints.glob("ckpt-*")) or (metrics.exists() and metrics.stat().st_size > 0):
+        if any(checkpoints.glob(CHECKPOINT_GLOB)) or (metrics.exists() and metrics.stat().st_size > 0):
             log.warning(
                 "no valid checkpoint in %s: starting from scratch (step 0); the records of the earlier attempt in "
                 "metrics.jsonl and TensorBoard are discarded",
@@ -755,7 +755,7 @@ class Trainer:
         barrier()
         path = None
         if self.dist.is_main and self.run_dir is not None:
-            found = best_checkpoint(self.run_dir / "checkpoints")
+            found = best_checkpoint(self.run_dir / CHECKPOINTS_SUBDIR)
             path = str(found) if found else None
         path = broadcast_object(path)
         if path is None:

@@ -89,8 +89,9 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     listing of all of them), or a run directory containing checkpoints/. Exits 2 when the file fails
     verification or cannot be read.
     """
-    from dist_train.checkpoint.file import CHECKPOINTS_SUBDIR, describe_checkpoint
-    from dist_train.checkpoint.sharded import list_all_checkpoints, parse_sharded_name
+    from dist_train.checkpoint.file import describe_checkpoint
+    from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR, parse_sharded_name
+    from dist_train.checkpoint.sharded import list_all_checkpoints
 
     records = []
     if path.is_dir() and parse_sharded_name(path.name) is None:

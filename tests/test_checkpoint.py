@@ -19,15 +19,8 @@ import pytest
 import torch
 
 from dist_train.checkpoint import file as ckpt
-from dist_train.checkpoint.file import (
-    BEST_NAME,
-    LATEST_POINTER,
-    CheckpointManager,
-    describe_checkpoint,
-    load_checkpoint,
-    sidecar_path,
-    verify_checkpoint,
-)
+from dist_train.checkpoint.file import CheckpointManager, describe_checkpoint, load_checkpoint, verify_checkpoint
+from dist_train.checkpoint.layout import BEST_NAME, LATEST_POINTER, sidecar_path
 from dist_train.errors import CheckpointError
 from launcher.cli import main as cli_main
 

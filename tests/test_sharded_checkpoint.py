@@ -25,11 +25,10 @@ import pytest
 import torch
 
 from dist_train.checkpoint.file import verify_checkpoint
+from dist_train.checkpoint.layout import BEST_POINTER, MANIFEST_NAME
 from dist_train.checkpoint.sharded import (
-    BEST_POINTER,
     COMMON_NAME,
     FAULT_ENV,
-    MANIFEST_NAME,
     ShardedCheckpointManager,
     consolidate,
     latest_valid_checkpoint,

@@ -34,21 +34,27 @@ from typing import IO, Any, BinaryIO, cast
 
 import torch
 
+from dist_train.checkpoint.layout import (
+    BEST_NAME,
+    CHECKPOINTS_SUBDIR,
+    FORMAT_VERSION,
+    LATEST_POINTER,
+    READ_CHUNK_BYTES,
+    checkpoint_name,
+    hash_file,
+    parse_file_name,
+    read_pointer,
+    sidecar_path,
+    write_pointer,
+)
 from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
-FORMAT_VERSION = 1
-LATEST_POINTER = "latest"
-BEST_NAME = "best.pt"
-SIDECAR_SUFFIX = ".sha256.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
 # Large tensor records are written (and hashed) in slices so memory stays flat and a kill lands mid-file.
 WRITE_CHUNK_BYTES = 8 << 20
-_READ_CHUNK_BYTES = 8 << 20
 
-_CKPT_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?\.pt$")
 # A real pickled object names "module.Class"; garbage bytes can also trip this message, with junk for a name.
 _PICKLED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*\.[A-Za-z_]\w*)")
 # Exactly these leaf types load back under torch.load(weights_only=True); subclasses (numpy scalars) do not.
@@ -78,23 +84,6 @@ class CheckpointRecord:
         return data
 
 
-def checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:
-    suffix = f"-{duplicate}" if duplicate else ""
-    return f"ckpt-e{epoch:04d}-s{step:08d}{suffix}.pt"
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def _parse_name(name: str) -> tuple[int, int, int] | None:
-    """(epoch, step, duplicate) of a checkpoint file name; None for any other file."""
-    match = _CKPT_RE.match(name)
-    if match is None:
-        return None
-    return int(match["epoch"]), int(match["step"]), int(match["dup"] or 0)
-
-
 # --------------------------------------------------------------------------------------------- verification
 
 
@@ -114,14 +103,6 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path: Path, *, deep: bool = True) -> str | None:
     """None when ``path`` matches its sidecar; otherwise why not. ``deep=False`` checks the size only."""
     path = Path(path)
@@ -139,7 +120,7 @@ def verify_checkpoint(path: Path, *, deep: bool = True) -> str | None:
         return f"size is {size} bytes but {meta['size']} were written (truncated or replaced)"
     if deep:
         try:
-            actual = _sha256_of_file(path)
+            _, actual = hash_file(path)
         except OSError as exc:
             return f"cannot read the file ({exc.strerror})"
         if actual != meta["sha256"]:
@@ -364,7 +345,7 @@ def _write_sidecar(final: Path, meta: dict[str, Any]) -> None:
 
 
 def _move_latest_pointer(directory: Path, name: str) -> None:
-    atomic_write_text(directory / LATEST_POINTER, name + "\n")
+    write_pointer(directory, LATEST_POINTER, name)
 
 
 def _link_or_copy_atomically(source: Path, final: Path) -> None:
@@ -375,7 +356,7 @@ def _link_or_copy_atomically(source: Path, final: Path) -> None:
             os.link(source, tmp)
         except OSError:
             with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, _READ_CHUNK_BYTES)
+                shutil.copyfileobj(src, dst, READ_CHUNK_BYTES)
                 dst.flush()
                 os.fsync(dst.fileno())
         os.replace(tmp, final)
@@ -388,7 +369,7 @@ def _link_or_copy_atomically(source: Path, final: Path) -> None:
 # ------------------------------------------------------------------------------------------- safe loading
 
 
-def _torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any:
+def torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any:
     import pickle
 
     try:
@@ -438,7 +419,7 @@ def load_checkpoint(path: Path, *, map_location: str = "cpu", verify: bool = Tru
                 f"checkpoint {path} failed verification: {problem}. Resume from an older checkpoint "
                 "(CheckpointManager.latest_valid() picks one), or load with verify=False if you trust the file."
             )
-    return _check_format(path, _torch_load_safely(path, map_location))
+    return _check_format(path, torch_load_safely(path, map_location))
 
 
 # --------------------------------------------------------------------------------------------- the manager
@@ -589,17 +570,13 @@ class CheckpointManager:
             return []
         found = []
         for path in self.directory.iterdir():
-            parsed = _parse_name(path.name)
+            parsed = parse_file_name(path.name)
             if parsed is not None and path.is_file():
                 found.append((parsed, path))
         return [path for _, path in sorted(found, reverse=True)]
 
     def _read_pointer(self) -> str | None:
-        try:
-            name = (self.directory / LATEST_POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return name or None
+        return read_pointer(self.directory, LATEST_POINTER)
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose bytes match its sidecar; invalid newer ones are logged and skipped."""
@@ -620,7 +597,7 @@ class CheckpointManager:
         pointed = self._read_pointer()
         records = []
         for path in self._checkpoint_files():
-            epoch, step, _ = _parse_name(path.name) or (0, 0, 0)
+            epoch, step, _ = parse_file_name(path.name) or (0, 0, 0)
             problem = verify_checkpoint(path, deep=deep)
             try:
                 meta = _read_sidecar(path)
@@ -785,7 +762,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     except ValueError:
         meta = {}
     try:
-        state = _as_checkpoint_state(_check_format(path, _torch_load_safely(path, "cpu", mmap=True)), _export_metadata(path))
+        state = _as_checkpoint_state(_check_format(path, torch_load_safely(path, "cpu", mmap=True)), _export_metadata(path))
     except CheckpointError as exc:
         if problem is not None:
             raise CheckpointError(f"{exc} Its checksum check also failed: {problem}.") from None

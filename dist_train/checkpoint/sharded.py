@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import time
 import uuid
@@ -48,38 +46,34 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.file import (
-    LATEST_POINTER,
+    CheckpointManager,
     CheckpointRecord,
     snapshot_state,
+    torch_load_safely,
     verify_checkpoint,
 )
+from dist_train.checkpoint.layout import (
+    BEST_POINTER,
+    LATEST_POINTER,
+    MANIFEST_NAME,
+    hash_file,
+    parse_file_name,
+    parse_sharded_name,
+    read_pointer,
+    sharded_checkpoint_name,
+    write_pointer,
+)
 from dist_train.errors import CheckpointError
-from dist_train.fsutil import atomic_write_text, fsync_dir
+from dist_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
 SHARDED_FORMAT = "dtrain-sharded"
 SHARDED_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 COMMON_NAME = "common.pt"
-BEST_POINTER = "best"
-_SHARDED_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?$")
-_READ_CHUNK_BYTES = 8 << 20
 # Test-only fault injection (tests/test_sharded_checkpoint.py): "<phase>:<rank>:<save number>" makes that
 # rank stop at that point of that save (1-based, counted per process) and wait to be killed.
 FAULT_ENV = "DTRAIN_TEST_CHECKPOINT_FAULT"
-
-
-def sharded_checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:
-    suffix = f"-{duplicate}" if duplicate else ""
-    return f"ckpt-e{epoch:04d}-s{step:08d}{suffix}"
-
-
-def parse_sharded_name(name: str) -> tuple[int, int, int] | None:
-    match = _SHARDED_RE.match(name)
-    if match is None:
-        return None
-    return int(match["epoch"]), int(match["step"]), int(match["dup"] or 0)
 
 
 def rank_file_name(rank: int) -> str:
@@ -177,24 +171,6 @@ def _safe_reader(path: Path) -> Any:
 # -------------------------------------------------------------------------------------------- verification
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``; ValueError with a short reason when unusable."""
     manifest_path = Path(path) / MANIFEST_NAME
@@ -235,7 +211,7 @@ def verify_sharded_checkpoint(path: Path, *, deep: bool = True) -> str | None:
             return f"{relative} is {size} bytes but {entry.get('size')} were written (truncated or replaced)"
         if deep:
             try:
-                _, actual = _hash_file(file)
+                _, actual = hash_file(file)
             except OSError as exc:
                 return f"cannot read {relative} ({exc.strerror})"
             if actual != entry.get("sha256"):
@@ -258,16 +234,12 @@ def _sharded_dirs(directory: Path) -> list[Path]:
 
 
 def _file_checkpoints(directory: Path) -> list[Path]:
-    from dist_train.checkpoint.file import CheckpointManager
-
     return CheckpointManager(directory)._checkpoint_files()
 
 
 def _sort_key(path: Path) -> tuple[int, int, int, int]:
     """Newest first across both formats: (epoch, step, duplicate), a directory after a file of the same name."""
-    from dist_train.checkpoint.file import _parse_name
-
-    parsed = parse_sharded_name(path.name) if path.is_dir() else _parse_name(path.name)
+    parsed = parse_sharded_name(path.name) if path.is_dir() else parse_file_name(path.name)
     epoch, step, dup = parsed or (0, 0, 0)
     return epoch, step, dup, int(path.is_dir())
 
@@ -281,18 +253,10 @@ def verify_any(path: Path, *, deep: bool = True) -> str | None:
     return verify_sharded_checkpoint(path, deep=deep) if Path(path).is_dir() else verify_checkpoint(path, deep=deep)
 
 
-def _read_pointer(directory: Path, name: str) -> str | None:
-    try:
-        value = (directory / name).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return value or None
-
-
 def latest_valid_checkpoint(directory: Path) -> Path | None:
     """The newest valid checkpoint of either format; invalid newer ones are logged and skipped."""
     directory = Path(directory)
-    pointed = _read_pointer(directory, LATEST_POINTER)
+    pointed = read_pointer(directory, LATEST_POINTER)
     for path in all_checkpoints(directory):
         problem = verify_any(path)
         if problem is None:
@@ -311,11 +275,9 @@ def _dir_size(path: Path) -> int:
 
 def list_all_checkpoints(directory: Path, *, deep: bool = True) -> list[CheckpointRecord]:
     """Records of every checkpoint (files and directories), newest first."""
-    from dist_train.checkpoint.file import CheckpointManager
-
     directory = Path(directory)
     files = {r.path: r for r in CheckpointManager(directory).list_checkpoints(deep=deep)}
-    pointed = _read_pointer(directory, LATEST_POINTER)
+    pointed = read_pointer(directory, LATEST_POINTER)
     records = []
     for path in all_checkpoints(directory):
         if path in files:
@@ -525,7 +487,7 @@ class ShardedCheckpointManager:
                 raise
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = _read_pointer(self.directory, LATEST_POINTER)
+            previous = read_pointer(self.directory, LATEST_POINTER)
             kept = f" The previous checkpoint ({previous}) and the 'latest' pointer are intact." if previous else ""
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise CheckpointError(
@@ -543,8 +505,8 @@ class ShardedCheckpointManager:
     def _finish(self, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool) -> Path | None:
         own = self._own_files(tmp)
         for path in own:
-            _fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
-        entries = {p.name: dict(zip(("size", "sha256"), _hash_file(p), strict=True)) for p in own}
+            fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
+        entries = {p.name: dict(zip(("size", "sha256"), hash_file(p), strict=True)) for p in own}
         _fault_point("after_shards", self.rank, self._saves, self.directory.parent)
         gathered = self._gather(entries)  # every rank's files are durable and hashed once this returns
         if self.rank != 0:
@@ -554,7 +516,7 @@ class ShardedCheckpointManager:
         for rank_entries in gathered:
             files.update(rank_entries)
         final = self.directory / meta["name"]
-        previous = _read_pointer(self.directory, LATEST_POINTER)
+        previous = read_pointer(self.directory, LATEST_POINTER)
         try:
             manifest = {
                 **{k: common.get(k) for k in _COMMON_META_KEYS},
@@ -569,9 +531,9 @@ class ShardedCheckpointManager:
             _fault_point("before_publish", self.rank, self._saves, self.directory.parent)
             os.rename(tmp, final)
             fsync_dir(self.directory)
-            atomic_write_text(self.directory / LATEST_POINTER, final.name + "\n")
+            write_pointer(self.directory, LATEST_POINTER, final.name)
             if is_best:
-                atomic_write_text(self.directory / BEST_POINTER, final.name + "\n")
+                write_pointer(self.directory, BEST_POINTER, final.name)
         except OSError as exc:
             kept = f"The previous checkpoint ({previous}) and the 'latest' pointer are intact." if previous else ""
             raise CheckpointError(
@@ -583,7 +545,7 @@ class ShardedCheckpointManager:
 
     def _prune(self, keep: set[str]) -> None:
         """Keep the newest ``keep_last`` complete directories, and the ones ``latest``/``best`` name."""
-        protected = keep | {n for n in (_read_pointer(self.directory, LATEST_POINTER), _read_pointer(self.directory, BEST_POINTER)) if n}
+        protected = keep | {n for n in (read_pointer(self.directory, LATEST_POINTER), read_pointer(self.directory, BEST_POINTER)) if n}
         complete_seen = 0
         for path in _sharded_dirs(self.directory):
             complete = (path / MANIFEST_NAME).is_file()
@@ -633,9 +595,7 @@ def _torch_save_durably(obj: Any, path: Path) -> None:
 
 
 def _load_pt(path: Path) -> Any:
-    from dist_train.checkpoint.file import _torch_load_safely
-
-    return _torch_load_safely(path, "cpu")
+    return torch_load_safely(path, "cpu")
 
 
 def read_sharded_state(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.checkpoint.file import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint, load_file_for_reading
+from dist_train.checkpoint.layout import BEST_NAME, BEST_POINTER, read_pointer
 from dist_train.checkpoint.sharded import (
-    BEST_POINTER,
     ShardedCheckpointManager,
     consolidate,
     latest_valid_checkpoint,
@@ -171,10 +171,7 @@ def best_checkpoint(directory: Path) -> Path | None:
     """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
     if (directory / BEST_NAME).is_file():
         return directory / BEST_NAME
-    try:
-        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+    name = read_pointer(directory, BEST_POINTER)
     return directory / name if name and (directory / name).is_dir() else None
 
 
