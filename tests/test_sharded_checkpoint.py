@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 
+from dist_train.checkpoint.catalog import latest_valid_checkpoint, list_checkpoints
 from dist_train.checkpoint.file import verify_checkpoint
 from dist_train.checkpoint.layout import BEST_POINTER, MANIFEST_NAME
 from dist_train.checkpoint.sharded import (
@@ -31,8 +32,6 @@ from dist_train.checkpoint.sharded import (
     FAULT_ENV,
     ShardedCheckpointManager,
     consolidate,
-    latest_valid_checkpoint,
-    list_all_checkpoints,
     load_sharded_model_and_optimizer,
     read_sharded_state,
     verify_sharded_checkpoint,
@@ -135,7 +134,7 @@ def test_keep_last_best_pointer_and_a_second_save_at_the_same_step(tmp_path: Pat
     assert again.name == "ckpt-e0000-s00000004-1" and paths[-1].is_dir(), "a published directory is never reused"
     assert pointer(tmp_path, BEST_POINTER) == best.name and best.is_dir(), "best outlives pruning"
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == sorted([best.name, paths[-1].name, again.name])
-    assert [r.path for r in list_all_checkpoints(tmp_path)] == [again, paths[-1], best]
+    assert [r.path for r in list_checkpoints(tmp_path)] == [again, paths[-1], best]
     assert latest_valid_checkpoint(tmp_path) == again
 
 

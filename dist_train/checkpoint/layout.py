@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from dist_train.fsutil import atomic_write_text
@@ -59,6 +60,27 @@ def parse_file_name(name: str) -> tuple[int, int, int] | None:
 def parse_sharded_name(name: str) -> tuple[int, int, int] | None:
     """(epoch, step, duplicate) of a sharded checkpoint directory name; None for any other name."""
     return _parse(_SHARDED_RE, name)
+
+
+def _entries_newest_first(directory: Path, parse: Callable[[str], tuple[int, int, int] | None], *, dirs: bool) -> list[Path]:
+    if not Path(directory).is_dir():
+        return []
+    found = []
+    for path in Path(directory).iterdir():
+        parsed = parse(path.name)
+        if parsed is not None and (path.is_dir() if dirs else path.is_file()):
+            found.append((parsed, path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """Single-file checkpoints of ``directory``, newest (epoch, step, duplicate) first; temp files and best.pt excluded."""
+    return _entries_newest_first(directory, parse_file_name, dirs=False)
+
+
+def sharded_checkpoint_dirs(directory: Path) -> list[Path]:
+    """Sharded checkpoint directories of ``directory``, newest first; temporary directories excluded."""
+    return _entries_newest_first(directory, parse_sharded_name, dirs=True)
 
 
 def sidecar_path(path: Path) -> Path:

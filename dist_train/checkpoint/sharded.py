@@ -45,21 +45,14 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint.file import (
-    CheckpointManager,
-    CheckpointRecord,
-    snapshot_state,
-    torch_load_safely,
-    verify_checkpoint,
-)
+from dist_train.checkpoint.file import snapshot_state, torch_load_safely
 from dist_train.checkpoint.layout import (
     BEST_POINTER,
     LATEST_POINTER,
     MANIFEST_NAME,
     hash_file,
-    parse_file_name,
-    parse_sharded_name,
     read_pointer,
+    sharded_checkpoint_dirs,
     sharded_checkpoint_name,
     write_pointer,
 )
@@ -217,92 +210,6 @@ def verify_sharded_checkpoint(path: Path, *, deep: bool = True) -> str | None:
             if actual != entry.get("sha256"):
                 return f"sha256 mismatch in {relative} (file {actual[:12]}…, recorded {str(entry.get('sha256'))[:12]}…): the bytes are corrupt"
     return None
-
-
-# ------------------------------------------------------------------------------------------------ listing
-
-
-def _sharded_dirs(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        parsed = parse_sharded_name(path.name)
-        if parsed is not None and path.is_dir():
-            found.append((parsed, path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _file_checkpoints(directory: Path) -> list[Path]:
-    return CheckpointManager(directory)._checkpoint_files()
-
-
-def _sort_key(path: Path) -> tuple[int, int, int, int]:
-    """Newest first across both formats: (epoch, step, duplicate), a directory after a file of the same name."""
-    parsed = parse_sharded_name(path.name) if path.is_dir() else parse_file_name(path.name)
-    epoch, step, dup = parsed or (0, 0, 0)
-    return epoch, step, dup, int(path.is_dir())
-
-
-def all_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files and directories of ``directory``, newest first."""
-    return sorted([*_file_checkpoints(directory), *_sharded_dirs(directory)], key=_sort_key, reverse=True)
-
-
-def verify_any(path: Path, *, deep: bool = True) -> str | None:
-    return verify_sharded_checkpoint(path, deep=deep) if Path(path).is_dir() else verify_checkpoint(path, deep=deep)
-
-
-def latest_valid_checkpoint(directory: Path) -> Path | None:
-    """The newest valid checkpoint of either format; invalid newer ones are logged and skipped."""
-    directory = Path(directory)
-    pointed = read_pointer(directory, LATEST_POINTER)
-    for path in all_checkpoints(directory):
-        problem = verify_any(path)
-        if problem is None:
-            if pointed is not None and pointed != path.name:
-                log.info("using %s, newer than %s named by %s", path.name, pointed, LATEST_POINTER)
-            return path
-        log.warning("checkpoint %s is invalid (%s); falling back to an older checkpoint", path, problem)
-    if pointed is not None:
-        log.warning("%s names %s, but no valid checkpoint exists in %s", LATEST_POINTER, pointed, directory)
-    return None
-
-
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
-def list_all_checkpoints(directory: Path, *, deep: bool = True) -> list[CheckpointRecord]:
-    """Records of every checkpoint (files and directories), newest first."""
-    directory = Path(directory)
-    files = {r.path: r for r in CheckpointManager(directory).list_checkpoints(deep=deep)}
-    pointed = read_pointer(directory, LATEST_POINTER)
-    records = []
-    for path in all_checkpoints(directory):
-        if path in files:
-            records.append(files[path])
-            continue
-        epoch, step, _ = parse_sharded_name(path.name) or (0, 0, 0)
-        try:
-            manifest = read_manifest(path)
-        except ValueError:
-            manifest = {}
-        problem = verify_sharded_checkpoint(path, deep=deep)
-        records.append(
-            CheckpointRecord(
-                path=path,
-                epoch=epoch,
-                step=step,
-                size_bytes=_dir_size(path),
-                valid=problem is None,
-                problem=problem,
-                is_latest=path.name == pointed,
-                metrics=dict(manifest.get("metrics") or {}),
-                created=manifest.get("created"),
-            )
-        )
-    return records
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -547,7 +454,7 @@ class ShardedCheckpointManager:
         """Keep the newest ``keep_last`` complete directories, and the ones ``latest``/``best`` name."""
         protected = keep | {n for n in (read_pointer(self.directory, LATEST_POINTER), read_pointer(self.directory, BEST_POINTER)) if n}
         complete_seen = 0
-        for path in _sharded_dirs(self.directory):
+        for path in sharded_checkpoint_dirs(self.directory):
             complete = (path / MANIFEST_NAME).is_file()
             complete_seen += complete
             if path.name in protected or (complete and (self.keep_last == 0 or complete_seen <= self.keep_last)):
@@ -663,45 +570,3 @@ def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> 
     merged = merge_tensors(tensors, {k: v for k, v in rest.items() if k in keys})
     state.update(merged)
     return state
-
-
-def describe_sharded(path: Path) -> dict[str, Any]:
-    """``dtrain ckpt inspect`` of a checkpoint directory (model tensors consolidated in this process)."""
-    from dist_train.checkpoint.file import _config_summary, _element_count, _storage_bytes, _tensors
-
-    path = Path(path)
-    problem = verify_sharded_checkpoint(path)
-    try:
-        manifest = read_manifest(path)
-    except ValueError:
-        manifest = {}
-    try:
-        state = consolidate(path, optimizer=True, verify=False)
-    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = f" Its check also failed: {problem}." if problem else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}.{reason}") from None
-    model_tensors = _tensors(state.get("model", {}))
-    sections = {name: _storage_bytes(_tensors(state.get(name, {}))) for name in ("model", "optimizer")}
-    return {
-        "path": str(path),
-        "file_bytes": _dir_size(path),
-        "valid": problem is None,
-        "problem": problem,
-        "sha256": None,
-        "files": len(manifest.get("files", {})),
-        "format_version": state.get("format_version"),
-        "epoch": state.get("epoch", manifest.get("epoch")),
-        "step": state.get("step", manifest.get("step")),
-        "epoch_complete": state.get("epoch_complete"),
-        "reason": state.get("reason"),
-        "metrics": state.get("metrics", manifest.get("metrics", {})),
-        "world_size": state.get("world_size"),
-        "dtrain_version": state.get("dtrain_version"),
-        "torch_version": state.get("torch_version"),
-        "model_elements": _element_count(model_tensors),
-        "model_tensors": len(model_tensors),
-        "tensor_bytes": {**sections, "total": sum(sections.values())},
-        "config_summary": _config_summary(state.get("config")),
-        "config": state.get("config"),
-    }
-
