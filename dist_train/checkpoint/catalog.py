@@ -55,11 +55,15 @@ class CheckpointRecord:
         return data
 
 
+def _position(path: Path) -> tuple[int, int, int]:
+    """(epoch, step, duplicate) from the name of a checkpoint file or directory."""
+    parsed = parse_sharded_name(path.name) if path.is_dir() else parse_file_name(path.name)
+    return parsed or (0, 0, 0)
+
+
 def _newest_first_key(path: Path) -> tuple[int, int, int, int]:
     """(epoch, step, duplicate), a directory after a file of the same name."""
-    parsed = parse_sharded_name(path.name) if path.is_dir() else parse_file_name(path.name)
-    epoch, step, dup = parsed or (0, 0, 0)
-    return epoch, step, dup, int(path.is_dir())
+    return (*_position(path), int(path.is_dir()))
 
 
 def checkpoint_paths(directory: Path) -> list[Path]:
@@ -91,7 +95,7 @@ def _size_on_disk(path: Path) -> int:
 
 
 def _record(path: Path, latest: str | None, *, deep: bool) -> CheckpointRecord:
-    epoch, step, _ = parse_sharded_name(path.name) or parse_file_name(path.name) or (0, 0, 0)
+    epoch, step, _ = _position(path)
     problem = verify(path, deep=deep)
     meta = _recorded_metadata(path)
     return CheckpointRecord(

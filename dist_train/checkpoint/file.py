@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -47,7 +46,7 @@ from dist_train.checkpoint.layout import (
     write_pointer,
 )
 from dist_train.errors import CheckpointError
-from dist_train.fsutil import atomic_write_text, fsync_dir
+from dist_train.fsutil import atomic_replace, atomic_write_text, fsync_dir
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
@@ -287,32 +286,16 @@ def _write_failed(path: Path, exc: OSError, previous: str | None) -> CheckpointE
     )
 
 
-def _new_temp_file(final: Path) -> tuple[int, Path]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    return fd, Path(tmp)
-
-
 def _write_data_file(final: Path, produce: Callable[[_HashingWriter], None]) -> tuple[int, str]:
-    """Write via a temp file + fsync + rename + dir fsync; (size, sha256) of what was written."""
-    fd, tmp = _new_temp_file(final)
-    writer: _HashingWriter | None = None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _HashingWriter(fh)
-            try:
-                produce(writer)
-            except BaseException as exc:
-                if writer.error is not None and writer.error is not exc:
-                    raise writer.error from None
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
-        raise
-    assert writer is not None
-    fsync_dir(final.parent)
+    """Write through ``fsutil.atomic_replace`` (temp file, fsync, rename, dir fsync); (size, sha256) of what was written."""
+    with atomic_replace(final) as tmp, open(tmp, "wb") as fh:
+        writer = _HashingWriter(fh)
+        try:
+            produce(writer)
+        except BaseException as exc:
+            if writer.error is not None and writer.error is not exc:
+                raise writer.error from None
+            raise
     return writer.size, writer.hexdigest()
 
 

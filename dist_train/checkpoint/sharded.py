@@ -56,6 +56,7 @@ from dist_train.checkpoint.layout import (
     sharded_checkpoint_name,
     write_pointer,
 )
+from dist_train.distributed.comm import barrier, broadcast_object, gather_objects_to_rank_zero
 from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -259,38 +260,7 @@ class ShardedCheckpointManager:
         if self.rank == 0:
             self._ensure_directory()
             self.remove_stale_temp_dirs()
-        self._barrier()  # no rank writes into the directory before the sweep is done
-
-    # ---- small collectives (no-ops for one process)
-
-    def _distributed(self) -> bool:
-        import torch.distributed as dist
-
-        return self.world_size > 1 and dist.is_initialized()
-
-    def _barrier(self) -> None:
-        if self._distributed():
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def _broadcast(self, obj: Any) -> Any:
-        if not self._distributed():
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def _gather(self, obj: Any) -> list[Any] | None:
-        if not self._distributed():
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+        barrier(group=self.group)  # no rank writes into the directory before the sweep is done
 
     # ---- housekeeping
 
@@ -336,7 +306,7 @@ class ShardedCheckpointManager:
         self.wait()
         self._saves += 1
         names = (self._free_name(epoch, step), f".{uuid.uuid4().hex}") if self.rank == 0 else None
-        final_name, tmp_tag = self._broadcast(names)
+        final_name, tmp_tag = broadcast_object(names, group=self.group)
         tmp = self.directory / f".{final_name}{tmp_tag}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         tensors, plain = split_tensors(model_and_optimizer)
@@ -415,7 +385,7 @@ class ShardedCheckpointManager:
             fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
         entries = {p.name: dict(zip(("size", "sha256"), hash_file(p), strict=True)) for p in own}
         _fault_point("after_shards", self.rank, self._saves, self.directory.parent)
-        gathered = self._gather(entries)  # every rank's files are durable and hashed once this returns
+        gathered = gather_objects_to_rank_zero(entries, group=self.group)  # every rank's files are durable and hashed once this returns
         if self.rank != 0:
             return None
         assert gathered is not None
