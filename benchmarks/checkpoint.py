@@ -120,8 +120,8 @@ def measure_sharded(state: dict, workdir: Path, repeats: int) -> dict[str, list[
     }
     common = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     results: dict[str, list[float]] = {"sharded_sync": [], "sharded_async_stall": [], "sharded_async_total": []}
-    sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, world_size=1, group=None, keep_last=1)
-    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, world_size=1, group=None, keep_last=1, async_save=True)
+    sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, group=None, keep_last=1)
+    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, group=None, keep_last=1, async_save=True)
     for rep in range(1, repeats + 1):
         os.sync()
         results["sharded_sync"].append(timed(lambda r=rep: sync_manager.save(tensors, common, {}, epoch=0, step=r)))

@@ -66,7 +66,7 @@ def save(manager: ShardedCheckpointManager, model: torch.nn.Module, optimizer: t
 
 
 def manager(directory: Path, **kw: Any) -> ShardedCheckpointManager:
-    return ShardedCheckpointManager(directory, rank=0, world_size=1, group=None, **kw)
+    return ShardedCheckpointManager(directory, rank=0, group=None, **kw)
 
 
 def pointer(directory: Path, name: str = "latest") -> str:

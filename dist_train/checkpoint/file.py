@@ -25,7 +25,6 @@ import pickle
 import re
 import shutil
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,6 @@ from dist_train.checkpoint.layout import (
     BEST_NAME,
     FORMAT_VERSION,
     LATEST_POINTER,
-    READ_CHUNK_BYTES,
     checkpoint_files,
     checkpoint_name,
     hash_file,
@@ -46,7 +44,7 @@ from dist_train.checkpoint.layout import (
     write_pointer,
 )
 from dist_train.errors import CheckpointError
-from dist_train.fsutil import atomic_replace, atomic_write_text, fsync_dir
+from dist_train.fsutil import atomic_replace, atomic_write_text
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
@@ -309,20 +307,12 @@ def _move_latest_pointer(directory: Path, name: str) -> None:
 
 def _link_or_copy_atomically(source: Path, final: Path) -> None:
     """``final`` becomes the same bytes as ``source`` in one rename (a hard link when the filesystem allows)."""
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_replace(final) as tmp:
+        tmp.unlink()  # os.link needs a free name; the temporary name stays ours (a private run directory)
         try:
             os.link(source, tmp)
         except OSError:
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, READ_CHUNK_BYTES)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
+            shutil.copyfile(source, tmp)
 
 
 # ------------------------------------------------------------------------------------------- safe loading

@@ -176,7 +176,6 @@ class ShardedStore:
         self.manager = ShardedCheckpointManager(
             directory,
             rank=dist_info.rank,
-            world_size=dist_info.world_size,
             group=group,
             keep_last=keep_last,
             async_save=async_save,
@@ -195,6 +194,7 @@ class ShardedStore:
         is_best: bool,
         blocking: bool,
     ) -> Path | None:
+        # Deferred like every DCP import (see checkpoint/sharded.py): DDP runs never pay for it.
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         # This rank's shards (DTensors), keyed by parameter name: nothing is gathered.
