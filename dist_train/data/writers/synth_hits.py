@@ -23,8 +23,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
 
 GRID = (16, 40)
@@ -138,10 +140,6 @@ def write_hits_demo(
     progress: bool | None = None,
 ) -> tuple[Path, Path]:
     """Write the demo hit-list file and its geometry; returns both paths."""
-    import h5py
-
-    from dist_train.data.synth import _progress_bar
-
     if classes < 2 or classes > 5:
         raise DataError(f"the hit-list demo has 2 to 5 classes, got {classes}.")
     if hits_per_event < 1:
@@ -173,7 +171,7 @@ def write_hits_demo(
             pmt_d = f.create_dataset("hit_pmt", shape=(total,), dtype="int32")
             time_d = f.create_dataset("hit_time", shape=(total,), dtype="float32")
             charge_d = f.create_dataset("hit_charge", shape=(total,), dtype="float32")
-            with _progress_bar(events, "hits", progress) as bar:
+            with progress_bar(events, "hits", progress) as bar:
                 for i, ((lo, hi), p) in enumerate(zip(blocks, params, strict=True)):
                     pmt, time, charge = _block_hits(np.random.default_rng([seed, i, 1]), geo, labels[lo:hi], p)
                     a = int(index[lo])

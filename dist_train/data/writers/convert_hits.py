@@ -12,15 +12,16 @@ on the hit-list file. Written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from dist_train.data.h5io import list_datasets, open_h5
 from dist_train.data.hits import HIT_COUNT_KEY, HitReader, HitSpec, check_hit_file
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
 
 _BLOCK_BYTES = 32 << 20
@@ -35,9 +36,6 @@ def convert_hits(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Write the samples of every event of ``src`` to ``out``; returns a summary."""
-    import h5py
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     with open_h5(src) as f:
         info = check_hit_file(f, src, spec, scan_ids=True)
@@ -58,8 +56,7 @@ def convert_hits(
         try:
             with h5py.File(tmp, "w", locking=False) as g:
                 x = g.create_dataset(x_key, shape=(n, *shape), dtype="float32")  # contiguous: memmap fast path
-                enabled = sys.stderr.isatty() if progress is None else progress
-                with tqdm(total=n, unit="ev", desc="convert", disable=not enabled, leave=False) as bar:
+                with progress_bar(n, "convert", progress) as bar:
                     for lo in range(0, n, block):
                         hi = min(n, lo + block)
                         x[lo:hi] = reader.read(np.arange(lo, hi, dtype=np.int64))

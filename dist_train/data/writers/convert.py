@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -29,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
 
 _BLOCK_BYTES = 32 << 20
@@ -227,6 +228,7 @@ def _idx_source(path: Path, add_channel: bool) -> ArraySource:
 
 
 def _imagefolder_sources(root: Path) -> tuple[ArraySource, ArraySource, list[str]]:
+    # Pillow only for ImageFolder sources: it is no dependency of dtrain's own (torchvision brings it).
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -276,9 +278,6 @@ def _write_h5(
     compress: bool,
     progress: bool | None,
 ) -> None:
-    import h5py
-    from tqdm import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -295,8 +294,7 @@ def _write_h5(
                 targets[name] = (src, _create(f, name, src.shape, src.dtype, compress))
             for k, v in attrs.items():
                 targets[y_key][1].attrs[k] = v
-            enabled = sys.stderr.isatty() if progress is None else progress
-            with tqdm(total=n, unit="rows", desc="convert", disable=not enabled, leave=False) as bar:
+            with progress_bar(n, "convert", progress, unit="rows") as bar:
                 for lo in range(0, n, block):
                     hi = min(n, lo + block)
                     for src, dset in targets.values():

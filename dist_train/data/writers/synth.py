@@ -1,6 +1,6 @@
 """Demo datasets with learnable structure (torch-free): ``wch5``, ``image`` and ``hits`` layouts.
 
-``hits`` (a hit-list file and its geometry) lives in :mod:`dist_train.data.synth_hits`.
+``hits`` (a hit-list file and its geometry) lives in :mod:`dist_train.data.writers.synth_hits`.
 
 ``wch5`` reproduces the keys, dtypes and storage of the water-Cherenkov files: ``event_data``
 (N, 16, 40, 38) float32 contiguous, ``labels`` (N,) int64 stored in class blocks (all 0s, then
@@ -25,13 +25,15 @@ concurrent reader (or a crash) never sees a half-written file.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
+from dist_train.data.writers.synth_hits import write_hits_demo
 from dist_train.errors import DataError
 
 WCH5_SHAPE = (16, 40, 38)
@@ -57,15 +59,13 @@ def synth_dataset(
     """Write a demo dataset to ``path`` (atomically) and return the path.
 
     ``hits``: a hit-list file plus its geometry at ``geometry_path`` (default ``<stem>_geometry.npz``
-    beside it), see :mod:`dist_train.data.synth_hits`; ``shape`` is then the pixel grid H, W.
+    beside it), see :mod:`dist_train.data.writers.synth_hits`; ``shape`` is then the pixel grid H, W.
     """
     if layout not in LAYOUTS:
         raise DataError(f"unknown synthetic layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if events < 1:
         raise DataError(f"a synthetic dataset needs at least 1 event, got {events}.")
     if layout == "hits":
-        from dist_train.data.synth_hits import write_hits_demo
-
         grid = (int(shape[-2]), int(shape[-1])) if shape else None
         write_hits_demo(
             Path(path), events=events, seed=seed, classes=int(num_classes or WCH5_CLASSES), grid=grid,
@@ -97,13 +97,6 @@ def synth_dataset(
     return path
 
 
-def _progress_bar(total: int, desc: str, progress: bool | None):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
-    enabled = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, desc=desc, unit="ev", disable=not enabled, leave=False)
-
-
 def _write_blocks(
     path: Path,
     events: int,
@@ -115,14 +108,12 @@ def _write_blocks(
     progress: bool | None,
 ) -> None:
     """``make_block`` gives a block's samples and its per-event targets (one dataset each)."""
-    import h5py
-
     row_bytes = int(np.prod(shape)) * 4
     block = max(1, _BLOCK_BYTES // row_bytes)
     with h5py.File(path, "w", locking=False) as f:
         x = f.create_dataset("event_data", shape=(events, *shape), dtype="float32")  # contiguous
         f.create_dataset("labels", data=labels)
-        with _progress_bar(events, desc, progress) as bar:
+        with progress_bar(events, desc, progress) as bar:
             for i, lo in enumerate(range(0, events, block)):
                 hi = min(events, lo + block)
                 rng = np.random.default_rng([seed, i])  # per block: the output does not depend on the block size
