@@ -12,7 +12,8 @@ Sources (picked from ``SRC``):
 * an ImageFolder tree (``root/<class>/<image>``): classes sorted by name as in torchvision; all
   images must have one size; stored as uint8 (N, C, H, W), class names in ``labels.attrs``.
 
-The output is written to a temporary file and renamed when complete. Datasets are contiguous
+The output is written to a temporary file and published by :func:`dist_train.fsutil.atomic_replace`
+when complete (a failed conversion leaves the previous file). Datasets are contiguous
 (memmap fast path) or, with ``compress``, chunked (~1 MiB chunks) with gzip and shuffle.
 """
 
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 _BLOCK_BYTES = 32 << 20
 _CHUNK_BYTES = 1 << 20
@@ -279,33 +279,25 @@ def _write_h5(
     progress: bool | None,
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     n = x.shape[0]
     row_bytes = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize)
     block = max(1, _BLOCK_BYTES // row_bytes)
-    try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            targets = {
-                x_key: (x, _create(f, x_key, x.shape, x.dtype, compress)),
-                y_key: (y, _create(f, y_key, (n,), np.dtype(np.int64), compress)),
-            }
-            for name, src in extras.items():
-                targets[name] = (src, _create(f, name, src.shape, src.dtype, compress))
-            for k, v in attrs.items():
-                targets[y_key][1].attrs[k] = v
-            with progress_bar(n, "convert", progress, unit="rows") as bar:
-                for lo in range(0, n, block):
-                    hi = min(n, lo + block)
-                    for src, dset in targets.values():
-                        data = src.read(lo, hi)
-                        dset[lo:hi] = data.reshape((hi - lo, *dset.shape[1:]))
-                    bar.update(hi - lo)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_replace(out, mode=0o644) as tmp, h5py.File(tmp, "w", locking=False) as f:
+        targets = {
+            x_key: (x, _create(f, x_key, x.shape, x.dtype, compress)),
+            y_key: (y, _create(f, y_key, (n,), np.dtype(np.int64), compress)),
+        }
+        for name, src in extras.items():
+            targets[name] = (src, _create(f, name, src.shape, src.dtype, compress))
+        for k, v in attrs.items():
+            targets[y_key][1].attrs[k] = v
+        with progress_bar(n, "convert", progress, unit="rows") as bar:
+            for lo in range(0, n, block):
+                hi = min(n, lo + block)
+                for src, dset in targets.values():
+                    data = src.read(lo, hi)
+                    dset[lo:hi] = data.reshape((hi - lo, *dset.shape[1:]))
+                bar.update(hi - lo)
 
 
 def _create(f: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, compress: bool) -> Any:

@@ -18,14 +18,13 @@ channels last, (N, 16, 40, 38) = (H, W, C).
 ``image`` writes (N, C, H, W) float32 images (default 1×28×28, 10 classes): each class is a
 fixed arrangement of blobs, shifted by a few pixels per sample, plus noise.
 
-Files are written in bounded-memory blocks to a temporary name and renamed when complete, so a
-concurrent reader (or a crash) never sees a half-written file.
+Files are written in bounded-memory blocks to a temporary file and published by
+:func:`dist_train.fsutil.atomic_replace` when complete, so a concurrent reader (or a crash) never
+sees a half-written file, and a failed write leaves the previous file as it was.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 from dist_train.data.writers.progress import progress_bar
 from dist_train.data.writers.synth_hits import write_hits_demo
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 WCH5_SHAPE = (16, 40, 38)
 WCH5_CLASSES = 3
@@ -82,18 +82,11 @@ def synth_dataset(
         raise DataError(f"a synthetic dataset needs at least 2 classes, got {classes}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_replace(path, mode=0o644) as tmp:
         if wch5:
-            _write_wch5(Path(tmp), events, seed, shape, classes, progress, channels_last=layout == "wch5_channels_last")
+            _write_wch5(tmp, events, seed, shape, classes, progress, channels_last=layout == "wch5_channels_last")
         else:
-            _write_image(Path(tmp), events, seed, shape, classes, progress)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _write_image(tmp, events, seed, shape, classes, progress)
     return path
 
 
