@@ -228,7 +228,7 @@ def _idx_source(path: Path, add_channel: bool) -> ArraySource:
 
 
 def _imagefolder_sources(root: Path) -> tuple[ArraySource, ArraySource, list[str]]:
-    # Pillow only for ImageFolder sources: it is no dependency of dtrain's own (torchvision brings it).
+    # Pillow, only for ImageFolder sources: not a declared dependency of dtrain (torchvision brings it).
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
