@@ -92,12 +92,17 @@ class ModelCompiler:
     def compile(self, train_model: nn.Module) -> nn.Module:
         units = sharded_units(train_model)
         if units and units != [train_model]:
-            what = f"{len(units)} FSDP unit(s) one by one ({', '.join(sorted({model_class(u).__name__ for u in units}))})"
+            what = (
+                f"{len(units)} FSDP unit(s) one by one ({', '.join(sorted({model_class(u).__name__ for u in units}))})"
+            )
         else:
             what = "the model as a whole"
         log.info(
             "torch.compile (mode %s%s): %s, compiled at the first step; cache %s",
-            self.mode, ", fullgraph" if self.fullgraph else "", what, self.cache_dir,
+            self.mode,
+            ", fullgraph" if self.fullgraph else "",
+            what,
+            self.cache_dir,
         )
         self.timer.install()
         if units:
@@ -130,7 +135,6 @@ class ModelCompiler:
                 f"{', fullgraph' if self.fullgraph else ''}): {first_line(exc)}. {self._hint()} The whole error is in "
                 f"the run's logs/rank{os.environ.get('RANK', '0')}.log."
             ) from exc
-
 
     def _hint(self) -> str:
         if self.fullgraph:
@@ -210,7 +214,12 @@ class CompileTimer:
         if self._log_each:
             # After the first step a compile means new input shapes (an epoch's last, shorter batch),
             # a new mode or a guard that failed: worth a line, since the step it lands in is slow.
-            log.info("torch.compile: compiled again (%s, %s) in %.1f s", args.compile_id, args.callback_trigger.name.lower(), took)
+            log.info(
+                "torch.compile: compiled again (%s, %s) in %.1f s",
+                args.compile_id,
+                args.callback_trigger.name.lower(),
+                took,
+            )
 
     def report_later_compiles(self) -> None:
         self._log_each = True

@@ -109,6 +109,9 @@ def test_compiled_contender_results_name_the_goal_and_never_fake_gpu_busy_on_the
 
 def test_the_compiled_contender_runs_beside_dtrain_and_the_in_memory_loop_stays(compare) -> None:  # type: ignore[no-untyped-def]
     assert compare.contender_list(["h5"], ("accelerate", "fabric")) == [
-        ("dtrain", "h5"), ("dtrain-compiled", "h5"), ("ddp", "h5"), ("ddp", "mem")
+        ("dtrain", "h5"),
+        ("dtrain-compiled", "h5"),
+        ("ddp", "h5"),
+        ("ddp", "mem"),
     ]
     assert ("dtrain-compiled", "h5") not in compare.contender_list(["h5", "mem"], compiled=False)

@@ -38,13 +38,17 @@ from tests.test_resume import assert_same_state, held_out_metrics, step_history,
 def compiled_config(tmp_path: Path, name: str, data_path: Path, **sections: dict[str, Any]) -> Path:
     train = {"epochs": 3, "precision": "fp32", "log_every": 2, "compile": True, **sections.pop("train", {})}
     return write_config(
-        tmp_path / f"{name}.toml", data_path,
+        tmp_path / f"{name}.toml",
+        data_path,
         run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
-        train=train, **sections,
+        train=train,
+        **sections,
     )
 
 
-def launch(tmp_path: Path, cfg: Path, run_dir: Path, *extra: str, nproc: int = 1, env: dict[str, str] | None = None) -> Any:
+def launch(
+    tmp_path: Path, cfg: Path, run_dir: Path, *extra: str, nproc: int = 1, env: dict[str, str] | None = None
+) -> Any:
     args = ("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra)
     return dtrain(*args, cwd=tmp_path, env=env)
 
@@ -111,7 +115,11 @@ def test_a_model_the_compiler_rejects_stops_with_one_paragraph_naming_it(tmp_pat
     data = make_image_h5(tmp_path / "d.h5", events=100)
     name = "tests.helpers.models:BranchingMLP"
     cfg = compiled_config(
-        tmp_path, "bad", data, model={"name": name, "num_classes": 3, "in_features": 72}, train={"compile_fullgraph": True}
+        tmp_path,
+        "bad",
+        data,
+        model={"name": name, "num_classes": 3, "in_features": 72},
+        train={"compile_fullgraph": True},
     )
     run_dir = tmp_path / "bad"
     proc = launch(tmp_path, cfg, run_dir)
@@ -130,7 +138,9 @@ def test_compiled_ddp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path)
 
     def config(name: str) -> Path:
         return compiled_config(
-            tmp_path, name, data,
+            tmp_path,
+            name,
+            data,
             data={"batch_size": 8, "num_workers": 0},
             model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.01},
             train={"log_every": 1, "stop_check_every": 2},
@@ -160,7 +170,9 @@ def test_compiled_ddp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path)
 def test_compiled_fsdp_compiles_each_block_and_checkpoints_plain_keys_with_a_custom_task(tmp_path: Path) -> None:
     data = synth_dataset(tmp_path / "d.h5", layout="wch5", events=120, seed=2, shape=WCH5_SHAPE, progress=False)
     cfg = compiled_config(
-        tmp_path, "fsdp", data,
+        tmp_path,
+        "fsdp",
+        data,
         model={"name": "tests.helpers.models:ResidualMLP", "num_classes": 1, "in_features": 72},
         task=TASKS["custom"][0],
         train={"epochs": 2, "strategy": "fsdp"},
