@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dist_train.config import config_from_dict
-from dist_train.data.synth import synth_dataset
+from dist_train.data.writers.synth import synth_dataset
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import ConfigError
 from tests.helpers.models import ResidualMLP
