@@ -202,8 +202,17 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def measure(hits: Path, converted: Path, geometry: Path, representation: str, batch: int, samples: int,
-            repeats: int, min_seconds: float, builder: str = "auto") -> dict[str, Any]:
+def measure(
+    hits: Path,
+    converted: Path,
+    geometry: Path,
+    representation: str,
+    batch: int,
+    samples: int,
+    repeats: int,
+    min_seconds: float,
+    builder: str = "auto",
+) -> dict[str, Any]:
     """Events/s of each reader (median of ``repeats`` rounds); readers take turns in each round, so a
     burst of load hits them alike, and ratios are the median of the per-round paired ratios."""
     spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS, builder=builder)
@@ -221,9 +230,15 @@ def measure(hits: Path, converted: Path, geometry: Path, representation: str, ba
         "conv-w2": make_loader(conv, batches, data_config(2), train=False, device_type="cpu"),
     }
     order = [i for b in batches for i in b]
-    loaders["per-event-w2"] = DataLoader(PerEventHits(hits, geometry, representation), batch_size=batch, sampler=order,
-                                         num_workers=2, persistent_workers=True, prefetch_factor=4,
-                                         multiprocessing_context="fork")
+    loaders["per-event-w2"] = DataLoader(
+        PerEventHits(hits, geometry, representation),
+        batch_size=batch,
+        sampler=order,
+        num_workers=2,
+        persistent_workers=True,
+        prefetch_factor=4,
+        multiprocessing_context="fork",
+    )
     # Same samples from the hit-list file and from the converted file (a check, not timed; it also
     # compiles or loads the numba kernels, so no contender's timing includes that).
     first_hits, first_conv = next(iter(loaders["dtrain-w0"])), next(iter(loaders["conv-w0"]))
@@ -241,13 +256,21 @@ def measure(hits: Path, converted: Path, geometry: Path, representation: str, ba
     # CPU time per event of the in-process readers (time.process_time: what a pass costs whatever
     # the machine's load; the per-event reader through a 0-worker DataLoader, same collate).
     inline = DataLoader(PerEventHits(hits, geometry, representation), batch_size=batch, sampler=order, num_workers=0)
-    for name, loader in (("dtrain-w0", loaders["dtrain-w0"]), ("conv-w0", loaders["conv-w0"]), ("per-event-w0", inline)):
+    for name, loader in (
+        ("dtrain-w0", loaders["dtrain-w0"]),
+        ("conv-w0", loaders["conv-w0"]),
+        ("per-event-w0", inline),
+    ):
         t0 = time.process_time()
         events = consume(loader)
         result[f"cpu-us/{name}"] = 1e6 * (time.process_time() - t0) / events
     # Ratios paired per round (the same load conditions): the median, and the spread over rounds.
-    for a, b in (("dtrain-w0", "per-event-w2"), ("dtrain-w2", "per-event-w2"), ("dtrain-w0", "conv-w0"),
-                 ("dtrain-w2", "conv-w2")):
+    for a, b in (
+        ("dtrain-w0", "per-event-w2"),
+        ("dtrain-w2", "per-event-w2"),
+        ("dtrain-w0", "conv-w0"),
+        ("dtrain-w2", "conv-w2"),
+    ):
         paired = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
         result[f"{a}/{b}"] = median(paired)
         result[f"{a}/{b} range"] = (min(paired), max(paired))
@@ -259,8 +282,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller files and fewer events (a few minutes)")
     ap.add_argument("--dir", type=Path, default=BENCH_DIR, help="scratch directory for the test files (removed after)")
     ap.add_argument("--batch", type=int, default=256, help="events per batch")
-    ap.add_argument("--builder", choices=["auto", "numba", "numpy"], default="auto",
-                    help="dtrain's hit-list builder (auto: numba when it imports)")
+    ap.add_argument(
+        "--builder",
+        choices=["auto", "numba", "numpy"],
+        default="auto",
+        help="dtrain's hit-list builder (auto: numba when it imports)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     events = 3_000 if args.quick else 12_000
@@ -275,42 +302,69 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         geometry = Path(tmp) / "geometry.npz"
         geo = demo_geometry()
-        np.savez(geometry, mpmt_image_positions=geo["mpmt_image_positions"], position=geo["position"],
-                 orientation=geo["orientation"])
+        np.savez(
+            geometry,
+            mpmt_image_positions=geo["mpmt_image_positions"],
+            position=geo["position"],
+            orientation=geo["orientation"],
+        )
         # The issue's realistic occupancy (the RESULT lines), then a low one for information: where
         # per-event Python overhead, not per-hit work, dominates the per-event reader.
         for occupancy in OCCUPANCIES:
             hits = write_hit_file(Path(tmp) / "hits.h5", events, geo, occupancy)
-            print(f"\nhit-list file: {events} events of {occupancy[0]}-{occupancy[1]} hits, "
-                  f"{os.path.getsize(hits) / 1e6:.0f} MB, {len(geo['mpmt_image_positions'])} modules, "
-                  f"{len(geo['position'])} PMTs; batch {args.batch}, {samples} events per pass, passes for at least "
-                  f"{min_seconds:g} s per reader and round, median of {repeats} interleaved rounds (events/s); "
-                  "ratios: median of the per-round paired ratios [lowest-highest round]")
-            print(f"  {'representation':>14}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'dtrain-p2':>10}  {'per-event':>10}  "
-                  f"{'conv-w0':>10}  {'conv-w2':>10}  w0/pe  w2/pe  w0/cv  w2/cv  load")
+            print(
+                f"\nhit-list file: {events} events of {occupancy[0]}-{occupancy[1]} hits, "
+                f"{os.path.getsize(hits) / 1e6:.0f} MB, {len(geo['mpmt_image_positions'])} modules, "
+                f"{len(geo['position'])} PMTs; batch {args.batch}, {samples} events per pass, passes for at least "
+                f"{min_seconds:g} s per reader and round, median of {repeats} interleaved rounds (events/s); "
+                "ratios: median of the per-round paired ratios [lowest-highest round]"
+            )
+            print(
+                f"  {'representation':>14}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'dtrain-p2':>10}  {'per-event':>10}  "
+                f"{'conv-w0':>10}  {'conv-w2':>10}  w0/pe  w2/pe  w0/cv  w2/cv  load"
+            )
             for representation, short in (("mpmt_image", "image"), ("point_cloud", "cloud")):
                 converted = Path(tmp) / f"{short}.h5"
                 spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS)
                 convert_hits(hits, converted, spec, progress=False)
-                r = measure(hits, converted, geometry, representation, args.batch, samples, repeats, min_seconds,
-                            args.builder)
-                print(f"  {representation:>14}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  {r['dtrain-p2']:>10.0f}  "
-                      f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
-                      f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "
-                      f"{r['dtrain-w0/conv-w0']:5.2f}  {r['dtrain-w2/conv-w2']:5.2f}  {r['load'][0]:.1f}-{r['load'][1]:.1f}")
+                r = measure(
+                    hits, converted, geometry, representation, args.batch, samples, repeats, min_seconds, args.builder
+                )
+                print(
+                    f"  {representation:>14}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  {r['dtrain-p2']:>10.0f}  "
+                    f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
+                    f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "
+                    f"{r['dtrain-w0/conv-w0']:5.2f}  {r['dtrain-w2/conv-w2']:5.2f}  {r['load'][0]:.1f}-{r['load'][1]:.1f}"
+                )
                 w0_lo, w0_hi = r["dtrain-w0/per-event-w2 range"]
                 w2_lo, w2_hi = r["dtrain-w2/per-event-w2 range"]
                 print(f"  {'':>14}  per round: w0/pe {w0_lo:.1f}-{w0_hi:.1f}, w2/pe {w2_lo:.1f}-{w2_hi:.1f}")
-                print(f"  {'':>14}  CPU per event: dtrain {r['cpu-us/dtrain-w0']:.1f} us, per-event reader "
-                      f"{r['cpu-us/per-event-w0']:.1f} us, converted read {r['cpu-us/conv-w0']:.1f} us")
+                print(
+                    f"  {'':>14}  CPU per event: dtrain {r['cpu-us/dtrain-w0']:.1f} us, per-event reader "
+                    f"{r['cpu-us/per-event-w0']:.1f} us, converted read {r['cpu-us/conv-w0']:.1f} us"
+                )
                 converted.unlink()
                 if occupancy != OCCUPANCIES[0]:
                     continue
                 for workers in ("w0", "w2"):
-                    results.append(result_line(f"hits_{short}_dtrain_{workers}_vs_per_event",
-                                               r[f"dtrain-{workers}/per-event-w2"], ">=", 10.0, fmt=".2f"))
-                    results.append(result_line(f"hits_{short}_dtrain_{workers}_vs_converted",
-                                               r[f"dtrain-{workers}/conv-{workers}"], ">=", 0.5, fmt=".2f"))
+                    results.append(
+                        result_line(
+                            f"hits_{short}_dtrain_{workers}_vs_per_event",
+                            r[f"dtrain-{workers}/per-event-w2"],
+                            ">=",
+                            10.0,
+                            fmt=".2f",
+                        )
+                    )
+                    results.append(
+                        result_line(
+                            f"hits_{short}_dtrain_{workers}_vs_converted",
+                            r[f"dtrain-{workers}/conv-{workers}"],
+                            ">=",
+                            0.5,
+                            fmt=".2f",
+                        )
+                    )
             hits.unlink()
     print(f"load average at end: {load_average()} (uptime: {uptime()})")
     print("\n".join(results))

@@ -188,11 +188,13 @@ def _nontemporal_store(builder, value, pointer):  # type: ignore[no-untyped-def]
 @intrinsic
 def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
     """8 float32 zeros to ``dst_address`` (32-byte aligned) with one streaming store."""
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         vector = ir.VectorType(ir.FloatType(), _VECTOR)
         zeros = ir.Constant(vector, [0.0] * _VECTOR)
         _nontemporal_store(builder, zeros, builder.inttoptr(args[0], vector.as_pointer()))
         return context.get_dummy_value()
+
     return types.void(types.uint64), codegen
 
 
@@ -209,6 +211,7 @@ def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  #
     registers (the usual unpack / shuffle / 128-bit lane permutation), one vector store per
     column: 16 memory operations for 64 values.
     """
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         rows_at, table, ids_at, offset = args
         f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
@@ -228,21 +231,26 @@ def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  #
         even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
         u = [shuffle(t[a], t[a + 2], mask) for a in (0, 1, 4, 5) for mask in (even, odd)]  # columns 0,1,2,3 | 4,5,6,7
         first_half, second_half = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        columns = [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [shuffle(u[c], u[c + 4], second_half) for c in range(4)]
+        columns = [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [
+            shuffle(u[c], u[c + 4], second_half) for c in range(4)
+        ]
         rows_pointer = builder.inttoptr(rows_at, i64.as_pointer())
         for c, column in enumerate(columns):
             row = builder.load(builder.gep(rows_pointer, [ir.Constant(i64, c)]), align=8)
             builder.store(column, builder.inttoptr(builder.add(row, offset), vector.as_pointer()), align=4)
         return context.get_dummy_value()
+
     return types.void(types.uint64, types.uint64, types.uint64, types.uint64), codegen
 
 
 @intrinsic
 def _store_fence(typingctx):  # type: ignore[no-untyped-def]
     """Orders the streaming stores before anything this thread does next (they are weakly ordered)."""
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
