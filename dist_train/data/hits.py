@@ -258,6 +258,8 @@ def earliest_hits_mask(time: np.ndarray, counts: np.ndarray, n_points: int) -> n
 # output (25 MB) every pass would stream through the cache again. The per-block cost of a dozen
 # numpy calls is small against the block's thousands of hits.
 BLOCK_BYTES = 1 << 20
+# Columns of the compiled point-cloud builder's per-PMT table (position and orientation: 6, padded).
+TABLE_WIDTH = 8
 
 
 class _BlockBuilder:
@@ -376,6 +378,11 @@ class PointCloudBuilder(_BlockBuilder):
         self.table = np.ascontiguousarray(
             np.stack(tables, axis=1) if tables else np.zeros((self.num_pmts, 0), np.float32)
         )
+        if 0 < self.table.shape[1] < TABLE_WIDTH:
+            # Zero columns up to 8: each PMT's row is then one 32-byte vector, and the compiled
+            # builder writes 8 hits' table values with 16 vector loads and stores, not 96 scalar ones.
+            pad = np.zeros((self.num_pmts, TABLE_WIDTH - self.table.shape[1]), np.float32)
+            self.table = np.ascontiguousarray(np.concatenate([self.table, pad], axis=1))
         codes, row = [], 0
         for src in self.sources:
             if isinstance(src, str):
