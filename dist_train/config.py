@@ -234,6 +234,10 @@ class TrainConfig:
     # instead of each rank's own: torch.nn.SyncBatchNorm, one all-gather per BatchNorm layer and step.
     # GPUs and DDP only (PyTorch has no CPU kernels for it); a no-op in one process.
     sync_batchnorm: bool = False
+    # The model's 4-d weights and the input batches in torch.channels_last memory format (NHWC): faster
+    # convolutions on recent GPUs (tensor cores), often slower on CPUs. The numbers may differ in the last
+    # bits (other convolution kernels), so it is off by default.
+    channels_last: bool = False
 
 
 @dataclass

@@ -44,7 +44,8 @@ from dist_train.distributed import (
 )
 from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
-from dist_train.evaluation import batch_to_device, evaluate_batches, forward
+from dist_train.data.device_feed import DeviceFeed
+from dist_train.evaluation import evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
 from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
@@ -175,6 +176,8 @@ class Trainer:
         # Before the model's tensors exist, so that all of FSDP's large buffers follow the new threshold.
         return_large_frees_to_os(cfg.train.strategy, self.device.type)
         model = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # 4-d weights only; the feed sends x in that layout
         self.model: nn.Module = use_sync_batchnorm(model, cfg, self.device, dist_info.world_size)
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.train_model: nn.Module = self._wrap_model(self.model)
@@ -190,6 +193,11 @@ class Trainer:
         )
         self.train_loader = self._make_train_loader()
         self.eval_loaders = self._make_eval_loaders()
+        # Host batch -> device batch: copies (on a side stream on CUDA), then what the loader left to the device.
+        self.feeds = {
+            name: DeviceFeed(self.device, loader.device_prep, channels_last=cfg.train.channels_last)
+            for name, loader in (("train", self.train_loader), *self.eval_loaders.items())
+        }
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = build_scheduler(
             cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
@@ -517,7 +525,7 @@ class Trainer:
             batches = self._fetch_window(loader_iter, window)
             window_samples = sum(len(b["index"]) for b in batches)
             for i, batch in enumerate(batches):
-                self._micro_step(batch_to_device(batch, self.device), window_samples, sync=(i == window - 1))
+                self._micro_step(self.feeds["train"](batch), window_samples, sync=(i == window - 1))
                 self.sampler.record_consumed(1)
                 self.timer.step_done(len(batch["index"]))
             del batches
@@ -609,6 +617,7 @@ class Trainer:
                 autocast=self._autocast,
                 prefix=split,
                 limit=DEBUG_MAX_STEPS if self.debug else None,
+                to_device=self.feeds[split],
             )
         self._write_reports(split, result.reports, epoch)
         return result.metrics

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from dist_train.config import Config, DataConfig, resolve_geometry_path
 from dist_train.data.dataset import H5Split, PackedBatch
+from dist_train.data.device_feed import DevicePrep
 from dist_train.data.hits import hit_spec
 from dist_train.data.prefetch import PrefetchLoader
 from dist_train.data.preflight import normalization_for, prepare_splits, rows_fingerprint
@@ -104,17 +105,41 @@ WORKER_MODES = ("auto", "process", "thread")
 
 
 def make_loader(
-    split: H5Split, batch_sampler: Sampler[Any], cfg: DataConfig, *, train: bool, device_type: str
+    split: H5Split,
+    batch_sampler: Sampler[Any],
+    cfg: DataConfig,
+    *,
+    train: bool,
+    device_type: str,
+    defer_to_device: bool | None = None,
 ) -> DataLoader | PrefetchLoader:  # type: ignore[type-arg]
-    """An iterable of batch dicts in ``batch_sampler``'s order (see the module docstring for which)."""
+    """An iterable of batch dicts in ``batch_sampler``'s order (see the module docstring for which).
+
+    ``defer_to_device`` (default: on a CUDA device): the loader's ``device_prep`` is the
+    :class:`~dist_train.data.device_feed.DevicePrep` a :class:`~dist_train.data.device_feed.DeviceFeed`
+    must apply after the copy (normalisation, the cast of narrow file dtypes, the channels-last
+    permutation); None when the batches leave the host ready for the model.
+    """
     transforms = cfg.train_transforms if train else cfg.eval_transforms
     where = "data.train_transforms" if train else "data.eval_transforms"
     dataset = split.with_transforms(transforms, where)
     pin = bool(cfg.pin_memory and device_type == "cuda")
+    if defer_to_device is None:
+        # On the CPU the host's normalisation runs in the reader threads, off the training thread.
+        defer_to_device = device_type == "cuda"
+    prep = dataset.defer_to_device() if defer_to_device else None
+    loader = _loader(dataset, batch_sampler, cfg, pin)
+    loader.device_prep = prep
+    return loader
+
+
+def _loader(dataset: H5Split, batch_sampler: Sampler[Any], cfg: DataConfig, pin: bool) -> H5Loader | PrefetchLoader:
     if use_threads(dataset, cfg):
         dataset.prepare_in_this_process()
         return PrefetchLoader(
-            lambda index_batch, buffers: dataset.plan(index_batch, buffers.get(dataset.raw_x_shape(index_batch))),
+            lambda index_batch, buffers: dataset.plan(
+                index_batch, buffers.get(dataset.raw_x_shape(index_batch), dataset.x_dtype())
+            ),
             dataset.gather,
             dataset.finish_in_consumer if dataset.defers_random_transforms else None,
             batch_sampler,
@@ -162,7 +187,7 @@ def use_threads(dataset: H5Split, cfg: DataConfig) -> bool:
     return fast
 
 
-def _process_loader(dataset: H5Split, batch_sampler: Sampler[Any], cfg: DataConfig, pin: bool) -> DataLoader:  # type: ignore[type-arg]
+def _process_loader(dataset: H5Split, batch_sampler: Sampler[Any], cfg: DataConfig, pin: bool) -> H5Loader:
     """A DataLoader that hands each whole IndexBatch to the split (``batch_size=None``)."""
     dataset.pack_in_workers = cfg.num_workers > 0
     kwargs: dict[str, Any] = {
@@ -187,6 +212,8 @@ def keep_batch(batch: Any) -> Any:
 
 class H5Loader(DataLoader):  # type: ignore[type-arg]
     """A DataLoader that turns the one-buffer batches of its workers back into dicts of tensors."""
+
+    device_prep: DevicePrep | None = None  # set by make_loader
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         for batch in super().__iter__():
