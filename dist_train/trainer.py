@@ -30,6 +30,7 @@ import dist_train
 from dist_train import envvars
 from dist_train.config import Config, config_to_dict
 from dist_train.cpu_allocator import return_large_frees_to_os
+from dist_train.data.device_feed import DeviceFeed
 from dist_train.distributed import (
     AsyncFlags,
     DistInfo,
@@ -44,7 +45,6 @@ from dist_train.distributed import (
 )
 from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
-from dist_train.data.device_feed import DeviceFeed
 from dist_train.evaluation import evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
