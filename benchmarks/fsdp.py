@@ -443,7 +443,7 @@ MEMORY_KEYS = ("memory/params_mb", "memory/grads_mb", "memory/optimizer_mb", "me
 # glibc keeps freed heap memory resident (the dynamic mmap threshold rises to 32 MiB after the first large
 # free, and a fragmented heap cannot shrink): FSDP's per-step all-gather and reduce-scatter buffers then
 # stay in the RSS. dtrain's CPU FSDP workers therefore set a fixed 1 MiB threshold themselves
-# (dist_train/cpu_allocator.py: each large buffer gets its own mapping, returned on free); the second
+# (dist_train/distributed/cpu_allocator.py: each large buffer gets its own mapping, returned on free); the second
 # setting switches that off to show glibc's defaults. DDP workers are never changed.
 ALLOCATORS = {"dtrain default (mallopt 1 MiB)": {}, "glibc defaults (opt-out)": {"DTRAIN_CPU_MALLOC_THRESHOLD": "0"}}
 

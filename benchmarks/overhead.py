@@ -78,7 +78,7 @@ class DtrainContender:
 
     def __init__(self, workload: Workload, data: Path, batch: int, steps: int, workdir: Path) -> None:
         from dist_train.config import load_config
-        from dist_train.distributed import DistInfo
+        from dist_train.distributed.comm import DistInfo
         from dist_train.trainer import Trainer
 
         cfg_path = dtrain_config(

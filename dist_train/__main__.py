@@ -46,7 +46,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from dist_train.config import load_config, make_data_paths_absolute, save_config
-    from dist_train.distributed import destroy_distributed, init_distributed
+    from dist_train.distributed.comm import destroy_distributed, init_distributed
     from dist_train.logs import FILE_ONLY, setup_logging
     from dist_train.preempt import PreemptionHandler, launcher_stop_signal_file, parse_signals
     from dist_train.trainer import Trainer

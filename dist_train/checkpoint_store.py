@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
-from dist_train.distributed import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
+from dist_train.distributed.comm import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
+from dist_train.distributed.strategy import Strategy
 from dist_train.sharded_checkpoint import (
     BEST_POINTER,
     ShardedCheckpointManager,
@@ -29,7 +30,6 @@ from dist_train.sharded_checkpoint import (
     load_sharded_model_and_optimizer,
     read_sharded_state,
 )
-from dist_train.strategy import Strategy
 
 
 class CheckpointStore(Protocol):

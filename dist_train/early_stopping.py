@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from dist_train.config import Config
-from dist_train.distributed import sync_bool
+from dist_train.distributed.comm import sync_bool
 from dist_train.errors import ConfigError
 
 log = logging.getLogger("dtrain")

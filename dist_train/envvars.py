@@ -25,7 +25,7 @@ JOB_ID = "DTRAIN_JOB_ID"
 LAUNCHER_REPORTS_ERRORS = "DTRAIN_LAUNCHER_REPORTS_ERRORS"
 
 # CPU FSDP workers on glibc: mallopt(M_MMAP_THRESHOLD, this many bytes) so that freed all-gather and
-# gradient buffers go back to the OS (dist_train/cpu_allocator.py). Unset: 1 MiB; "0": leave malloc alone.
+# gradient buffers go back to the OS (dist_train/distributed/cpu_allocator.py). Unset: 1 MiB; "0": leave malloc alone.
 # A user-set MALLOC_MMAP_THRESHOLD_ (or glibc.malloc.mmap_threshold tunable) always wins.
 CPU_MALLOC_THRESHOLD = "DTRAIN_CPU_MALLOC_THRESHOLD"
 

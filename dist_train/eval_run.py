@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,10 @@ def evaluate_checkpoint(
     from dist_train.checkpoint import resolve_checkpoint_path
     from dist_train.checkpoint_store import best_checkpoint, load_for_reading
     from dist_train.data.loader import build_data, make_loader
+    from dist_train.distributed.precision import autocast, resolve_precision
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
     from dist_train.tasks import build_model_for_task, build_task
-    from dist_train.trainer import resolve_precision
 
     target = Path(target)
     run_dir = target if (target / "checkpoints").is_dir() else None
@@ -66,14 +64,14 @@ def evaluate_checkpoint(
     loader = make_loader(subset, sampler, cfg.data, train=False, device_type="cpu")
     preds = Predictions() if predictions_path is not None else None
     # The run's precision, as its own evaluation on the CPU used it: a bf16 run's logged metrics are bf16 ones.
-    dtype = resolve_precision(cfg.train.precision, torch.device("cpu")).dtype
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
     result = evaluate_batches(
         model,
         loader,
         torch.device("cpu"),
         task,
         input_keys=cfg.data.input_keys,
-        autocast=_cpu_autocast(dtype),
+        autocast=functools.partial(autocast, precision, torch.device("cpu")),
         prefix=split,
         predictions=preds,
     )
@@ -84,10 +82,4 @@ def evaluate_checkpoint(
     metrics["epoch"] = state["epoch"]
     metrics["step"] = state["step"]
     return metrics
-
-
-def _cpu_autocast(dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    if dtype is None:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type="cpu", dtype=dtype)
 

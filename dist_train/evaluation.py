@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from dist_train.data.device_feed import batch_to_device
+from dist_train.metrics import HistogramCollector
 from dist_train.tasks import MetricSums, SampleCollector, Task
-from dist_train.tasks.base import HistogramCollector
 
 #: Buckets of each evaluation histogram (regression's residuals).
 HISTOGRAM_BINS = 50

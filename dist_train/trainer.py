@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 import dist_train
 from dist_train import envvars
 from dist_train.config import Config, config_to_dict
-from dist_train.cpu_allocator import return_large_frees_to_os
 from dist_train.data.device_feed import DeviceFeed
-from dist_train.distributed import (
+from dist_train.distributed.comm import (
     AsyncFlags,
     DistInfo,
     all_reduce_max,
@@ -43,17 +41,19 @@ from dist_train.distributed import (
     settle_gradient_buckets,
     sync_bool,
 )
+from dist_train.distributed.cpu_allocator import return_large_frees_to_os
+from dist_train.distributed.precision import autocast, resolve_precision
+from dist_train.distributed.strategy import Strategy, build_strategy, use_sync_batchnorm
 from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import evaluate_batches, forward
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
-from dist_train.metrics import StepTimer, peak_memory_mb, rss_anon_mb, training_state_mb
+from dist_train.metrics import StepTimer, add_sums, peak_memory_mb, rss_anon_mb, training_state_mb
 from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
-from dist_train.strategy import Strategy, build_strategy, use_sync_batchnorm
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
-from dist_train.tasks.base import TrainStep, add_sums
+from dist_train.tasks.base import TrainStep
 from dist_train.watchdog import HangWatchdog
 
 if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
@@ -95,34 +95,6 @@ INCOMPATIBLE_ON_RESUME = (
 DEBUG_MAX_STEPS = 5
 # Stateful components newer than some format-1 checkpoints; such a checkpoint resumes with them fresh.
 ADDED_SINCE_FORMAT_1 = ("early_stopping",)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Resolved mixed precision: autocast dtype (None = fp32) and whether a GradScaler is needed."""
-
-    name: str
-    dtype: torch.dtype | None
-    use_scaler: bool
-
-
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    if device.type == "cuda":
-        if requested == "auto":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if requested == "bf16":
-            return Precision("bf16", torch.bfloat16, False)
-        if requested == "fp16":
-            return Precision("fp16", torch.float16, True)
-        return Precision("fp32", None, False)
-    # On the CPU fp32 is usually fastest; bf16 autocast is honoured, fp16 (a GPU setting) maps to bf16
-    # so that one config runs on a laptop and on GPUs.
-    if requested == "bf16":
-        return Precision("bf16", torch.bfloat16, False)
-    if requested == "fp16":
-        log.info("precision fp16 needs CUDA; using bf16 autocast on the CPU instead")
-        return Precision("bf16", torch.bfloat16, False)
-    return Precision("fp32", None, False)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -460,9 +432,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.precision.dtype)
+        return autocast(self.precision, self.device)
 
     def _micro_step(self, batch: dict[str, torch.Tensor], window_samples: int, sync: bool) -> None:
         """Forward, the task's loss summed over the batch divided by the window's samples, backward.

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from dist_train.config import config_from_dict
+from dist_train.distributed.strategy import use_sync_batchnorm
 from dist_train.errors import ConfigError
 from dist_train.eval_run import evaluate_checkpoint
 from dist_train.sharded_checkpoint import list_all_checkpoints
-from dist_train.strategy import use_sync_batchnorm
 from tests.helpers.models import BatchNormCNN, BatchNormMLP
 from tests.helpers.run import assert_ok, dtrain, load_final_model, make_image_h5, metric_history, records, write_config
 from tests.test_resume import assert_same_state

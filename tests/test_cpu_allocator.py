@@ -1,4 +1,4 @@
-"""CPU FSDP workers give large freed buffers back to the OS (dist_train/cpu_allocator.py).
+"""CPU FSDP workers give large freed buffers back to the OS (dist_train/distributed/cpu_allocator.py).
 
 Each case runs in a fresh plain-python subprocess (malloc settings are per process and cannot be
 undone) and observes the resident set in /proc/self/status, not the helper's return value alone.
@@ -30,7 +30,7 @@ PROBE = textwrap.dedent(
     """
     import json, logging, sys
     import numpy as np
-    from dist_train.cpu_allocator import return_large_frees_to_os
+    from dist_train.distributed.cpu_allocator import return_large_frees_to_os
 
     def rss_mib():
         for line in open("/proc/self/status"):

@@ -359,7 +359,7 @@ def test_precision_matrix_on_the_cpu_trains_saves_and_evaluates(tmp_path: Path, 
 def test_activation_checkpointing_updates_batchnorm_statistics_once_per_step() -> None:
     """The recomputation in backward runs the unit's forward again in training mode; the running
     statistics must be those of one forward, as without activation checkpointing (and under DDP)."""
-    from dist_train.strategy import _replace_with_checkpoint_wrapper
+    from dist_train.distributed.strategy import _replace_with_checkpoint_wrapper
 
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)), torch.nn.Linear(6, 2))

@@ -174,8 +174,12 @@ def test_hung_rank_is_ended_by_the_watchdog_and_reported(tmp_path: Path, data: P
     assert "Timeout (0:00:03)!" in dump
     assert "tests/helpers/models.py" in dump, "the hung rank's stack shows where it hangs"
     assert f"rank 1: {stacks}" in proc.stderr, "the report points at the hung rank's stack dump"
-    # The healthy rank waited in a collective: its dump exists too and does not show the model.
-    assert "Timeout (0:00:03)!" in (run_dir / "logs" / "rank0.stacks").read_text()
+    # The healthy rank armed its watchdog too. Whether its own timer fires before torchrun ends it
+    # depends on when it entered the collective (CI under load: torchrun came first), so its file is
+    # either empty or a timeout dump, never anything else.
+    healthy = run_dir / "logs" / "rank0.stacks"
+    assert healthy.exists(), "every rank arms its watchdog"
+    assert healthy.read_text() == "" or "Timeout (0:00:03)!" in healthy.read_text()
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_train.tasks.base import MetricSums, add_sums
+from dist_train.metrics import MetricSums, add_sums
 
 
 def test_restored_sums_keep_adding_where_they_left_off() -> None:

@@ -162,7 +162,7 @@ def test_a_stop_after_training_finished_ends_complete_not_stopped(tmp_path: Path
 
 
 def test_a_posted_flag_is_never_dropped_by_a_second_post() -> None:
-    from dist_train.distributed import AsyncFlags
+    from dist_train.distributed.comm import AsyncFlags
 
     flags = AsyncFlags(2)
     flags.post([True, False])  # posted at start-up, not read before the next post

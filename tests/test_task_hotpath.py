@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_train.tasks.base import MetricSums, add_rows_in_order
+from dist_train.metrics import MetricSums, add_rows_in_order
 from dist_train.tasks.classification import ClassificationTask
 from dist_train.tasks.regression import RegressionTask, layout_targets
 from dist_train.trainer import backward_divided

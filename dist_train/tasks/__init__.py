@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dist_train.data.targets import compute_target_stats
-from dist_train.distributed import get_rank
-from dist_train.tasks.base import MetricSums, SampleCollector, Task
+from dist_train.distributed.comm import get_rank
+from dist_train.metrics import MetricSums, SampleCollector
+from dist_train.tasks.base import Task
 from dist_train.tasks.classification import ClassificationTask, balanced_class_weights
 from dist_train.tasks.custom import CustomTask, TaskCodeError, import_task_class
 from dist_train.tasks.regression import BIAS_BLIND_METRICS, RegressionTask, layout_targets

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_train.tasks.base import Batch, Sums, Task
+from dist_train.metrics import Sums
+from dist_train.tasks.base import Batch, Task
 
 
 class ClassificationTask(Task):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from dist_train.errors import ConfigError
-from dist_train.tasks.base import Batch, Sums, Task
+from dist_train.metrics import Sums
+from dist_train.tasks.base import Batch, Task
 
 REQUIRED_METHODS = ("loss", "metrics")
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.errors import ConfigError
-from dist_train.tasks.base import Batch, DeferredSums, Sums, Task, TrainStep
+from dist_train.metrics import DeferredSums, Sums
+from dist_train.tasks.base import Batch, Task, TrainStep
 
 # Kinds guessed from the standard water-Cherenkov dataset names when task.kinds does not say.
 _KIND_BY_NAME = {

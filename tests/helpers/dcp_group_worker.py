@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from dist_train.checkpoint_store import build_checkpoint_store, open_checkpoint
 from dist_train.config import FSDPConfig
-from dist_train.distributed import DistInfo
-from dist_train.strategy import FSDPStrategy
+from dist_train.distributed.comm import DistInfo
+from dist_train.distributed.strategy import FSDPStrategy
 
 
 def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

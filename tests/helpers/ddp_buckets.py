@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_train.distributed import settle_gradient_buckets
+from dist_train.distributed.comm import settle_gradient_buckets
 
 
 def reduced_grads(ddp: DDP, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.config import FSDPConfig
-from dist_train.strategy import FSDPStrategy
+from dist_train.distributed.strategy import FSDPStrategy
 
 
 def main() -> None:

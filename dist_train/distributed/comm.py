@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dist_train import envvars
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -206,36 +203,24 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
-    """Run ``fn`` on rank 0 only; other ranks get None. For side effects (files, console)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T | None:
-        if get_rank() == 0:
-            return fn(*args, **kwargs)
-        return None
-
-    return wrapper
-
-
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _reduction_device() -> torch.device:
+def _reduction_device(group: Any = None) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    if is_distributed() and dist.get_backend() == "nccl":
+    if is_distributed() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def sync_bool(flag: bool, *, op: str = "any") -> bool:
+def sync_bool(flag: bool, *, op: str = "any", group: Any = None) -> bool:
     """One decision all ranks agree on: ``any`` rank true, or ``all`` ranks true."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduction_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduction_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
@@ -278,22 +263,22 @@ class AsyncFlags:
         return [bool(v) for v in self._tensor.tolist()]
 
 
-def _all_reduce_scalars(values: dict[str, float], op: Any) -> dict[str, float]:
+def _all_reduce_scalars(values: dict[str, float], op: Any, group: Any) -> dict[str, float]:
     if not values or not is_distributed():
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device())
-    dist.all_reduce(t, op=op)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduction_device(group))
+    dist.all_reduce(t, op=op, group=group)
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+def all_reduce_sums(values: dict[str, float], group: Any = None) -> dict[str, float]:
     """Sum scalars across ranks in one float64 all-reduce (exact for counts below 2**53)."""
-    return _all_reduce_scalars(values, dist.ReduceOp.SUM)
+    return _all_reduce_scalars(values, dist.ReduceOp.SUM, group)
 
 
-def all_reduce_max(values: dict[str, float]) -> dict[str, float]:
-    return _all_reduce_scalars(values, dist.ReduceOp.MAX)
+def all_reduce_max(values: dict[str, float], group: Any = None) -> dict[str, float]:
+    return _all_reduce_scalars(values, dist.ReduceOp.MAX, group)
 
 
 def gather_objects_to_rank_zero(obj: Any, group: Any = None) -> list[Any] | None:
@@ -336,19 +321,10 @@ def new_checkpoint_group(timeout_s: float) -> Any:
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def scatter_object_from_rank_zero(objs: list[Any] | None) -> Any:
-    """Rank 0 holds one object per rank; each rank receives its own."""
-    if not is_distributed():
-        assert objs is not None
-        return objs[0]
-    out: list[Any] = [None]
-    dist.scatter_object_list(out, objs if dist.get_rank() == 0 else None, src=0)
-    return out[0]
-
-
-def broadcast_object(obj: Any) -> Any:
+def broadcast_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]

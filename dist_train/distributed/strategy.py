@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from dist_train.config import Config, FSDPConfig, check_strategy_supported, check_sync_batchnorm_device
-from dist_train.distributed import persistent_buffers, values_restored
+from dist_train.distributed.comm import persistent_buffers, values_restored
+from dist_train.distributed.precision import resolve_precision
 from dist_train.errors import ConfigError
 
 log = logging.getLogger("dtrain")
@@ -85,9 +86,7 @@ def use_sync_batchnorm(model: nn.Module, cfg: Config, device: torch.device, worl
 
 
 def _fsdp_param_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    from dist_train.trainer import resolve_precision  # the same resolution as autocast's
-
-    return resolve_precision(cfg.train.precision, device).dtype
+    return resolve_precision(cfg.train.precision, device).dtype  # the same resolution as autocast's
 
 
 class DDPStrategy:
