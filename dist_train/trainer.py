@@ -220,7 +220,10 @@ class Trainer:
     def _make_train_loader(self) -> Any:
         from dist_train.data.loader import make_loader
 
-        return make_loader(self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type)
+        return make_loader(
+            self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type,
+            channels_last=self.cfg.train.channels_last,
+        )
 
     def _make_eval_loaders(self) -> dict[str, Any]:
         """Unpadded, contiguous shards of val and test: every sample is evaluated exactly once."""
@@ -233,7 +236,10 @@ class Trainer:
                 sampler = ShardedEvalBatchSampler(
                     len(split), num_replicas=self.dist.world_size, rank=self.dist.rank, batch_size=batch_size
                 )
-                loaders[name] = make_loader(split, sampler, self.cfg.data, train=False, device_type=self.device.type)
+                loaders[name] = make_loader(
+                    split, sampler, self.cfg.data, train=False, device_type=self.device.type,
+                    channels_last=self.cfg.train.channels_last,
+                )
         return loaders
 
     def _prepare_normalization(self) -> None:

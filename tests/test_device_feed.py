@@ -60,10 +60,14 @@ def config_for(path: Path, layout: str, **data: Any) -> Config:
     return cfg
 
 
-def batches(cfg: Config, *, device_type: str = "cpu", defer: bool | None = None) -> tuple[list[dict[str, torch.Tensor]], Any]:
+def batches(
+    cfg: Config, *, device_type: str = "cpu", defer: bool | None = None, channels_last: bool = False
+) -> tuple[list[dict[str, torch.Tensor]], Any]:
     split = build_data(cfg, run_dir=None).train
     sampler = ShardedEvalBatchSampler(len(split), num_replicas=1, rank=0, batch_size=16)
-    loader = make_loader(split, sampler, cfg.data, train=False, device_type=device_type, defer_to_device=defer)
+    loader = make_loader(
+        split, sampler, cfg.data, train=False, device_type=device_type, channels_last=channels_last, defer_to_device=defer
+    )
     return list(loader), loader.device_prep
 
 
@@ -133,10 +137,24 @@ def test_deferred_with_process_workers_and_transforms(tmp_path: Path) -> None:
     assert all(torch.equal(DeviceFeed(CPU, prep)(b)["x"], w["x"]) for w, b in zip(batches(plain)[0], sent, strict=True))
 
 
-def test_make_loader_defers_only_on_cuda(tmp_path: Path) -> None:
-    cfg = config_for(write_h5(tmp_path / "f.h5", "uint8", "channels_first"), "channels_first", pin_memory=False)
-    assert batches(cfg, device_type="cuda")[1] is not None  # a loader for a GPU run (reads the same on the CPU)
-    assert batches(cfg, device_type="cpu")[1] is None
+def test_make_loader_defers_on_cuda_and_for_a_channels_last_model_on_a_channels_last_file(tmp_path: Path) -> None:
+    first = config_for(write_h5(tmp_path / "chw.h5", "uint8", "channels_first"), "channels_first", pin_memory=False)
+    assert batches(first, device_type="cuda")[1] is not None  # a loader for a GPU run (reads the same on the CPU)
+    assert batches(first, device_type="cpu")[1] is None
+    assert batches(first, device_type="cpu", channels_last=True)[1] is None  # the host's batch needs a copy anyway
+    last = config_for(write_h5(tmp_path / "hwc.h5", "uint8", "channels_last"), "channels_last")
+    assert batches(last, device_type="cpu")[1] is None
+    # The stored batch viewed as (B, C, H, W) is channels_last memory: no permutation, no layout copy.
+    host, _ = batches(last)
+    sent, prep = batches(last, device_type="cpu", channels_last=True)
+    assert prep is not None and sent[0]["x"].dtype == torch.uint8
+    feed = DeviceFeed(CPU, prep, channels_last=True)
+    for want, batch in zip(host, sent, strict=True):
+        x = feed(batch)["x"]
+        assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, want["x"])
+    last.data.eval_transforms = ["CenterCrop(4)"]
+    last.data.train_transforms = ["CenterCrop(4)"]
+    assert batches(last, device_type="cpu", channels_last=True)[1] is None  # transforms need (C, H, W) samples
 
 
 def test_channels_last_feed_layout(tmp_path: Path) -> None:
@@ -223,6 +241,8 @@ def trainer_config(tmp_path: Path, channels_last: bool) -> Path:
 def test_channels_last_reaches_model_and_inputs(tmp_path: Path, channels_last: bool) -> None:
     info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=CPU)
     trainer = Trainer(load_config(trainer_config(tmp_path, channels_last)), None, info)
+    # A channels-last file: with a channels_last model the loaders leave the permutation (a view) to the feed.
+    assert (trainer.train_loader.device_prep is not None) == channels_last
     weights = [p for p in trainer.model.parameters() if p.ndim == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
     for name, loader in (("train", trainer.train_loader), ("val", trainer.eval_loaders["val"])):

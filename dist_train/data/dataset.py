@@ -125,8 +125,12 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         return self._x.dtype_after_open().name in NARROW_DTYPES
 
     def _permutes_on_device(self) -> bool:
-        # Transforms need (C, H, W) samples, so with transforms the host permutes first.
-        return self.deferred and self.channels_last and not self.transforms
+        return self.deferred and self.stored_batch_is_channels_last()
+
+    def stored_batch_is_channels_last(self) -> bool:
+        """Whether a batch as stored, (B, H, W, C), viewed as (B, C, H, W) is what the model takes: a
+        channels-last file without transforms (they need (C, H, W) samples, so with transforms the host permutes)."""
+        return self.channels_last and not self.transforms
 
     def x_dtype(self) -> np.dtype:
         """The dtype of the buffer :meth:`gather` reads x into (float32, or the file's when sent as stored)."""
