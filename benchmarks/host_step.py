@@ -15,10 +15,12 @@ path, B = the new path), repeated; a RESULT line gives the median of the per-rep
                       too (it does not: see docs/performance.md).
   pinned_bytes        bytes per batch pinned and copied to the GPU, new/main (u8_hwc: the file's bytes).
   pin_memory          CUDA only: time to pin one batch, new (uint8) / main (float32).
-  side_stream         CUDA only: a bf16 ResNet-18 step fed by ``DeviceFeed`` (uint8 batch copied on a side
-                      stream, widened and normalised there) / the same step fed by main's ``batch_to_device``
-                      of the host-normalised float32 batch on the compute stream. Pinned batches, prepared
+  gpu_prep            CUDA only: a bf16 ResNet-18 step fed the uint8 batch, widened and normalised on the GPU
+                      (``DeviceFeed``, all on the compute stream) / the same step fed by main's
+                      ``batch_to_device`` of the host-normalised float32 batch. Pinned batches, prepared
                       beforehand: the step's device side only.
+  side_stream         CUDA only: the same ``DeviceFeed`` with its copies and preparation on a side stream / on
+                      the compute stream.
   channels_last       a ResNet-18 (small-input stem) forward + backward + SGD step on (B, 38, 16, 40) inputs:
                       model and inputs in channels_last / contiguous (CPU: fp32, batch 16; CUDA: bf16, 256).
 
@@ -30,6 +32,7 @@ CUDA-only changes print ``RESULT <name> not measured on CPU`` on the CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -121,6 +124,11 @@ def ab(name: str, a: Callable[[], float], b: Callable[[], float], repeats: int) 
 # ----------------------------------------------------------------------------- the host's work per batch
 
 
+def host_only(batches: Callable[[], list[Any]]) -> Callable[[], float]:
+    """Thread CPU time of a loader pass: what leaves the host, as it leaves it."""
+    return lambda: thread_seconds(batches)[0]
+
+
 def fed_on_cpu(batches: Callable[[], list[Any]], *, channels_last: bool) -> Callable[[], float]:
     """Thread CPU time of a loader pass plus the trainer's DeviceFeed on the CPU (prep, layout)."""
 
@@ -137,7 +145,7 @@ def host_work(files: dict[str, Path], events: int, repeats: int, results: list[s
         _, _, layout = FILES[name]
         main = loader_pass(split_of(path, layout, events), events, defer=False)
         new = loader_pass(split_of(path, layout, events), events, defer=True)
-        ratio = ab(f"defer_{name}", lambda main=main: thread_seconds(main)[0], lambda new=new: thread_seconds(new)[0], repeats)
+        ratio = ab(f"defer_{name}", host_only(main), host_only(new), repeats)
         results.append(result_line(f"host_step_defer_{name}", ratio, "<=", HELPS))
         ratio = ab(f"cpu_defer_{name}", fed_on_cpu(main, channels_last=False), fed_on_cpu(new, channels_last=False), repeats)
         results.append(result_line(f"host_step_cpu_defer_{name}", ratio, "<=", HELPS))
@@ -152,8 +160,23 @@ def host_work(files: dict[str, Path], events: int, repeats: int, results: list[s
 # ----------------------------------------------------------------------------- CUDA: pinning, side stream
 
 
-def cuda_feed(files: dict[str, Path], events: int, repeats: int, steps: int, results: list[str]) -> None:
-    device = torch.device("cuda")
+class ComputeStreamOnly:
+    """DeviceFeed's streams without a side stream: copies and preparation queue on the compute stream."""
+
+    def compute(self) -> None:
+        return None
+
+    def side(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def compute_waits_for_side(self) -> None:
+        pass
+
+    def used_by_compute(self, tensor: torch.Tensor) -> None:
+        pass
+
+
+def cuda_feed(device: torch.device, files: dict[str, Path], events: int, repeats: int, steps: int, results: list[str]) -> None:
     path = files["u8_hwc"]
     main_batches = loader_pass(split_of(path, "channels_last", events), events, defer=False, device_type="cuda")()
     new_batches = loader_pass(split_of(path, "channels_last", events), events, defer=True, device_type="cuda")()
@@ -173,26 +196,37 @@ def cuda_feed(files: dict[str, Path], events: int, repeats: int, steps: int, res
     results.append(result_line("host_step_pin_memory_u8_hwc", ab("pin_memory", pin(host32), pin(host8), repeats), "<=", HELPS))
     model = resnet(device).to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    main_feed = lambda batch: batch_to_device(batch, device)  # noqa: E731  (main's path)
-    new_feed = DeviceFeed(device, new_batches[0][1])
+
+    def main_feed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # main's path
+        return batch_to_device(batch, device)
+
+    one_stream = DeviceFeed(device, new_batches[0][1], streams=ComputeStreamOnly())
+    side_stream = DeviceFeed(device, new_batches[0][1])
 
     def steps_with(feed: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], batches: list[Any]) -> Callable[[], float]:
         def run() -> float:
-            torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             for i in range(steps):
                 batch = feed(batches[i % len(batches)][0])
                 train_step(model, optimizer, batch["x"], batch["y"], torch.bfloat16)
-            torch.cuda.synchronize()
+            synchronize(device)
             return time.perf_counter() - start
 
         return run
 
-    ratio = ab("side_stream", steps_with(main_feed, main_batches), steps_with(new_feed, new_batches), repeats)
-    results.append(result_line("host_step_cuda_side_stream_feed", ratio, "<=", 1.0))
+    ratio = ab("gpu_prep", steps_with(main_feed, main_batches), steps_with(one_stream, new_batches), repeats)
+    results.append(result_line("host_step_cuda_gpu_prep_u8_hwc", ratio, "<=", 1.0))
+    ratio = ab("side_stream", steps_with(one_stream, new_batches), steps_with(side_stream, new_batches), repeats)
+    results.append(result_line("host_step_cuda_side_stream", ratio, "<=", 1.0))
 
 
 # ----------------------------------------------------------------------------- channels_last
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # a timed block ends when the GPU's work does
+        torch.cuda.synchronize(device)
 
 
 def resnet(device: torch.device) -> nn.Module:
@@ -223,13 +257,11 @@ def channels_last(device: torch.device, batch: int, steps: int, repeats: int, re
         inputs = x.contiguous(memory_format=memory_format)
 
         def run() -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 train_step(model, optimizer, inputs, y, dtype)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             return time.perf_counter() - start
 
         return run
@@ -260,9 +292,9 @@ def main() -> None:
         files = {name: write_file(Path(tmp) / f"{name}.h5", dtype, shape, events) for name, (dtype, shape, _) in FILES.items()}
         host_work(files, events, repeats, results)
         if args.device == "cuda":
-            cuda_feed(files, events, repeats, 20 if args.quick else 100, results)
+            cuda_feed(torch.device("cuda"), files, events, repeats, 20 if args.quick else 100, results)
         else:
-            for name in ("host_step_pin_memory_u8_hwc", "host_step_cuda_side_stream_feed"):
+            for name in ("host_step_pin_memory_u8_hwc", "host_step_cuda_gpu_prep_u8_hwc", "host_step_cuda_side_stream"):
                 results.append(f"RESULT {name} not measured on CPU (CUDA only: run with --device cuda)")
         if args.device == "cuda":
             channels_last(torch.device("cuda"), BATCH, 10 if args.quick else 50, repeats, results)

@@ -35,9 +35,8 @@ CPU = torch.device("cpu")
 
 def write_h5(path: Path, dtype: str, layout: str) -> Path:
     rng = np.random.default_rng(1)
-    x = rng.integers(-100, 200, (N, *SHAPE)) if dtype != "float32" else rng.standard_normal((N, *SHAPE)) * 10
-    x = np.clip(x, 0, 255) if dtype == "uint8" else x
-    x = x.astype(dtype)
+    values = rng.integers(-100, 200, (N, *SHAPE)) if dtype != "float32" else rng.standard_normal((N, *SHAPE)) * 10
+    x = (np.clip(values, 0, 255) if dtype == "uint8" else values).astype(dtype)
     if layout == "channels_last":
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     with h5py.File(path, "w") as f:

@@ -113,7 +113,7 @@ def make_loader(
     device_type: str,
     channels_last: bool = False,
     defer_to_device: bool | None = None,
-) -> DataLoader | PrefetchLoader:  # type: ignore[type-arg]
+) -> H5Loader | PrefetchLoader:
     """An iterable of batch dicts in ``batch_sampler``'s order (see the module docstring for which).
 
     ``defer_to_device`` (default: see below): the loader's ``device_prep`` is the
