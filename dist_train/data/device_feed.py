@@ -1,7 +1,8 @@
 """The last leg of a batch: host memory -> the device, and what is cheaper to do there (torch).
 
 On a GPU the loader leaves three things to the device (``make_loader`` asks the split to, see
-:meth:`dist_train.data.dataset.H5Split.defer_to_device`):
+:meth:`dist_train.data.dataset.H5Split.defer_to_device`; on the CPU it does so only for a channels_last
+model on a channels-last file, whose stored batch viewed as (B, C, H, W) already has the model's layout):
 
 * the cast: a file stored as uint8, int8, int16 or float16 is read and sent in that dtype (2-4x
   fewer bytes read, pinned and copied than float32) and widened to float32 after the copy. The
@@ -18,7 +19,7 @@ blocks), and every tensor handed to it is marked with ``record_stream`` so the c
 not give its memory back to the side stream while the step still reads it. Pinned source memory
 comes from torch's caching host allocator (``pin_memory()``), which itself keeps a block until the
 copies reading it are done. On the CPU none of this exists: the batch is used where it is, and a
-deferred preparation runs in the training thread.
+deferred preparation runs in the training thread. benchmarks/host_step.py measures each of these choices.
 """
 
 from __future__ import annotations
