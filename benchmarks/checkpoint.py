@@ -38,8 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_train.checkpoint import CheckpointManager  # noqa: E402
-from dist_train.sharded_checkpoint import ShardedCheckpointManager  # noqa: E402
+from dist_train.checkpoint.file import CheckpointManager  # noqa: E402
+from dist_train.checkpoint.sharded import ShardedCheckpointManager  # noqa: E402
 
 TARGET_RATIO = 0.2
 
@@ -120,8 +120,8 @@ def measure_sharded(state: dict, workdir: Path, repeats: int) -> dict[str, list[
     }
     common = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     results: dict[str, list[float]] = {"sharded_sync": [], "sharded_async_stall": [], "sharded_async_total": []}
-    sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, world_size=1, group=None, keep_last=1)
-    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, world_size=1, group=None, keep_last=1, async_save=True)
+    sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, group=None, keep_last=1)
+    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, group=None, keep_last=1, async_save=True)
     for rep in range(1, repeats + 1):
         os.sync()
         results["sharded_sync"].append(timed(lambda r=rep: sync_manager.save(tensors, common, {}, epoch=0, step=r)))

@@ -660,7 +660,7 @@ def model_growth(param_counts: list[int], settings: Settings) -> list[dict[str, 
     """Checkpoint (model + Adam state, CheckpointManager.save: sha256 + fsync + rename) time and size."""
     import torch
 
-    from dist_train.checkpoint import CheckpointManager
+    from dist_train.checkpoint.file import CheckpointManager
 
     rows = []
     for target in param_counts:

@@ -25,20 +25,15 @@ def evaluate_checkpoint(
     data_path: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
-    from dist_train.checkpoint import resolve_checkpoint_path
-    from dist_train.checkpoint_store import best_checkpoint, load_for_reading
+    from dist_train.checkpoint.catalog import load_for_reading, resolve_checkpoint_path, run_dir_of
     from dist_train.data.loader import build_data, make_loader
     from dist_train.distributed.precision import autocast, resolve_precision
     from dist_train.evaluation import Predictions, evaluate_batches
     from dist_train.sampler import ShardedEvalBatchSampler
     from dist_train.tasks import build_model_for_task, build_task
 
-    target = Path(target)
-    run_dir = target if (target / "checkpoints").is_dir() else None
-    path = best_checkpoint(run_dir / "checkpoints") if which == "best" and run_dir is not None else None
-    path = path or resolve_checkpoint_path(target)
-    if run_dir is None and path.parent.name == "checkpoints":
-        run_dir = path.parent.parent
+    path = resolve_checkpoint_path(Path(target), which=which)
+    run_dir = run_dir_of(path)
     # A sharded checkpoint (directory) is consolidated in this process, without a process group; an
     # exported model's config comes from its sidecar.
     state = load_for_reading(path)

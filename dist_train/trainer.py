@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_train
 from dist_train import envvars
+from dist_train.checkpoint.catalog import best_checkpoint, latest_valid_checkpoint
+from dist_train.checkpoint.layout import CHECKPOINT_GLOB, CHECKPOINTS_SUBDIR, FORMAT_VERSION
 from dist_train.config import Config, config_to_dict
 from dist_train.data.device_feed import DeviceFeed
 from dist_train.distributed.comm import (
@@ -57,65 +59,11 @@ from dist_train.tasks.base import TrainStep
 from dist_train.watchdog import HangWatchdog
 
 if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
-    from dist_train.checkpoint_store import CheckpointStore
+    from dist_train.checkpoint.store import CheckpointStore
 
 log = logging.getLogger("dtrain")
 
-CHECKPOINT_FORMAT_VERSION = 1
-# Config keys that change what a checkpoint means; anything else may change between resumes.
-INCOMPATIBLE_ON_RESUME = (
-    "model",
-    "data.x_key",
-    "data.y_key",
-    "data.val_split",
-    "data.test_split",
-    "data.split_seed",
-    "data.split_file",
-    "data.stratify",
-    "data.limit",
-    "data.layout",
-    "data.input_keys",
-    "data.format",
-    "data.representation",
-    "data.geometry_file",
-    "data.hit_keys",
-    "data.pmts_per_module",
-    "data.n_points",
-    "data.channels",
-    "task.name",
-    "task.targets",
-    "task.target_norm",
-    "task.target_mean",
-    "task.target_std",
-    "optim.name",
-    "sched.name",
-    "run.seed",
-    "train.strategy",  # the optimizer state is keyed by parameter index (DDP) or by name (FSDP)
-)
 DEBUG_MAX_STEPS = 5
-# Stateful components newer than some format-1 checkpoints; such a checkpoint resumes with them fresh.
-ADDED_SINCE_FORMAT_1 = ("early_stopping",)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    old, new = _flatten(saved), _flatten(current)
-    old.setdefault("train.strategy", "ddp")  # written before strategies existed
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        if any(key == p or key.startswith(p + ".") for p in INCOMPATIBLE_ON_RESUME) and old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return diffs
 
 
 class Trainer:
@@ -262,14 +210,14 @@ class Trainer:
         return steps
 
     def _make_checkpoint_store(self) -> CheckpointStore | None:
-        """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint_store.py)."""
+        """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint/store.py)."""
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return None
-        from dist_train.checkpoint_store import build_checkpoint_store
+        from dist_train.checkpoint.store import build_checkpoint_store
 
         mode = self.cfg.checkpoint.async_save
         return build_checkpoint_store(
-            directory=self.run_dir / "checkpoints",
+            directory=self.run_dir / CHECKPOINTS_SUBDIR,
             strategy=self.strategy,
             dist_info=self.dist,
             keep_last=self.cfg.checkpoint.keep_last,
@@ -319,7 +267,7 @@ class Trainer:
     def build_checkpoint(self, reason: str, metrics: dict[str, float]) -> dict[str, Any]:
         """Everything but model, optimizer and the per-rank states, which the checkpoint store collects."""
         state: dict[str, Any] = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "dtrain_version": dist_train.__version__,
             "torch_version": torch.__version__,
             "config": config_to_dict(self.cfg),
@@ -373,9 +321,7 @@ class Trainer:
             return Path(mode)
         path = None
         if self.dist.is_main:
-            from dist_train.checkpoint_store import find_latest_valid
-
-            found = find_latest_valid(self.run_dir / "checkpoints")
+            found = latest_valid_checkpoint(self.run_dir / CHECKPOINTS_SUBDIR)
             path = str(found) if found else None
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
@@ -384,9 +330,9 @@ class Trainer:
         """A run directory with earlier training but no checkpoint to resume from starts at step 0: say so."""
         if not self.dist.is_main or self.run_dir is None or envvars.get(envvars.RESUME, "auto") == "never":
             return
-        checkpoints = self.run_dir / "checkpoints"
+        checkpoints = self.run_dir / CHECKPOINTS_SUBDIR
         metrics = self.run_dir / "metrics.jsonl"
-        if any(checkpoints.glob("ckpt-*")) or (metrics.exists() and metrics.stat().st_size > 0):
+        if any(checkpoints.glob(CHECKPOINT_GLOB)) or (metrics.exists() and metrics.stat().st_size > 0):
             log.warning(
                 "no valid checkpoint in %s: starting from scratch (step 0); the records of the earlier attempt in "
                 "metrics.jsonl and TensorBoard are discarded",
@@ -395,7 +341,7 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
-        from dist_train.checkpoint_store import open_checkpoint
+        from dist_train.checkpoint.store import check_config_compatible, open_checkpoint, starts_fresh_on_resume
 
         path = self._find_resume_path()
         if path is None:
@@ -404,20 +350,14 @@ class Trainer:
         # Rank 0 checks sizes and sha256s (of every shard) before anything is loaded.
         opened = open_checkpoint(path, verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
         state = opened.state
-        diffs = incompatible_changes(state.get("config", {}), config_to_dict(self.cfg))
-        if diffs:
-            raise CheckpointError(
-                f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow: "
-                + "; ".join(diffs)
-                + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
-            )
+        check_config_compatible(path, state, config_to_dict(self.cfg))
         try:
             group = self.ckpt_store.group if self.ckpt_store is not None else None
             opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy, group=group)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
         for name, component in self.stateful_components().items():
-            if name in ADDED_SINCE_FORMAT_1 and name not in state:
+            if starts_fresh_on_resume(name, state):
                 continue  # written by an older dtrain: this component starts fresh
             try:
                 component.load_state_dict(state[name])
@@ -764,13 +704,13 @@ class Trainer:
         last = {"which": "last", "epoch": self.counters.epoch, "step": self.counters.step}
         if self.cfg.train.test_checkpoint != "best" or self.ckpt_store is None or not self.cfg.checkpoint.save_best:
             return last
-        from dist_train.checkpoint_store import best_checkpoint, open_checkpoint
+        from dist_train.checkpoint.store import open_checkpoint
 
         self.ckpt_store.wait()  # an async write of the best checkpoint must be durable before it is read
         barrier()
         path = None
         if self.dist.is_main and self.run_dir is not None:
-            found = best_checkpoint(self.run_dir / "checkpoints")
+            found = best_checkpoint(self.run_dir / CHECKPOINTS_SUBDIR)
             path = str(found) if found else None
         path = broadcast_object(path)
         if path is None:

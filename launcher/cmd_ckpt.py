@@ -89,13 +89,13 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     listing of all of them), or a run directory containing checkpoints/. Exits 2 when the file fails
     verification or cannot be read.
     """
-    from dist_train.checkpoint import CHECKPOINTS_SUBDIR, describe_checkpoint
-    from dist_train.sharded_checkpoint import list_all_checkpoints, parse_sharded_name
+    from dist_train.checkpoint.catalog import describe_checkpoint, list_checkpoints
+    from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR, parse_sharded_name
 
     records = []
     if path.is_dir() and parse_sharded_name(path.name) is None:
         directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
-        records = list_all_checkpoints(directory)
+        records = list_checkpoints(directory)
         if records and not as_json:
             _print_listing(records)
     info = describe_checkpoint(path)
@@ -123,8 +123,8 @@ def export_cmd(path: Path, out: Path) -> None:
     OUT.sha256.json holds its size and sha256, epoch, step, metrics and the run's config, so that
     `dtrain eval OUT` works while the two files stay together.
     """
-    from dist_train.checkpoint import export_state, resolve_checkpoint_path
-    from dist_train.checkpoint_store import load_for_reading
+    from dist_train.checkpoint.catalog import load_for_reading, resolve_checkpoint_path
+    from dist_train.checkpoint.file import export_state
 
     source = resolve_checkpoint_path(path)
     if out.exists() and out.resolve() == source.resolve():

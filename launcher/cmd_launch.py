@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from dist_train.checkpoint.layout import CHECKPOINT_GLOB, CHECKPOINTS_SUBDIR, MANIFEST_NAME
 from dist_train.config import (
     DEMO_FILE_PREFIX,
     Config,
@@ -41,8 +42,7 @@ def _echo(message: str) -> None:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    # "manifest.json" is dist_train.sharded_checkpoint.MANIFEST_NAME, not imported: that module imports torch.
-    return path.is_file() or (path.is_dir() and (path / "manifest.json").is_file())
+    return path.is_file() or (path.is_dir() and (path / MANIFEST_NAME).is_file())
 
 
 def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str, *, debug: bool = False) -> tuple[Path, bool]:
@@ -55,7 +55,7 @@ def resolve_run_dir(cfg: Config, run_dir: str | None, resume: str, *, debug: boo
     if run_dir:
         path = Path(run_dir).expanduser()
         check_run_kind(path, debug=debug)
-        has_checkpoints = any((path / "checkpoints").glob("ckpt-*"))  # files, or sharded directories
+        has_checkpoints = any((path / CHECKPOINTS_SUBDIR).glob(CHECKPOINT_GLOB))  # files, or sharded directories
         if resume == "never" and has_checkpoints:
             # A fresh run's checkpoints would sit beside the old run's, and a later `--resume auto`
             # would pick whichever has the higher step: two runs mixed into one.

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from dist_train import envvars
+from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from dist_train.errors import USAGE_EXIT_CODE
 from launcher.plan import LaunchPlan
@@ -249,7 +250,7 @@ def interpret(plan: LaunchPlan, code: int, *, stop_requested: bool) -> Outcome:
         return Outcome(
             130,
             "dtrain: stopped before a checkpoint could be written; the newest earlier checkpoint "
-            f"in {run_dir / 'checkpoints'} is intact and a relaunch resumes from it.",
+            f"in {run_dir / CHECKPOINTS_SUBDIR} is intact and a relaunch resumes from it.",
         )
     return Outcome(_failure_code(plan), failure_report(plan, code))
 

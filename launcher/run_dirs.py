@@ -14,6 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR, LATEST_POINTER
 from dist_train.envvars import STOP_SIGNAL_FILE
 from dist_train.errors import ConfigError, LaunchError
 from dist_train.fsutil import make_private_dir
@@ -40,7 +41,7 @@ def new_run_dir(output_dir: str, name: str, *, debug: bool = False, now: datetim
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").is_file()
+    return (run_dir / CHECKPOINTS_SUBDIR / LATEST_POINTER).is_file()
 
 
 def is_debug_run(run_dir: Path) -> bool:
@@ -49,7 +50,7 @@ def is_debug_run(run_dir: Path) -> bool:
 
 def holds_a_run(run_dir: Path) -> bool:
     """A launch already used this directory (an empty directory made by hand does not count)."""
-    return (run_dir / "config.toml").exists() or (run_dir / "checkpoints").is_dir()
+    return (run_dir / "config.toml").exists() or (run_dir / CHECKPOINTS_SUBDIR).is_dir()
 
 
 def _runs_newest_first(output_dir: str, name: str, *, debug: bool) -> list[Path]:
@@ -95,14 +96,14 @@ def check_run_kind(run_dir: Path, *, debug: bool) -> None:
         f"--run-dir {run_dir} holds a normal (non-debug) run; --debug does not write into it, its few-batch "
         "epochs would mix with the run's own. Leave out --run-dir (debug runs get their own <time>-debug "
         "directory) or pick a new one; to debug from this run's state use --debug --resume "
-        f"{run_dir / 'checkpoints'}/<checkpoint>.pt."
+        f"{run_dir / CHECKPOINTS_SUBDIR}/<checkpoint>.pt."
     )
 
 
 def checkpoint_run_dir(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint file belongs to (``<run>/checkpoints/ckpt-*.pt``), if it sits in one."""
     parent = checkpoint.absolute().parent
-    return parent.parent if parent.name == "checkpoints" else None
+    return parent.parent if parent.name == CHECKPOINTS_SUBDIR else None
 
 
 def check_resume_source(checkpoint: Path, *, debug: bool) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dist_train.checkpoint.layout import CHECKPOINTS_SUBDIR, LATEST_POINTER
 from dist_train.config import Config, SlurmConfig, make_data_paths_absolute, save_config
 from dist_train.errors import ConfigError, LaunchError
 from dist_train.fsutil import atomic_write_text, make_private_dir
@@ -312,7 +313,7 @@ def _scontrol_job(job_id: str) -> dict[str, str]:
 
 
 def _latest_checkpoint(run_dir: Path) -> str:
-    latest = run_dir / "checkpoints" / "latest"
+    latest = run_dir / CHECKPOINTS_SUBDIR / LATEST_POINTER
     if latest.is_symlink():
         return str(latest.parent / os.readlink(latest))
     if latest.is_file():  # a pointer file holding the checkpoint's name

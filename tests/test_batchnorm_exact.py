@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+from dist_train.checkpoint.catalog import list_checkpoints
 from dist_train.config import config_from_dict
 from dist_train.distributed.strategy import use_sync_batchnorm
 from dist_train.errors import ConfigError
 from dist_train.eval_run import evaluate_checkpoint
-from dist_train.sharded_checkpoint import list_all_checkpoints
 from tests.helpers.models import BatchNormCNN, BatchNormMLP
 from tests.helpers.run import assert_ok, dtrain, load_final_model, make_image_h5, metric_history, records, write_config
 from tests.test_resume import assert_same_state
@@ -75,7 +75,7 @@ def _eval_here(checkpoint: Path, split: str) -> dict[str, Any]:
 
 def _checkpoint_at(run_dir: Path, step: int) -> Path:
     """The newest valid checkpoint written at ``step``."""
-    found = [r.path for r in list_all_checkpoints(run_dir / "checkpoints") if r.step == step and r.valid]
+    found = [r.path for r in list_checkpoints(run_dir / "checkpoints") if r.step == step and r.valid]
     assert found, f"no checkpoint of step {step} in {run_dir}"
     return found[0]
 

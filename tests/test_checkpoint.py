@@ -18,16 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from dist_train import checkpoint as ckpt
-from dist_train.checkpoint import (
-    BEST_NAME,
-    LATEST_POINTER,
-    CheckpointManager,
-    describe_checkpoint,
-    load_checkpoint,
-    sidecar_path,
-    verify_checkpoint,
-)
+from dist_train.checkpoint import file as ckpt
+from dist_train.checkpoint.catalog import describe_checkpoint, latest_valid_checkpoint, list_checkpoints
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint, verify_checkpoint
+from dist_train.checkpoint.layout import BEST_NAME, LATEST_POINTER, sidecar_path
 from dist_train.errors import CheckpointError
 from launcher.cli import main as cli_main
 
@@ -105,7 +99,7 @@ def test_round_trip_writes_sidecar_hash_of_the_bytes_on_disk(tmp_path: Path) -> 
     assert sidecar["size"] == path.stat().st_size
     assert sidecar["metrics"] == {"val/loss": 0.25}
     assert_same_tensors(state, load_checkpoint(path))
-    assert manager.latest_valid() == path
+    assert latest_valid_checkpoint(manager.directory) == path
     assert temp_files(path.parent) == []
 
 
@@ -117,8 +111,8 @@ def test_keep_last_prunes_old_checkpoints_and_sidecars(tmp_path: Path) -> None:
     assert remaining == sorted(p.name for p in paths[-2:])
     assert all(not sidecar_path(p).exists() for p in paths[:-2])
     assert pointer(tmp_path) == paths[-1].name
-    assert [r.path for r in manager.list_checkpoints()] == [paths[4], paths[3]]
-    assert all(r.valid for r in manager.list_checkpoints())
+    assert [r.path for r in list_checkpoints(manager.directory)] == [paths[4], paths[3]]
+    assert all(r.valid for r in list_checkpoints(manager.directory))
 
 
 def test_keep_last_zero_keeps_everything(tmp_path: Path) -> None:
@@ -154,7 +148,7 @@ def test_second_save_at_same_step_never_rewrites_a_published_file(tmp_path: Path
 
     assert second != first and second.name == "ckpt-e0001-s00000005-1.pt"
     assert load_checkpoint(first)["reason"] == "epoch"
-    assert manager.latest_valid() == second
+    assert latest_valid_checkpoint(manager.directory) == second
     assert load_checkpoint(second)["reason"] == "final"
 
 
@@ -226,10 +220,10 @@ def test_async_background_error_surfaces_on_wait_and_next_save(tmp_path: Path, m
         manager.save(make_state(4), epoch=0, step=4)  # the next save() re-raises the previous failure
 
     monkeypatch.undo()
-    assert manager.latest_valid() == good
+    assert latest_valid_checkpoint(manager.directory) == good
     later = manager.save(make_state(5), epoch=0, step=5)
     manager.close()
-    assert manager.latest_valid() == later
+    assert latest_valid_checkpoint(manager.directory) == later
 
 
 # --------------------------------------------------------------------------------------------- corruption
@@ -243,7 +237,7 @@ def test_truncated_newest_falls_back_with_warning(tmp_path: Path, caplog: pytest
         fh.truncate(newest.stat().st_size // 2)
 
     with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
-        assert manager.latest_valid() == older
+        assert latest_valid_checkpoint(manager.directory) == older
     assert newest.name in caplog.text and "truncated" in caplog.text
     with pytest.raises(CheckpointError, match="failed verification"):
         load_checkpoint(newest)
@@ -258,9 +252,9 @@ def test_flipped_bytes_fail_the_sha256_check(tmp_path: Path, caplog: pytest.LogC
     newest.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
-        assert manager.latest_valid() == older
+        assert latest_valid_checkpoint(manager.directory) == older
     assert "sha256 mismatch" in caplog.text and newest.name in caplog.text
-    assert [r.valid for r in manager.list_checkpoints()] == [False, True]
+    assert [r.valid for r in list_checkpoints(manager.directory)] == [False, True]
 
 
 def test_stale_temp_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
@@ -268,8 +262,8 @@ def test_stale_temp_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
     good = manager.save(make_state(1), epoch=0, step=1)
     stale = tmp_path / ".ckpt-e0000-s00000002.pt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    assert manager.latest_valid() == good
-    assert [r.path for r in manager.list_checkpoints()] == [good]
+    assert latest_valid_checkpoint(manager.directory) == good
+    assert [r.path for r in list_checkpoints(manager.directory)] == [good]
     manager.save(make_state(3), epoch=0, step=3)
     assert not stale.exists()
 
@@ -301,7 +295,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert written["chunks"] > 3  # the failure really happened mid-file
     assert not target.exists() and temp_files(tmp_path) == []
     assert pointer(tmp_path) == previous.name
-    assert_same_tensors(previous_state, load_checkpoint(manager.latest_valid()))
+    assert_same_tensors(previous_state, load_checkpoint(latest_valid_checkpoint(manager.directory)))
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
@@ -327,14 +321,14 @@ def test_exception_injected_mid_write_leaves_old_state_loadable(
 
     assert temp_files(tmp_path) == [] and not (tmp_path / "ckpt-e0000-s00000002.pt").exists()
     assert pointer(tmp_path) == previous.name
-    assert_same_tensors(previous_state, load_checkpoint(manager.latest_valid()))
+    assert_same_tensors(previous_state, load_checkpoint(latest_valid_checkpoint(manager.directory)))
 
 
 _KILLED_WRITER = r"""
 import os, sys, time
 from pathlib import Path
 import torch
-from dist_train import checkpoint as c
+from dist_train.checkpoint import file as c
 
 directory, phase = Path(sys.argv[1]), sys.argv[2]
 
@@ -389,7 +383,7 @@ def _run_writer_and_kill(directory: Path, phase: str, delay: float) -> None:
 
 def _assert_directory_recovers(directory: Path) -> Path:
     manager = CheckpointManager(directory, keep_last=2)
-    chosen = manager.latest_valid()
+    chosen = latest_valid_checkpoint(manager.directory)
     assert chosen is not None
     loaded = load_checkpoint(chosen)
     assert torch.equal(loaded["model"]["w"], torch.full((1_000_000,), float(loaded["step"])))
@@ -407,7 +401,7 @@ def _assert_directory_recovers(directory: Path) -> Path:
 )
 def test_sigkill_at_each_phase_of_a_save(tmp_path: Path, phase: str, expected_step: int) -> None:
     _run_writer_and_kill(tmp_path, phase, 0.0)
-    chosen = CheckpointManager(tmp_path).latest_valid()
+    chosen = latest_valid_checkpoint(tmp_path)
     assert chosen is not None and load_checkpoint(chosen)["step"] == expected_step
     _assert_directory_recovers(tmp_path)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.checkpoint import load_checkpoint, verify_checkpoint
-from dist_train.sharded_checkpoint import latest_valid_checkpoint
+from dist_train.checkpoint.catalog import latest_valid_checkpoint
+from dist_train.checkpoint.file import load_checkpoint, verify_checkpoint
 from launcher.cli import main as cli_main
 from tests.helpers.bn_net import BNConvNet
 from tests.helpers.run import assert_ok, dtrain, make_image_h5, write_config

@@ -21,10 +21,10 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.sharded import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
 from dist_train.data.device_feed import CudaStreams, DeviceFeed
 from dist_train.envvars import PREEMPTED_EXIT_CODE
-from dist_train.sharded_checkpoint import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
 from tests.helpers.run import (
     REPO,
     assert_ok,
@@ -328,7 +328,7 @@ def test_async_sharded_save_from_gpu_memory_keeps_the_values_of_the_save_moment(
     weights = torch.randn(64, 1024, 1024, device="cuda")  # 256 MiB, so the copy takes a while
     moments = torch.randn(16, 1024, 1024, device="cuda")
     expected = {"w": weights.cpu(), "m": moments.cpu()}
-    manager = ShardedCheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, group=None, async_save=True)
+    manager = ShardedCheckpointManager(tmp_path / "ckpt", rank=0, group=None, async_save=True)
     common = {"epoch": 0, "step": 1, "world_size": 1, "config": {}}
     for step in (1, 2):  # the second save reuses the stager's pinned buffers
         state = {"model": {"w": weights}, "optimizer": {"state": {"m": moments}}}

@@ -80,7 +80,8 @@ def test_the_launch_check_finds_a_custom_task_in_the_launch_directory_only(
 
 def test_the_helper_and_the_launcher_commands_import_no_torch() -> None:
     code = (
-        "import sys, dist_train.import_path, dist_train.model_check, launcher.cmd_launch, launcher.cmd_eval; "
+        "import sys, dist_train.import_path, dist_train.model_check, dist_train.checkpoint.layout, "
+        "launcher.cmd_launch, launcher.slurm, launcher.cmd_eval; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for_tests(), capture_output=True, text=True)

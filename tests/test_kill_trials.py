@@ -17,7 +17,8 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.catalog import latest_valid_checkpoint
+from dist_train.checkpoint.file import load_checkpoint
 from tests.helpers.run import (
     assert_ok,
     dtrain,
@@ -109,7 +110,7 @@ def test_random_sigkills_never_break_resume(tmp_path: Path) -> None:
         kills += 1
         ckpt_dir = run_dir / "checkpoints"
         torn_writes += any(p.name.endswith(".tmp") for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else 0
-        latest = CheckpointManager(ckpt_dir).latest_valid() if ckpt_dir.exists() else None
+        latest = latest_valid_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
         if latest is not None:
             state = load_checkpoint(latest)
             assert set(state["model"]) == set(load_final_model(tmp_path / "ref")["model"])

@@ -24,21 +24,19 @@ import psutil
 import pytest
 import torch
 
-from dist_train.checkpoint import verify_checkpoint
-from dist_train.errors import CheckpointError
-from dist_train.sharded_checkpoint import (
-    BEST_POINTER,
+from dist_train.checkpoint.catalog import latest_valid_checkpoint, list_checkpoints
+from dist_train.checkpoint.file import verify_checkpoint
+from dist_train.checkpoint.layout import BEST_POINTER, MANIFEST_NAME
+from dist_train.checkpoint.sharded import (
     COMMON_NAME,
     FAULT_ENV,
-    MANIFEST_NAME,
     ShardedCheckpointManager,
     consolidate,
-    latest_valid_checkpoint,
-    list_all_checkpoints,
     load_sharded_model_and_optimizer,
     read_sharded_state,
     verify_sharded_checkpoint,
 )
+from dist_train.errors import CheckpointError
 from launcher.cli import main as cli_main
 from tests.helpers.run import REPO, assert_ok, dtrain, env_for_tests, make_image_h5, records, start_dtrain, write_config
 
@@ -68,7 +66,7 @@ def save(manager: ShardedCheckpointManager, model: torch.nn.Module, optimizer: t
 
 
 def manager(directory: Path, **kw: Any) -> ShardedCheckpointManager:
-    return ShardedCheckpointManager(directory, rank=0, world_size=1, group=None, **kw)
+    return ShardedCheckpointManager(directory, rank=0, group=None, **kw)
 
 
 def pointer(directory: Path, name: str = "latest") -> str:
@@ -136,7 +134,7 @@ def test_keep_last_best_pointer_and_a_second_save_at_the_same_step(tmp_path: Pat
     assert again.name == "ckpt-e0000-s00000004-1" and paths[-1].is_dir(), "a published directory is never reused"
     assert pointer(tmp_path, BEST_POINTER) == best.name and best.is_dir(), "best outlives pruning"
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == sorted([best.name, paths[-1].name, again.name])
-    assert [r.path for r in list_all_checkpoints(tmp_path)] == [again, paths[-1], best]
+    assert [r.path for r in list_checkpoints(tmp_path)] == [again, paths[-1], best]
     assert latest_valid_checkpoint(tmp_path) == again
 
 

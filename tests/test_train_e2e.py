@@ -159,7 +159,7 @@ def test_debug_mode_runs_one_cpu_process_with_few_batches(tmp_path: Path) -> Non
 def test_bf16_histograms_and_time_based_checkpoints(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dist_train.checkpoint import CheckpointManager
+    from dist_train.checkpoint.catalog import list_checkpoints
 
     data = make_image_h5(tmp_path / "d.h5", events=300)
     cfg = write_config(
@@ -174,11 +174,11 @@ def test_bf16_histograms_and_time_based_checkpoints(tmp_path: Path) -> None:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
     acc.Reload()
     assert any(tag.startswith("weights/") for tag in acc.Tags()["histograms"])
-    reasons = [load_checkpoint_reason(p) for p in CheckpointManager(run_dir / "checkpoints").list_checkpoints()]
+    reasons = [load_checkpoint_reason(p) for p in list_checkpoints(run_dir / "checkpoints")]
     assert "time" in reasons and "epoch" in reasons
 
 
 def load_checkpoint_reason(record) -> str:
-    from dist_train.checkpoint import load_checkpoint
+    from dist_train.checkpoint.file import load_checkpoint
 
     return load_checkpoint(record.path)["reason"]

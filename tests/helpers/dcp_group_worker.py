@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_train.checkpoint_store import build_checkpoint_store, open_checkpoint
+from dist_train.checkpoint.store import build_checkpoint_store, open_checkpoint
 from dist_train.config import FSDPConfig
 from dist_train.distributed.comm import DistInfo
 from dist_train.distributed.strategy import FSDPStrategy

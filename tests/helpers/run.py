@@ -87,8 +87,9 @@ def only_run_dir(runs: Path) -> Path:
 
 def load_final_model(run_dir: Path) -> dict[str, Any]:
     """The newest valid checkpoint as one dict; a sharded one consolidated (model and optimizer) in this process."""
-    from dist_train.checkpoint import load_checkpoint
-    from dist_train.sharded_checkpoint import consolidate, latest_valid_checkpoint
+    from dist_train.checkpoint.catalog import latest_valid_checkpoint
+    from dist_train.checkpoint.file import load_checkpoint
+    from dist_train.checkpoint.sharded import consolidate
 
     latest = latest_valid_checkpoint(run_dir / "checkpoints")
     assert latest is not None, f"no checkpoint in {run_dir}"

@@ -21,84 +21,46 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
-import tempfile
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import torch
 
+from dist_train.checkpoint.layout import (
+    BEST_NAME,
+    FORMAT_VERSION,
+    LATEST_POINTER,
+    checkpoint_files,
+    checkpoint_name,
+    hash_file,
+    read_pointer,
+    sidecar_path,
+    write_pointer,
+)
 from dist_train.errors import CheckpointError
-from dist_train.fsutil import atomic_write_text, fsync_dir
+from dist_train.fsutil import atomic_replace, atomic_write_text
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
-FORMAT_VERSION = 1
-LATEST_POINTER = "latest"
-BEST_NAME = "best.pt"
-SIDECAR_SUFFIX = ".sha256.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
 # Large tensor records are written (and hashed) in slices so memory stays flat and a kill lands mid-file.
 WRITE_CHUNK_BYTES = 8 << 20
-_READ_CHUNK_BYTES = 8 << 20
 
-_CKPT_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?\.pt$")
 # A real pickled object names "module.Class"; garbage bytes can also trip this message, with junk for a name.
 _PICKLED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*\.[A-Za-z_]\w*)")
 # Exactly these leaf types load back under torch.load(weights_only=True); subclasses (numpy scalars) do not.
 _PLAIN_LEAF_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
-# --------------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """One checkpoint file of a directory, as ``list_checkpoints`` reports it."""
-
-    path: Path
-    epoch: int
-    step: int
-    size_bytes: int
-    valid: bool
-    problem: str | None = None  # why it is invalid (None when valid)
-    is_latest: bool = False  # the ``latest`` pointer names it
-    metrics: dict[str, float] = field(default_factory=dict)
-    created: float | None = None  # unix time the sidecar recorded
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
-
-
-def checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:
-    suffix = f"-{duplicate}" if duplicate else ""
-    return f"ckpt-e{epoch:04d}-s{step:08d}{suffix}.pt"
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def _parse_name(name: str) -> tuple[int, int, int] | None:
-    """(epoch, step, duplicate) of a checkpoint file name; None for any other file."""
-    match = _CKPT_RE.match(name)
-    if match is None:
-        return None
-    return int(match["epoch"]), int(match["step"]), int(match["dup"] or 0)
-
-
 # --------------------------------------------------------------------------------------------- verification
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
+def read_sidecar(path: Path) -> dict[str, Any]:
     """The sidecar of ``path``; raises ValueError with a short reason when it is missing or unreadable."""
     side = sidecar_path(path)
     try:
@@ -114,14 +76,6 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path: Path, *, deep: bool = True) -> str | None:
     """None when ``path`` matches its sidecar; otherwise why not. ``deep=False`` checks the size only."""
     path = Path(path)
@@ -132,14 +86,14 @@ def verify_checkpoint(path: Path, *, deep: bool = True) -> str | None:
     except OSError as exc:
         return f"cannot stat the file ({exc.strerror})"
     try:
-        meta = _read_sidecar(path)
+        meta = read_sidecar(path)
     except ValueError as exc:
         return str(exc)
     if size != meta["size"]:
         return f"size is {size} bytes but {meta['size']} were written (truncated or replaced)"
     if deep:
         try:
-            actual = _sha256_of_file(path)
+            _, actual = hash_file(path)
         except OSError as exc:
             return f"cannot read the file ({exc.strerror})"
         if actual != meta["sha256"]:
@@ -330,32 +284,16 @@ def _write_failed(path: Path, exc: OSError, previous: str | None) -> CheckpointE
     )
 
 
-def _new_temp_file(final: Path) -> tuple[int, Path]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    return fd, Path(tmp)
-
-
 def _write_data_file(final: Path, produce: Callable[[_HashingWriter], None]) -> tuple[int, str]:
-    """Write via a temp file + fsync + rename + dir fsync; (size, sha256) of what was written."""
-    fd, tmp = _new_temp_file(final)
-    writer: _HashingWriter | None = None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _HashingWriter(fh)
-            try:
-                produce(writer)
-            except BaseException as exc:
-                if writer.error is not None and writer.error is not exc:
-                    raise writer.error from None
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
-        raise
-    assert writer is not None
-    fsync_dir(final.parent)
+    """Write through ``fsutil.atomic_replace`` (temp file, fsync, rename, dir fsync); (size, sha256) of what was written."""
+    with atomic_replace(final) as tmp, open(tmp, "wb") as fh:
+        writer = _HashingWriter(fh)
+        try:
+            produce(writer)
+        except BaseException as exc:
+            if writer.error is not None and writer.error is not exc:
+                raise writer.error from None
+            raise
     return writer.size, writer.hexdigest()
 
 
@@ -364,33 +302,23 @@ def _write_sidecar(final: Path, meta: dict[str, Any]) -> None:
 
 
 def _move_latest_pointer(directory: Path, name: str) -> None:
-    atomic_write_text(directory / LATEST_POINTER, name + "\n")
+    write_pointer(directory, LATEST_POINTER, name)
 
 
 def _link_or_copy_atomically(source: Path, final: Path) -> None:
     """``final`` becomes the same bytes as ``source`` in one rename (a hard link when the filesystem allows)."""
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_replace(final) as tmp:
+        tmp.unlink()  # os.link needs a free name; the temporary name stays ours (a private run directory)
         try:
             os.link(source, tmp)
         except OSError:
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, _READ_CHUNK_BYTES)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
+            shutil.copyfile(source, tmp)
 
 
 # ------------------------------------------------------------------------------------------- safe loading
 
 
-def _torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any:
-    import pickle
-
+def torch_load_safely(path: Path, map_location: str, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -436,9 +364,9 @@ def load_checkpoint(path: Path, *, map_location: str = "cpu", verify: bool = Tru
         if problem is not None:
             raise CheckpointError(
                 f"checkpoint {path} failed verification: {problem}. Resume from an older checkpoint "
-                "(CheckpointManager.latest_valid() picks one), or load with verify=False if you trust the file."
+                "(checkpoint.catalog.latest_valid_checkpoint() picks one), or load with verify=False if you trust the file."
             )
-    return _check_format(path, _torch_load_safely(path, map_location))
+    return _check_format(path, torch_load_safely(path, map_location))
 
 
 # --------------------------------------------------------------------------------------------- the manager
@@ -568,7 +496,7 @@ class CheckpointManager:
         """Keep the newest ``keep_last`` complete checkpoints, the one ``latest`` names, and ``keep``."""
         pointed = self._read_pointer()
         complete_seen = 0
-        for path in self._checkpoint_files():
+        for path in checkpoint_files(self.directory):
             complete = sidecar_path(path).exists()
             if complete:
                 complete_seen += 1
@@ -581,69 +509,8 @@ class CheckpointManager:
                 except OSError as exc:
                     log.warning("could not remove old checkpoint file %s: %s", victim, exc.strerror)
 
-    # ---- reading
-
-    def _checkpoint_files(self) -> list[Path]:
-        """Checkpoint data files, newest (epoch, step, duplicate) first; temp files and best.pt excluded."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            parsed = _parse_name(path.name)
-            if parsed is not None and path.is_file():
-                found.append((parsed, path))
-        return [path for _, path in sorted(found, reverse=True)]
-
     def _read_pointer(self) -> str | None:
-        try:
-            name = (self.directory / LATEST_POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return name or None
-
-    def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose bytes match its sidecar; invalid newer ones are logged and skipped."""
-        pointed = self._read_pointer()
-        for path in self._checkpoint_files():
-            problem = verify_checkpoint(path)
-            if problem is None:
-                if pointed is not None and pointed != path.name:
-                    log.info("using %s, newer than %s named by %s", path.name, pointed, LATEST_POINTER)
-                return path
-            log.warning("checkpoint %s is invalid (%s); falling back to an older checkpoint", path, problem)
-        if pointed is not None:
-            log.warning("%s names %s, but no valid checkpoint exists in %s", LATEST_POINTER, pointed, self.directory)
-        return None
-
-    def list_checkpoints(self, *, deep: bool = True) -> list[CheckpointRecord]:
-        """Every checkpoint file, newest first, with its validity (``deep`` checks sha256, else size only)."""
-        pointed = self._read_pointer()
-        records = []
-        for path in self._checkpoint_files():
-            epoch, step, _ = _parse_name(path.name) or (0, 0, 0)
-            problem = verify_checkpoint(path, deep=deep)
-            try:
-                meta = _read_sidecar(path)
-            except ValueError:
-                meta = {}
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = 0
-            records.append(
-                CheckpointRecord(
-                    path=path,
-                    epoch=epoch,
-                    step=step,
-                    size_bytes=size,
-                    valid=problem is None,
-                    problem=problem,
-                    is_latest=path.name == pointed,
-                    metrics=dict(meta.get("metrics") or {}),
-                    created=meta.get("created"),
-                )
-            )
-        return records
+        return read_pointer(self.directory, LATEST_POINTER)
 
 
 # ------------------------------------------------------------------------------------------ model export
@@ -700,116 +567,8 @@ def load_file_for_reading(path: Path, *, verify: bool = True) -> dict[str, Any]:
     return _as_checkpoint_state(load_checkpoint(path, map_location="cpu", verify=verify), _export_metadata(path))
 
 
-# ------------------------------------------------------------------------------------------ inspection
-
-
-def resolve_checkpoint_path(path: Path) -> Path:
-    """A checkpoint (file or sharded directory) from itself, a checkpoints directory, or a run directory."""
-    from dist_train.sharded_checkpoint import latest_valid_checkpoint, parse_sharded_name
-
+def load_file_unverified(path: Path) -> dict[str, Any]:
+    """A checkpoint file or exported model, memory-mapped and not checked against its sidecar (inspection
+    reports the check's result beside what the file holds)."""
     path = Path(path)
-    if path.is_file() or (path.is_dir() and parse_sharded_name(path.name) is not None):
-        return path  # a checkpoint file, or one sharded checkpoint directory
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path} does not exist; pass a checkpoint file, a checkpoints directory or a run directory."
-        )
-    directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
-    latest = latest_valid_checkpoint(directory)
-    if latest is None:
-        raise CheckpointError(
-            f"no valid checkpoint in {directory} (expected ckpt-e*-s*.pt files with .sha256.json sidecars, "
-            "or ckpt-e*-s* directories with a manifest.json)."
-        )
-    return latest
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for value in obj.values() for t in _tensors(value)]
-    if isinstance(obj, (list, tuple)):
-        return [t for value in obj for t in _tensors(value)]
-    return []
-
-
-def _storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes on disk: every storage once, however many views share it."""
-    seen: dict[int, int] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
-def _element_count(tensors: list[torch.Tensor]) -> int:
-    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() for t in tensors}
-    return sum(unique.values())
-
-
-_CONFIG_SUMMARY_KEYS = [
-    ("run", "name"),
-    ("data", "path"),
-    ("data", "batch_size"),
-    ("model", "name"),
-    ("optim", "name"),
-    ("optim", "lr"),
-    ("sched", "name"),
-    ("train", "epochs"),
-    ("train", "precision"),
-]
-
-
-def _config_summary(config: Any) -> dict[str, Any]:
-    if not isinstance(config, dict):
-        return {}
-    summary = {}
-    for section, key in _CONFIG_SUMMARY_KEYS:
-        table = config.get(section)
-        if isinstance(table, dict) and key in table:
-            summary[f"{section}.{key}"] = table[key]
-    return summary
-
-
-def describe_checkpoint(path: Path) -> dict[str, Any]:
-    """What ``dtrain ckpt inspect`` shows: progress, metrics, versions, sizes, config and validity."""
-    path = resolve_checkpoint_path(path)
-    if path.is_dir():
-        from dist_train.sharded_checkpoint import describe_sharded
-
-        return describe_sharded(path)
-    problem = verify_checkpoint(path)
-    try:
-        meta = _read_sidecar(path)
-    except ValueError:
-        meta = {}
-    try:
-        state = _as_checkpoint_state(_check_format(path, _torch_load_safely(path, "cpu", mmap=True)), _export_metadata(path))
-    except CheckpointError as exc:
-        if problem is not None:
-            raise CheckpointError(f"{exc} Its checksum check also failed: {problem}.") from None
-        raise
-    sections = {name: _storage_bytes(_tensors(value)) for name, value in state.items() if _tensors(value)}
-    model_tensors = _tensors(state.get("model", {}))
-    return {
-        "path": str(path),
-        "file_bytes": path.stat().st_size,
-        "valid": problem is None,
-        "problem": problem,
-        "sha256": meta.get("sha256"),
-        "format_version": state.get("format_version"),
-        "epoch": state.get("epoch", meta.get("epoch")),
-        "step": state.get("step", meta.get("step")),
-        "epoch_complete": state.get("epoch_complete"),
-        "reason": state.get("reason"),
-        "metrics": state.get("metrics", meta.get("metrics", {})),
-        "world_size": state.get("world_size"),
-        "dtrain_version": state.get("dtrain_version"),
-        "torch_version": state.get("torch_version"),
-        "model_elements": _element_count(model_tensors),
-        "model_tensors": len(model_tensors),
-        "tensor_bytes": {**sections, "total": _storage_bytes(_tensors(state))},
-        "config_summary": _config_summary(state.get("config")),
-        "config": state.get("config"),
-    }
+    return _as_checkpoint_state(_check_format(path, torch_load_safely(path, "cpu", mmap=True)), _export_metadata(path))

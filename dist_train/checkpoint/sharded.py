@@ -26,68 +26,57 @@ Safety: only tensors go through DCP (non-tensor leaves such as ``param_groups`` 
 ``common.pt``), DCP's tensor records are read with ``torch.load(weights_only=True)``, its pickled
 ``.metadata`` is read with an unpickler that accepts only DCP's own metadata classes, and the
 ``*.pt`` files are loaded with ``weights_only=True``.
+
+Imports: ``torch.distributed.checkpoint`` is imported inside the functions that use it. Importing it
+costs about 0.5 s per process, and every DDP worker, ``dtrain eval`` and ``dtrain ckpt`` imports this
+module without ever touching a sharded checkpoint.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dist_train.checkpoint import (
+from dist_train.checkpoint.file import snapshot_state, torch_load_safely
+from dist_train.checkpoint.layout import (
+    BEST_POINTER,
     LATEST_POINTER,
-    CheckpointRecord,
-    snapshot_state,
-    verify_checkpoint,
+    MANIFEST_NAME,
+    hash_file,
+    read_pointer,
+    sharded_checkpoint_dirs,
+    sharded_checkpoint_name,
+    write_pointer,
 )
+from dist_train.distributed.comm import barrier, broadcast_object, gather_objects_to_rank_zero
 from dist_train.errors import CheckpointError
-from dist_train.fsutil import atomic_write_text, fsync_dir
+from dist_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger("dtrain.checkpoint")  # under "dtrain": the run's log files and console get it
 
 SHARDED_FORMAT = "dtrain-sharded"
 SHARDED_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 COMMON_NAME = "common.pt"
-BEST_POINTER = "best"
-_SHARDED_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?$")
-_READ_CHUNK_BYTES = 8 << 20
 # Test-only fault injection (tests/test_sharded_checkpoint.py): "<phase>:<rank>:<save number>" makes that
 # rank stop at that point of that save (1-based, counted per process) and wait to be killed.
 FAULT_ENV = "DTRAIN_TEST_CHECKPOINT_FAULT"
 
 
-def sharded_checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:
-    suffix = f"-{duplicate}" if duplicate else ""
-    return f"ckpt-e{epoch:04d}-s{step:08d}{suffix}"
-
-
-def parse_sharded_name(name: str) -> tuple[int, int, int] | None:
-    match = _SHARDED_RE.match(name)
-    if match is None:
-        return None
-    return int(match["epoch"]), int(match["step"]), int(match["dup"] or 0)
-
-
 def rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
 # ------------------------------------------------------------------------------------------ tensors vs. rest
@@ -181,24 +170,6 @@ def _safe_reader(path: Path) -> Any:
 # -------------------------------------------------------------------------------------------- verification
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``; ValueError with a short reason when unusable."""
     manifest_path = Path(path) / MANIFEST_NAME
@@ -239,112 +210,12 @@ def verify_sharded_checkpoint(path: Path, *, deep: bool = True) -> str | None:
             return f"{relative} is {size} bytes but {entry.get('size')} were written (truncated or replaced)"
         if deep:
             try:
-                _, actual = _hash_file(file)
+                _, actual = hash_file(file)
             except OSError as exc:
                 return f"cannot read {relative} ({exc.strerror})"
             if actual != entry.get("sha256"):
                 return f"sha256 mismatch in {relative} (file {actual[:12]}…, recorded {str(entry.get('sha256'))[:12]}…): the bytes are corrupt"
     return None
-
-
-# ------------------------------------------------------------------------------------------------ listing
-
-
-def _sharded_dirs(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        parsed = parse_sharded_name(path.name)
-        if parsed is not None and path.is_dir():
-            found.append((parsed, path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _file_checkpoints(directory: Path) -> list[Path]:
-    from dist_train.checkpoint import CheckpointManager
-
-    return CheckpointManager(directory)._checkpoint_files()
-
-
-def _sort_key(path: Path) -> tuple[int, int, int, int]:
-    """Newest first across both formats: (epoch, step, duplicate), a directory after a file of the same name."""
-    from dist_train.checkpoint import _parse_name
-
-    parsed = parse_sharded_name(path.name) if path.is_dir() else _parse_name(path.name)
-    epoch, step, dup = parsed or (0, 0, 0)
-    return epoch, step, dup, int(path.is_dir())
-
-
-def all_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files and directories of ``directory``, newest first."""
-    return sorted([*_file_checkpoints(directory), *_sharded_dirs(directory)], key=_sort_key, reverse=True)
-
-
-def verify_any(path: Path, *, deep: bool = True) -> str | None:
-    return verify_sharded_checkpoint(path, deep=deep) if Path(path).is_dir() else verify_checkpoint(path, deep=deep)
-
-
-def _read_pointer(directory: Path, name: str) -> str | None:
-    try:
-        value = (directory / name).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return value or None
-
-
-def latest_valid_checkpoint(directory: Path) -> Path | None:
-    """The newest valid checkpoint of either format; invalid newer ones are logged and skipped."""
-    directory = Path(directory)
-    pointed = _read_pointer(directory, LATEST_POINTER)
-    for path in all_checkpoints(directory):
-        problem = verify_any(path)
-        if problem is None:
-            if pointed is not None and pointed != path.name:
-                log.info("using %s, newer than %s named by %s", path.name, pointed, LATEST_POINTER)
-            return path
-        log.warning("checkpoint %s is invalid (%s); falling back to an older checkpoint", path, problem)
-    if pointed is not None:
-        log.warning("%s names %s, but no valid checkpoint exists in %s", LATEST_POINTER, pointed, directory)
-    return None
-
-
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
-def list_all_checkpoints(directory: Path, *, deep: bool = True) -> list[CheckpointRecord]:
-    """Records of every checkpoint (files and directories), newest first."""
-    from dist_train.checkpoint import CheckpointManager
-
-    directory = Path(directory)
-    files = {r.path: r for r in CheckpointManager(directory).list_checkpoints(deep=deep)}
-    pointed = _read_pointer(directory, LATEST_POINTER)
-    records = []
-    for path in all_checkpoints(directory):
-        if path in files:
-            records.append(files[path])
-            continue
-        epoch, step, _ = parse_sharded_name(path.name) or (0, 0, 0)
-        try:
-            manifest = read_manifest(path)
-        except ValueError:
-            manifest = {}
-        problem = verify_sharded_checkpoint(path, deep=deep)
-        records.append(
-            CheckpointRecord(
-                path=path,
-                epoch=epoch,
-                step=step,
-                size_bytes=_dir_size(path),
-                valid=problem is None,
-                problem=problem,
-                is_latest=path.name == pointed,
-                metrics=dict(manifest.get("metrics") or {}),
-                created=manifest.get("created"),
-            )
-        )
-    return records
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -374,7 +245,6 @@ class ShardedCheckpointManager:
         directory: Path,
         *,
         rank: int,
-        world_size: int,
         group: Any,
         keep_last: int = 3,
         async_save: bool = False,
@@ -383,7 +253,6 @@ class ShardedCheckpointManager:
             raise CheckpointError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {keep_last}.")
         self.directory = Path(directory)
         self.rank = rank
-        self.world_size = world_size
         self.group = group
         self.keep_last = keep_last
         self.async_save = async_save
@@ -394,38 +263,7 @@ class ShardedCheckpointManager:
         if self.rank == 0:
             self._ensure_directory()
             self.remove_stale_temp_dirs()
-        self._barrier()  # no rank writes into the directory before the sweep is done
-
-    # ---- small collectives (no-ops for one process)
-
-    def _distributed(self) -> bool:
-        import torch.distributed as dist
-
-        return self.world_size > 1 and dist.is_initialized()
-
-    def _barrier(self) -> None:
-        if self._distributed():
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def _broadcast(self, obj: Any) -> Any:
-        if not self._distributed():
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def _gather(self, obj: Any) -> list[Any] | None:
-        if not self._distributed():
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+        barrier(group=self.group)  # no rank writes into the directory before the sweep is done
 
     # ---- housekeeping
 
@@ -471,7 +309,7 @@ class ShardedCheckpointManager:
         self.wait()
         self._saves += 1
         names = (self._free_name(epoch, step), f".{uuid.uuid4().hex}") if self.rank == 0 else None
-        final_name, tmp_tag = self._broadcast(names)
+        final_name, tmp_tag = broadcast_object(names, group=self.group)
         tmp = self.directory / f".{final_name}{tmp_tag}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         tensors, plain = split_tensors(model_and_optimizer)
@@ -529,7 +367,7 @@ class ShardedCheckpointManager:
                 raise
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = _read_pointer(self.directory, LATEST_POINTER)
+            previous = read_pointer(self.directory, LATEST_POINTER)
             kept = f" The previous checkpoint ({previous}) and the 'latest' pointer are intact." if previous else ""
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise CheckpointError(
@@ -547,10 +385,10 @@ class ShardedCheckpointManager:
     def _finish(self, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool) -> Path | None:
         own = self._own_files(tmp)
         for path in own:
-            _fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
-        entries = {p.name: dict(zip(("size", "sha256"), _hash_file(p), strict=True)) for p in own}
+            fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
+        entries = {p.name: dict(zip(("size", "sha256"), hash_file(p), strict=True)) for p in own}
         _fault_point("after_shards", self.rank, self._saves, self.directory.parent)
-        gathered = self._gather(entries)  # every rank's files are durable and hashed once this returns
+        gathered = gather_objects_to_rank_zero(entries, group=self.group)  # every rank's files are durable and hashed once this returns
         if self.rank != 0:
             return None
         assert gathered is not None
@@ -558,7 +396,7 @@ class ShardedCheckpointManager:
         for rank_entries in gathered:
             files.update(rank_entries)
         final = self.directory / meta["name"]
-        previous = _read_pointer(self.directory, LATEST_POINTER)
+        previous = read_pointer(self.directory, LATEST_POINTER)
         try:
             manifest = {
                 **{k: common.get(k) for k in _COMMON_META_KEYS},
@@ -573,9 +411,9 @@ class ShardedCheckpointManager:
             _fault_point("before_publish", self.rank, self._saves, self.directory.parent)
             os.rename(tmp, final)
             fsync_dir(self.directory)
-            atomic_write_text(self.directory / LATEST_POINTER, final.name + "\n")
+            write_pointer(self.directory, LATEST_POINTER, final.name)
             if is_best:
-                atomic_write_text(self.directory / BEST_POINTER, final.name + "\n")
+                write_pointer(self.directory, BEST_POINTER, final.name)
         except OSError as exc:
             kept = f"The previous checkpoint ({previous}) and the 'latest' pointer are intact." if previous else ""
             raise CheckpointError(
@@ -587,9 +425,9 @@ class ShardedCheckpointManager:
 
     def _prune(self, keep: set[str]) -> None:
         """Keep the newest ``keep_last`` complete directories, and the ones ``latest``/``best`` name."""
-        protected = keep | {n for n in (_read_pointer(self.directory, LATEST_POINTER), _read_pointer(self.directory, BEST_POINTER)) if n}
+        protected = keep | {n for n in (read_pointer(self.directory, LATEST_POINTER), read_pointer(self.directory, BEST_POINTER)) if n}
         complete_seen = 0
-        for path in _sharded_dirs(self.directory):
+        for path in sharded_checkpoint_dirs(self.directory):
             complete = (path / MANIFEST_NAME).is_file()
             complete_seen += complete
             if path.name in protected or (complete and (self.keep_last == 0 or complete_seen <= self.keep_last)):
@@ -637,9 +475,7 @@ def _torch_save_durably(obj: Any, path: Path) -> None:
 
 
 def _load_pt(path: Path) -> Any:
-    from dist_train.checkpoint import _torch_load_safely
-
-    return _torch_load_safely(path, "cpu")
+    return torch_load_safely(path, "cpu")
 
 
 def read_sharded_state(path: Path, *, verify: bool = True, for_rank: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -699,53 +535,9 @@ def consolidate(path: Path, *, optimizer: bool = False, verify: bool = True) -> 
     state = read_sharded_state(path, verify=verify)
     rest = state.pop("model_and_optimizer_rest", {})
     keys = {"model", "optimizer"} if optimizer else {"model"}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading into this process" is the point here
         tensors = _load_state_dict_from_keys(keys, storage_reader=_safe_reader(Path(path)))
     merged = merge_tensors(tensors, {k: v for k, v in rest.items() if k in keys})
     state.update(merged)
     return state
-
-
-def describe_sharded(path: Path) -> dict[str, Any]:
-    """``dtrain ckpt inspect`` of a checkpoint directory (model tensors consolidated in this process)."""
-    from dist_train.checkpoint import _config_summary, _element_count, _storage_bytes, _tensors
-
-    path = Path(path)
-    problem = verify_sharded_checkpoint(path)
-    try:
-        manifest = read_manifest(path)
-    except ValueError:
-        manifest = {}
-    try:
-        state = consolidate(path, optimizer=True, verify=False)
-    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = f" Its check also failed: {problem}." if problem else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}.{reason}") from None
-    model_tensors = _tensors(state.get("model", {}))
-    sections = {name: _storage_bytes(_tensors(state.get(name, {}))) for name in ("model", "optimizer")}
-    return {
-        "path": str(path),
-        "file_bytes": _dir_size(path),
-        "valid": problem is None,
-        "problem": problem,
-        "sha256": None,
-        "files": len(manifest.get("files", {})),
-        "format_version": state.get("format_version"),
-        "epoch": state.get("epoch", manifest.get("epoch")),
-        "step": state.get("step", manifest.get("step")),
-        "epoch_complete": state.get("epoch_complete"),
-        "reason": state.get("reason"),
-        "metrics": state.get("metrics", manifest.get("metrics", {})),
-        "world_size": state.get("world_size"),
-        "dtrain_version": state.get("dtrain_version"),
-        "torch_version": state.get("torch_version"),
-        "model_elements": _element_count(model_tensors),
-        "model_tensors": len(model_tensors),
-        "tensor_bytes": {**sections, "total": sum(sections.values())},
-        "config_summary": _config_summary(state.get("config")),
-        "config": state.get("config"),
-    }
-

@@ -1,12 +1,12 @@
 """The one interface the trainer saves and resumes through, whatever the checkpoint format.
 
 - ``FileStore`` (DDP, one process): rank states gathered to rank 0, model and optimizer consolidated
-  by the strategy, one ``ckpt-*.pt`` file written by rank 0 (``checkpoint.CheckpointManager``).
+  by the strategy, one ``ckpt-*.pt`` file written by rank 0 (``file.CheckpointManager``).
 - ``ShardedStore`` (FSDP): every rank writes its own shard of model and optimizer and its own
-  rank state into a new directory (``sharded_checkpoint.ShardedCheckpointManager``).
+  rank state into a new directory (``sharded.ShardedCheckpointManager``).
 
-Reading does not depend on the store: ``find_latest_valid`` and ``open_checkpoint`` accept both
-formats (a run may hold file checkpoints of an earlier dtrain next to sharded ones).
+Reading does not depend on the store: ``open_checkpoint`` accepts both formats (a run may hold file
+checkpoints of an earlier dtrain next to sharded ones); ``catalog`` finds the checkpoint to open.
 """
 
 from __future__ import annotations
@@ -18,18 +18,86 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dist_train.checkpoint import BEST_NAME, CheckpointManager, load_checkpoint, load_file_for_reading
-from dist_train.distributed.comm import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
-from dist_train.distributed.strategy import Strategy
-from dist_train.sharded_checkpoint import (
-    BEST_POINTER,
+from dist_train.checkpoint.file import CheckpointManager, load_checkpoint
+from dist_train.checkpoint.sharded import (
     ShardedCheckpointManager,
-    consolidate,
-    latest_valid_checkpoint,
     load_sharded_model,
     load_sharded_model_and_optimizer,
     read_sharded_state,
 )
+from dist_train.distributed.comm import DistInfo, gather_objects_to_rank_zero, new_checkpoint_group
+from dist_train.distributed.strategy import Strategy
+from dist_train.errors import CheckpointError
+
+# Config keys that change what a checkpoint means; anything else may change between resumes.
+INCOMPATIBLE_ON_RESUME = (
+    "model",
+    "data.x_key",
+    "data.y_key",
+    "data.val_split",
+    "data.test_split",
+    "data.split_seed",
+    "data.split_file",
+    "data.stratify",
+    "data.limit",
+    "data.layout",
+    "data.input_keys",
+    "data.format",
+    "data.representation",
+    "data.geometry_file",
+    "data.hit_keys",
+    "data.pmts_per_module",
+    "data.n_points",
+    "data.channels",
+    "task.name",
+    "task.targets",
+    "task.target_norm",
+    "task.target_mean",
+    "task.target_std",
+    "optim.name",
+    "sched.name",
+    "run.seed",
+    "train.strategy",  # the optimizer state is keyed by parameter index (DDP) or by name (FSDP)
+)
+# Stateful components newer than some format-1 checkpoints; such a checkpoint resumes with them fresh.
+ADDED_SINCE_FORMAT_1 = ("early_stopping",)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    old.setdefault("train.strategy", "ddp")  # written before strategies existed
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or key.startswith(p + ".") for p in INCOMPATIBLE_ON_RESUME) and old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+def starts_fresh_on_resume(component: str, state: dict[str, Any]) -> bool:
+    """A stateful component the checkpoint predates (an older dtrain wrote it): it resumes fresh."""
+    return component in ADDED_SINCE_FORMAT_1 and component not in state
+
+
+def check_config_compatible(path: Path, state: dict[str, Any], current_config: dict[str, Any]) -> None:
+    """Refuse to resume from ``path`` under a config whose changes the checkpoint cannot follow."""
+    diffs = incompatible_changes(state.get("config", {}), current_config)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow: "
+            + "; ".join(diffs)
+            + ". Restore those settings, or start a new run with --resume never (or another --run-dir)."
+        )
 
 
 class CheckpointStore(Protocol):
@@ -108,7 +176,6 @@ class ShardedStore:
         self.manager = ShardedCheckpointManager(
             directory,
             rank=dist_info.rank,
-            world_size=dist_info.world_size,
             group=group,
             keep_last=keep_last,
             async_save=async_save,
@@ -127,6 +194,7 @@ class ShardedStore:
         is_best: bool,
         blocking: bool,
     ) -> Path | None:
+        # Deferred like every DCP import (see checkpoint/sharded.py): DDP runs never pay for it.
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         # This rank's shards (DTensors), keyed by parameter name: nothing is gathered.
@@ -162,22 +230,6 @@ def build_checkpoint_store(
     return FileStore(directory, keep_last=keep_last, async_save=async_save, strategy=strategy, is_main=dist_info.is_main, group=control_group)
 
 
-def find_latest_valid(directory: Path) -> Path | None:
-    """The newest checkpoint (file or directory) that verifies; invalid newer ones are warned about."""
-    return latest_valid_checkpoint(directory)
-
-
-def best_checkpoint(directory: Path) -> Path | None:
-    """best.pt (single-file checkpoints), or the directory the ``best`` pointer names (sharded ones)."""
-    if (directory / BEST_NAME).is_file():
-        return directory / BEST_NAME
-    try:
-        name = (directory / BEST_POINTER).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return directory / name if name and (directory / name).is_dir() else None
-
-
 @dataclass
 class OpenedCheckpoint:
     """A checkpoint's state without (sharded) or with (file) model and optimizer, ready to restore."""
@@ -208,9 +260,3 @@ def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int
         return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
     return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))
 
-
-def load_for_reading(path: Path) -> dict[str, Any]:
-    """Any checkpoint as one dict with "model", "config", epoch, step and metrics, in this process (no
-    process group): a sharded directory consolidated, a checkpoint file, or an exported model (``dtrain ckpt export``)."""
-    path = Path(path)
-    return consolidate(path) if path.is_dir() else load_file_for_reading(path)
