@@ -129,7 +129,7 @@ def make_loader(
     if defer_to_device is None:
         # On a GPU the device widens, permutes and normalises after the copy (fewer bytes read, pinned and
         # copied; no host pass over the batch). On the CPU the host's normalisation runs in the reader
-        # threads, off the training thread, so it stays there (deferring measured 0.92-1.11x the host's
+        # threads, off the training thread, so it stays there (deferring measured 1.03-1.12x the host's
         # work, benchmarks/host_step.py)... except for a channels_last model on a channels-last file: the
         # stored batch viewed as (B, C, H, W) is already channels_last memory, so deferring replaces two
         # whole-batch copies (the host's permutation, then the feed's channels_last copy) by none (0.2-0.3x).
