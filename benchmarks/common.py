@@ -71,7 +71,7 @@ WORKLOADS: dict[str, Workload] = {
 
 def ensure_data(workload: Workload, events: int) -> Path:
     """The workload's synthetic HDF5 file with ``events`` samples (written once, then reused)."""
-    from dist_train.data.synth import synth_dataset
+    from dist_train.data.writers.synth import synth_dataset
 
     path = workload.data_file(events)
     # A wch5 file cached by an older dtrain has no regression targets: write it again.

@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BENCH_DIR, load_average, machine_summary, result_line  # noqa: E402
 from dist_train.config import DataConfig  # noqa: E402
-from dist_train.data.convert_hits import convert_hits  # noqa: E402
 from dist_train.data.dataset import H5Split  # noqa: E402
 from dist_train.data.hits import HitSpec, builder_kind  # noqa: E402
 from dist_train.data.loader import make_loader  # noqa: E402
-from dist_train.data.synth_hits import demo_geometry  # noqa: E402
+from dist_train.data.writers.convert_hits import convert_hits  # noqa: E402
+from dist_train.data.writers.synth_hits import demo_geometry  # noqa: E402
 from dist_train.sampler import IndexBatch, ResumableDistributedBatchSampler  # noqa: E402
 
 PPM = 19

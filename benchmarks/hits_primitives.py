@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_summary  # noqa: E402
 from dist_train.data.hits import ImageBuilder  # noqa: E402
-from dist_train.data.synth_hits import demo_geometry  # noqa: E402
+from dist_train.data.writers.synth_hits import demo_geometry  # noqa: E402
 
 PPM = 19
 EVENTS = 10  # about one 1 MB block of images (hits.BLOCK_BYTES)

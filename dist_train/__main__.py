@@ -13,9 +13,15 @@ import sys
 import traceback
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from dist_train import envvars
-from dist_train.config import Config
+from dist_train.config import Config, load_config, make_data_paths_absolute, save_config
+from dist_train.distributed.comm import destroy_distributed, init_distributed
 from dist_train.errors import DTrainError
+from dist_train.logs import FILE_ONLY, setup_logging
+from dist_train.preempt import PreemptionHandler, launcher_stop_signal_file, parse_signals
+from dist_train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,18 +45,10 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # torch.distributed.elastic's @record writes this process's exception to torchrun's error file,
     # so the launcher can say which rank failed and why.
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     return int(record(_run)(args) or 0)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config, make_data_paths_absolute, save_config
-    from dist_train.distributed.comm import destroy_distributed, init_distributed
-    from dist_train.logs import FILE_ONLY, setup_logging
-    from dist_train.preempt import PreemptionHandler, launcher_stop_signal_file, parse_signals
-    from dist_train.trainer import Trainer
-
     cfg = load_config(args.config, args.overrides)
     # Before the slow start-up (process group, data, model): a stop request from now on is kept
     # and honoured at the first step boundary instead of killing the worker.
@@ -92,8 +90,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def report_error(exc: DTrainError) -> None:
     """One paragraph, once: in the rank's log file, and on stderr unless the launcher reports it."""
-    from dist_train.logs import FILE_ONLY
-
     log = logging.getLogger("dtrain")
     if log.handlers:  # without handlers logging would print it to stderr itself
         log.error("error: %s", exc, extra=FILE_ONLY)

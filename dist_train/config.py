@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomllib
 
 from dist_train.errors import ConfigError
+from dist_train.fsutil import atomic_write_text
 
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
 # FSDP2 (fully_shard) on the CPU with gloo, and its state_dict helpers, work from this torch on.
@@ -795,8 +796,6 @@ def config_to_toml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from dist_train.fsutil import atomic_write_text
-
     atomic_write_text(Path(path), config_to_toml(cfg))
 
 

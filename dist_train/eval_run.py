@@ -9,8 +9,14 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.catalog import load_for_reading, resolve_checkpoint_path, run_dir_of
 from dist_train.config import config_from_dict
+from dist_train.data.loader import build_data, make_loader
+from dist_train.distributed.precision import autocast, resolve_precision
 from dist_train.errors import CheckpointError, ConfigError
+from dist_train.evaluation import Predictions, evaluate_batches
+from dist_train.sampler import ShardedEvalBatchSampler
+from dist_train.tasks import build_model_for_task, build_task
 
 log = logging.getLogger("dtrain")
 
@@ -25,13 +31,6 @@ def evaluate_checkpoint(
     data_path: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild data and model from the checkpoint's own config and evaluate it on ``split``."""
-    from dist_train.checkpoint.catalog import load_for_reading, resolve_checkpoint_path, run_dir_of
-    from dist_train.data.loader import build_data, make_loader
-    from dist_train.distributed.precision import autocast, resolve_precision
-    from dist_train.evaluation import Predictions, evaluate_batches
-    from dist_train.sampler import ShardedEvalBatchSampler
-    from dist_train.tasks import build_model_for_task, build_task
-
     path = resolve_checkpoint_path(Path(target), which=which)
     run_dir = run_dir_of(path)
     # A sharded checkpoint (directory) is consolidated in this process, without a process group; an

@@ -16,6 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from tqdm import tqdm
+
+from dist_train.fsutil import atomic_write_text
+
 log = logging.getLogger("dtrain")
 
 # ``log.info(..., extra=FILE_ONLY)``: the rank's log file gets the record, the console does not
@@ -131,6 +136,7 @@ class RunMetricsLogger:
             self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
+            # Deferred: runs with TensorBoard off never import it (it pulls in the tensorboard package).
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
@@ -168,8 +174,6 @@ class RunMetricsLogger:
         return kept, dropped
 
     def _rewrite_jsonl(self, lines: list[str]) -> None:
-        from dist_train.fsutil import atomic_write_text
-
         atomic_write_text(self.jsonl_path, "".join(line + "\n" for line in lines))
 
     def _write_scalars(self, record: dict[str, Any]) -> None:
@@ -199,8 +203,6 @@ class RunMetricsLogger:
         """The confusion matrix as a grey image: row-normalised (each true class's fractions), 16 px a cell."""
         if self._tb is None:
             return
-        import numpy as np
-
         counts = np.asarray(matrix, dtype=np.float64)
         fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
         image = np.kron(fractions, np.ones((16, 16)))
@@ -257,8 +259,6 @@ class Progress:
 
     def start_epoch(self, epoch: int, epochs: int, total_batches: int) -> None:
         if self.use_bar:
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=total_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, **_bar_width()
             )

@@ -10,6 +10,7 @@ and reads memory.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,11 +83,9 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import resource
-
         # ru_maxrss is KiB on Linux: the peak resident set of this process.
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+    except OSError:  # pragma: no cover
         return 0.0
 
 
@@ -109,9 +108,11 @@ def rss_anon_mb() -> float | None:
 
 def _tensors_bytes(tensors: Iterable[object]) -> int:
     """Bytes this rank holds of ``tensors``: a DTensor's (FSDP2's) own shard, any other tensor whole."""
+    # Deferred (0.7 s per process, see distributed/strategy.py); torch < 2.5 has no public DTensor,
+    # and no FSDP2 strategy in dtrain either.
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5 has no public DTensor, and no FSDP2 strategy in dtrain either
+    except ImportError:
         DTensor = ()  # type: ignore[assignment,misc]  # noqa: N806
     total = 0
     for t in tensors:

@@ -13,14 +13,13 @@ from pathlib import Path
 from types import FrameType
 
 from dist_train import envvars
+from dist_train.errors import ConfigError
 from dist_train.logs import FILE_ONLY
 
 log = logging.getLogger("dtrain")
 
 
 def parse_signals(names: list[str]) -> list[signal.Signals]:
-    from dist_train.errors import ConfigError
-
     out: list[signal.Signals] = []
     for name in names:
         key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +30,17 @@ import dist_train
 from dist_train import envvars
 from dist_train.checkpoint.catalog import best_checkpoint, latest_valid_checkpoint
 from dist_train.checkpoint.layout import CHECKPOINT_GLOB, CHECKPOINTS_SUBDIR, FORMAT_VERSION
+from dist_train.checkpoint.store import (
+    CheckpointStore,
+    build_checkpoint_store,
+    check_config_compatible,
+    open_checkpoint,
+    starts_fresh_on_resume,
+)
 from dist_train.config import Config, config_to_dict
+from dist_train.data import ensure_normalization
 from dist_train.data.device_feed import DeviceFeed
+from dist_train.data.loader import build_data, make_loader
 from dist_train.distributed.comm import (
     AsyncFlags,
     DistInfo,
@@ -49,17 +59,17 @@ from dist_train.distributed.strategy import Strategy, build_strategy, use_sync_b
 from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.evaluation import evaluate_batches, forward
+from dist_train.fsutil import atomic_write_text
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, add_sums, peak_memory_mb, rss_anon_mb, training_state_mb
+from dist_train.models import dry_inputs
+from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.preempt import PreemptionHandler, launcher_reports_stops, parse_signals
 from dist_train.sampler import ResumableDistributedBatchSampler, ShardedEvalBatchSampler
 from dist_train.state import TrainerCounters, capture_rng, restore_rng, seed_everything
 from dist_train.tasks import MetricSums, Task, build_model_for_task, build_task
 from dist_train.tasks.base import TrainStep
 from dist_train.watchdog import HangWatchdog
-
-if TYPE_CHECKING:  # imported lazily at run time (DCP is only needed once checkpoints are on)
-    from dist_train.checkpoint.store import CheckpointStore
 
 log = logging.getLogger("dtrain")
 
@@ -78,9 +88,6 @@ class Trainer:
         debug: bool = False,
         preemption: PreemptionHandler | None = None,
     ) -> None:
-        from dist_train.data.loader import build_data
-        from dist_train.optim import build_optimizer, build_scheduler
-
         self.cfg = cfg
         self.run_dir = run_dir
         self.dist = dist_info
@@ -159,15 +166,11 @@ class Trainer:
 
     def _example_inputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Two zero samples (and zero extra inputs) of the data's shapes, on the device."""
-        from dist_train.models import dry_inputs
-
         x = torch.zeros((2, *self.data.sample_shape), device=self.device)
         specs = {key: self.data.key_specs[key] for key in self.cfg.data.input_keys}
         return x, dry_inputs(specs, str(self.device), batch=2)
 
     def _make_train_loader(self) -> Any:
-        from dist_train.data.loader import make_loader
-
         return make_loader(
             self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type,
             channels_last=self.cfg.train.channels_last,
@@ -175,8 +178,6 @@ class Trainer:
 
     def _make_eval_loaders(self) -> dict[str, Any]:
         """Unpadded, contiguous shards of val and test: every sample is evaluated exactly once."""
-        from dist_train.data.loader import make_loader
-
         batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
         loaders = {}
         for name, split in (("val", self.data.val), ("test", self.data.test)):
@@ -196,8 +197,6 @@ class Trainer:
         wanted = self.cfg.data.normalize == "auto" or (task.name == "regression" and task.target_norm == "auto")
         if not wanted or self.run_dir is None:
             return
-        from dist_train.data import ensure_normalization
-
         if self.dist.is_main:
             ensure_normalization(self.cfg, self.run_dir)
         barrier()
@@ -213,8 +212,6 @@ class Trainer:
         """Single files under DDP, one directory of per-rank shards under FSDP (dist_train/checkpoint/store.py)."""
         if self.run_dir is None or not self.cfg.checkpoint.enabled:
             return None
-        from dist_train.checkpoint.store import build_checkpoint_store
-
         mode = self.cfg.checkpoint.async_save
         return build_checkpoint_store(
             directory=self.run_dir / CHECKPOINTS_SUBDIR,
@@ -341,8 +338,6 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the newest valid checkpoint; returns its step, or None for a fresh start."""
-        from dist_train.checkpoint.store import check_config_compatible, open_checkpoint, starts_fresh_on_resume
-
         path = self._find_resume_path()
         if path is None:
             self._say_if_starting_over()
@@ -377,9 +372,6 @@ class Trainer:
         return self.counters.step
 
     # ------------------------------------------------------------------ steps
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return autocast(self.precision, self.device)
-
     def _micro_step(self, batch: dict[str, torch.Tensor], window_samples: int, sync: bool) -> None:
         """Forward, the task's loss summed over the batch divided by the window's samples, backward.
 
@@ -387,7 +379,7 @@ class Trainer:
         DDP's average over ranks makes this the mean over the global samples of the step.
         """
         with self.strategy.grad_sync(self.train_model, sync):
-            with self._autocast():
+            with autocast(self.precision, self.device):
                 outputs = forward(self.train_model, batch, self.cfg.data.input_keys)
             step = self.task.train_step(outputs, batch)
             self._backward(step, window_samples)
@@ -530,7 +522,7 @@ class Trainer:
                 self.device,
                 self.task,
                 input_keys=self.cfg.data.input_keys,
-                autocast=self._autocast,
+                autocast=functools.partial(autocast, self.precision, self.device),
                 prefix=split,
                 limit=DEBUG_MAX_STEPS if self.debug else None,
                 to_device=self.feeds[split],
@@ -542,8 +534,6 @@ class Trainer:
         """Non-scalar results (confusion matrix, residual histograms) as ``<name>_<split>.json`` and in TensorBoard."""
         if not reports or not self.dist.is_main or self.run_dir is None:
             return
-        from dist_train.fsutil import atomic_write_text
-
         for name, report in reports.items():
             record = {"split": split, "epoch": epoch, "step": self.counters.step, **report}
             atomic_write_text(self.run_dir / f"{name}_{split}.json", json.dumps(record, indent=1) + "\n")
@@ -704,8 +694,6 @@ class Trainer:
         last = {"which": "last", "epoch": self.counters.epoch, "step": self.counters.step}
         if self.cfg.train.test_checkpoint != "best" or self.ckpt_store is None or not self.cfg.checkpoint.save_best:
             return last
-        from dist_train.checkpoint.store import open_checkpoint
-
         self.ckpt_store.wait()  # an async write of the best checkpoint must be durable before it is read
         barrier()
         path = None
@@ -737,8 +725,6 @@ class Trainer:
     def _write_marker(self, name: str, text: str) -> None:
         """Markers tell the launcher how the run ended (see launcher/run_dirs.py)."""
         if self.dist.is_main and self.run_dir is not None:
-            from dist_train.fsutil import atomic_write_text
-
             atomic_write_text(self.run_dir / name, text)
 
     def _shutdown(self) -> None:

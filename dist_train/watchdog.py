@@ -9,6 +9,7 @@ thread is blocked inside a C call.
 from __future__ import annotations
 
 import faulthandler
+import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -32,8 +33,6 @@ class HangWatchdog:
         """Progress was made: restart the countdown (optionally with a longer limit for slow phases)."""
         if not self.enabled:
             return
-        import sys
-
         limit = timeout_s or self.timeout_s
         now = time.monotonic()
         if limit == self._armed_limit and now - self._armed_at < _rearm_interval(limit):

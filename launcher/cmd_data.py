@@ -45,8 +45,8 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 def synth_cmd(out: Path, events: int, layout: str, shape: str | None, classes: int | None, hits_per_event: int, seed: int,
               force: bool) -> None:
     """Write a demo dataset with learnable structure to OUT (an .h5 file)."""
-    from dist_train.data.synth import synth_dataset
-    from dist_train.data.synth_hits import geometry_path_for
+    from dist_train.data.writers.synth import synth_dataset
+    from dist_train.data.writers.synth_hits import geometry_path_for
 
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to overwrite it.")
@@ -75,7 +75,7 @@ def synth_cmd(out: Path, events: int, layout: str, shape: str | None, classes: i
 def convert_cmd(src: Path, out: Path, x_key: str, y_key: str, labels: Path | None, compress: bool, geometry: Path | None,
                 representation: str, n_points: int, pmts_per_module: int, force: bool) -> None:
     """Convert SRC (.npz, .npy + labels, MNIST IDX[.gz], ImageFolder dir; a hit-list .h5 with --geometry) to OUT."""
-    from dist_train.data.convert import convert
+    from dist_train.data.writers.convert import convert
 
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to overwrite it.")
@@ -91,8 +91,8 @@ def convert_cmd(src: Path, out: Path, x_key: str, y_key: str, labels: Path | Non
 
 def _convert_hits(src: Path, out: Path, x_key: str, geometry: Path, representation: str, n_points: int,
                   pmts_per_module: int) -> None:
-    from dist_train.data.convert_hits import convert_hits
     from dist_train.data.hits import HitSpec
+    from dist_train.data.writers.convert_hits import convert_hits
 
     if n_points < 1 or pmts_per_module < 1:
         raise DataError(f"--n-points ({n_points}) and --pmts-per-module ({pmts_per_module}) must be at least 1.")

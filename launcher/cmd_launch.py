@@ -84,7 +84,7 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
             _echo(f"dtrain: {path} does not exist; a real launch generates {cfg.data.synth_events} demo events there")
             make_data_paths_absolute(cfg)
             return
-        from dist_train.data.synth import synth_dataset
+        from dist_train.data.writers.synth import synth_dataset
 
         _echo(f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def test_overhead_regression_contenders_train_one_network_on_the_same_targets(ov
     and train networks of the same shape: otherwise the ratio compares different work."""
     import torch
 
-    from dist_train.data.synth import synth_dataset
+    from dist_train.data.writers.synth import synth_dataset
     from dist_train.tasks import RegressionTask
 
     workload = overhead.WORKLOADS["multitarget"]

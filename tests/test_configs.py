@@ -22,8 +22,8 @@ from dist_train.config import (
     save_config,
 )
 from dist_train.data.preflight import channels_first_shape
-from dist_train.data.synth import synth_dataset
 from dist_train.data.transforms import BatchTransforms
+from dist_train.data.writers.synth import synth_dataset
 from dist_train.errors import ConfigError
 from dist_train.model_check import check_model_config
 from dist_train.models import build_model

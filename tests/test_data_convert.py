@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from dist_train.config import Config
-from dist_train.data import preflight_check, synth_dataset
-from dist_train.data.convert import convert
+from dist_train.data import preflight_check
 from dist_train.data.h5io import storage_of
+from dist_train.data.writers.convert import convert
+from dist_train.data.writers.synth import synth_dataset
 from dist_train.errors import DataError
 from launcher.cli import cli
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dist_train.config import Config, config_from_dict
-from dist_train.data.convert_hits import convert_hits
 from dist_train.data.hits import HitSpec
 from dist_train.data.loader import build_data, make_loader, use_threads
 from dist_train.data.preflight import preflight_check
+from dist_train.data.writers.convert_hits import convert_hits
 from dist_train.errors import ConfigError, DataError
 from dist_train.sampler import ResumableDistributedBatchSampler
 from tests.helpers.hits import random_events, random_geometry, reference_image, write_geometry, write_hit_file

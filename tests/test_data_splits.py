@@ -153,8 +153,9 @@ def test_torch_free_modules_do_not_import_torch() -> None:
     import subprocess
 
     code = (
-        "import sys, dist_train.data, dist_train.data.preflight, dist_train.data.splits, dist_train.data.synth, "
-        "dist_train.data.convert, dist_train.data.transform_spec, launcher.cmd_data; "
+        "import sys, dist_train.data, dist_train.data.preflight, dist_train.data.splits, dist_train.data.transform_spec, "
+        "dist_train.data.writers.synth, dist_train.data.writers.synth_hits, dist_train.data.writers.convert, "
+        "dist_train.data.writers.convert_hits, launcher.cmd_data; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

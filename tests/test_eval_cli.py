@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dist_train.data.synth import synth_dataset
+from dist_train.data.writers.synth import synth_dataset
 from tests.helpers.run import assert_ok, dtrain, make_image_h5, only_run_dir, write_config
 
 WCH5_SHAPE = (2, 6, 6)

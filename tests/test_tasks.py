@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_train.config import load_config
-from dist_train.data.synth import synth_dataset
+from dist_train.data.writers.synth import synth_dataset
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from tests.helpers.run import (
     assert_ok,

@@ -1,4 +1,4 @@
-"""HDF5 data pipeline: file checks, splits, statistics, demo data and batched loading.
+"""HDF5 data pipeline: file checks, splits, statistics and batched loading.
 
 Configuration (``[data]``): ``path``, ``x_key`` / ``y_key`` (default ``event_data`` / ``labels``),
 ``extra_keys`` (returned in each batch under their own names), ``normalize`` (``"none"``,
@@ -20,14 +20,17 @@ A batch is a dict ``{"x": float32 (B, *sample_shape), "y": int64 (B,), "index": 
 (B,), <extra_key>: tensor (B, ...)}`` in exactly the batch sampler's order; ``"y"`` (class labels)
 only for classification: other tasks read no labels. Hit-list files add the derived key ``n_hits``.
 
-This package root and the modules ``h5io``, ``hits``, ``splits``, ``preflight``, ``transform_spec``,
-``synth``, ``synth_hits``, ``convert`` and ``convert_hits`` are torch-free (the launcher uses them before starting workers);
-``dataset``, ``transforms`` and ``loader`` import torch. The torch names are importable from
-here too, lazily: ``from dist_train.data import build_data`` imports torch only at that moment.
+This package root and the modules ``h5io``, ``hits``, ``splits``, ``preflight``, ``targets`` and
+``transform_spec`` are torch-free (the launcher uses them before starting workers); ``dataset``,
+``transforms``, ``prefetch`` and ``loader`` import torch. The torch names are importable from here too,
+lazily: ``from dist_train.data import build_data`` imports torch only at that moment. The files dtrain
+writes (``dtrain data synth|convert``) come from the torch-free subpackage :mod:`.writers`, which reads
+through this package and is not imported by it.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from dist_train.data.preflight import (
@@ -38,7 +41,6 @@ from dist_train.data.preflight import (
     preflight_check,
 )
 from dist_train.data.splits import SplitRows, make_splits
-from dist_train.data.synth import synth_dataset
 
 _TORCH_NAMES = {
     "DataBundle": "dist_train.data.loader",
@@ -55,14 +57,11 @@ __all__ = [
     "ensure_normalization",
     "make_splits",
     "preflight_check",
-    "synth_dataset",
     *_TORCH_NAMES,
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _TORCH_NAMES:
-        import importlib
-
         return getattr(importlib.import_module(_TORCH_NAMES[name]), name)
     raise AttributeError(f"module 'dist_train.data' has no attribute {name!r}")

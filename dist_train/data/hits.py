@@ -435,7 +435,7 @@ def make_builder(spec: HitSpec, geometry: Geometry, kind: str = "numpy") -> Buil
 @functools.cache
 def compiled_kernels() -> ModuleType | None:
     """The numba kernels (:mod:`dist_train.data.hits_jit`), or None when numba does not import; logged once."""
-    try:
+    try:  # numba (optional, heavy) only when a hit-list file is read; the launcher's checks stay without it
         from dist_train.data import hits_jit
     except ImportError as exc:
         log.info("hit-list files: samples built by the numpy builder (numba is not importable: %s); "

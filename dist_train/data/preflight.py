@@ -22,6 +22,7 @@ from dist_train.data.splits import SplitRows, make_splits
 from dist_train.data.targets import check_task_keys, label_key, target_normalization_for
 from dist_train.data.transform_spec import parse_transforms
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_write_text
 
 NORMALIZATION_FILE = "normalization.json"
 # "auto" statistics use at most this many training samples (a seeded subset beyond it): enough
@@ -364,8 +365,6 @@ def normalization_for(
     reader = HitReader(info.path, spec) if spec is not None else None
     mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed, reader=reader, layout=d.layout)
     if target is not None:
-        from dist_train.fsutil import atomic_write_text
-
         record = {
             "version": 1,
             "data_path": str(info.path),

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train.config import H5_SPLIT_PREFIX, DataConfig
+from dist_train.data.h5io import open_h5
 from dist_train.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -128,8 +129,6 @@ def load_split_arrays(split_file: str, data_path: Path) -> dict[str, np.ndarray]
 
 
 def _read_h5_split_arrays(path: Path, group: str, where: str) -> dict[str, np.ndarray]:
-    from dist_train.data.h5io import open_h5
-
     with open_h5(path) as f:
         g = f.get(group)
         if g is None or not hasattr(g, "keys"):

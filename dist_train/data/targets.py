@@ -20,6 +20,7 @@ from dist_train.config import Config
 from dist_train.data.h5io import RowReader, get_dataset
 from dist_train.data.hits import HIT_COUNT_KEY
 from dist_train.errors import ConfigError, DataError
+from dist_train.fsutil import atomic_write_text
 
 TARGET_NORMALIZATION_FILE = "target_normalization.json"
 # Names the batch dict uses itself; a dataset with one of these names cannot be a target or input.
@@ -152,8 +153,6 @@ def target_normalization_for(
         return _load_target_stats(target, keys, fingerprint, sum(widths))
     mean, std = compute_target_stats(cfg.data.path, keys, train_rows)
     if target is not None:
-        from dist_train.fsutil import atomic_write_text
-
         record = {"version": 1, "targets": keys, "widths": widths, "mean": mean, "std": std, "train_rows_sha256": fingerprint}
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, json.dumps(record, indent=2) + "\n")

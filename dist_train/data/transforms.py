@@ -17,6 +17,7 @@ from dist_train.errors import ConfigError
 
 
 def build_transform(spec: TransformSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    # torchvision takes about a second to import: only runs with transforms configured pay for it.
     from torchvision.transforms import v2
 
     cls = getattr(v2, spec.name, None)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from dist_train import envvars
 
@@ -100,8 +101,6 @@ def settle_gradient_buckets(ddp: Any, example_input: torch.Tensor, example_kwarg
     Nothing of the run changes: buffers (BatchNorm statistics) and random streams are restored and
     the gradients dropped. Runs in train mode, so the graph is the training graph.
     """
-    from torch.utils._pytree import tree_leaves
-
     module = ddp.module
     was_training = module.training
     saved_buffers = [b.detach().clone() for b in module.buffers()]

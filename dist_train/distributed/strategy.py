@@ -4,6 +4,10 @@ The trainer has one loop; everything that differs between the two lives here: wr
 skipping gradient synchronisation on non-final micro-steps, gradient clipping (FSDP's gradients
 are sharded DTensors), the model and optimizer state that goes into a checkpoint, and evaluation
 (which may run different batch counts per rank, so FSDP must not all-gather inside it).
+
+Imports: ``torch.distributed.fsdp``, ``torch.distributed.tensor`` and ``torch.distributed.checkpoint``
+are imported inside the FSDP functions that use them: each costs 0.5-0.7 s per process, which DDP
+workers (most runs) would otherwise pay for nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train.config import Config, FSDPConfig, check_strategy_supported, check_sync_batchnorm_device
 from dist_train.distributed.comm import persistent_buffers, values_restored
@@ -102,8 +111,6 @@ class DDPStrategy:
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.distributed:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=self.find_unused_parameters)
 
@@ -153,7 +160,6 @@ class FSDPStrategy:
 
     # -------------------------------------------------------------- wrapping
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         _ensure_process_group(self.device)
@@ -295,16 +301,12 @@ def _ensure_process_group(device: torch.device) -> None:
     A private in-memory group keeps the rest of the trainer single-process (``is_distributed()``
     stays false) while FSDP applies the same mixed precision and state-dict handling as on N ranks.
     """
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _is_norm_with_running_stats(module: nn.Module) -> bool:
-    from torch.nn.modules.batchnorm import _NormBase
-
     return isinstance(module, _NormBase) and module.track_running_stats and any(True for _ in module.parameters(recurse=False))
 
 
@@ -349,8 +351,6 @@ def _innermost_first(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.M
 
 def _replace_with_checkpoint_wrapper(model: nn.Module, path: str, unit: nn.Module) -> nn.Module:
     """Recompute ``unit``'s activations in backward; the wrapper hides itself from state_dict keys."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     wrapped = checkpoint_wrapper(unit, context_fn=functools.partial(_recompute_contexts, unit))
@@ -366,7 +366,5 @@ def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextMana
 def _running_statistics_kept(unit: nn.Module) -> contextlib.AbstractContextManager[None]:
     """The recomputation in backward runs the forward again in training mode: without this, every
     BatchNorm's running statistics (and num_batches_tracked) would be updated twice per step."""
-    from torch.nn.modules.batchnorm import _NormBase
-
     buffers = [b for m in unit.modules() if isinstance(m, _NormBase) and m.track_running_stats for b in m.buffers(recurse=False)]
     return values_restored(buffers)

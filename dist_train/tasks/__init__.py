@@ -16,6 +16,7 @@ import numpy as np
 from dist_train.data.targets import compute_target_stats
 from dist_train.distributed.comm import get_rank
 from dist_train.metrics import MetricSums, SampleCollector
+from dist_train.models import build_model
 from dist_train.tasks.base import Task
 from dist_train.tasks.classification import ClassificationTask, balanced_class_weights
 from dist_train.tasks.custom import CustomTask, TaskCodeError, import_task_class
@@ -117,8 +118,6 @@ def target_scales(task: RegressionTask, data: DataBundle) -> dict[str, float]:
 
 def build_model_for_task(cfg: Config, data: DataBundle, task: Task) -> nn.Module:
     """The configured model with the task's output width (passed as ``num_classes``), checked on a dry batch."""
-    from dist_train.models import build_model
-
     width = task.output_width
     model_cfg = cfg.model if width is None else dataclasses.replace(cfg.model, num_classes=width)
     inputs = {key: data.key_specs[key] for key in cfg.data.input_keys}

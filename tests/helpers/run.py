@@ -18,7 +18,7 @@ DTRAIN = [sys.executable, "-m", "launcher.cli"]
 
 
 def make_image_h5(path: Path, *, events: int = 600, shape: tuple[int, ...] = (2, 6, 6), classes: int = 3, seed: int = 0) -> Path:
-    from dist_train.data.synth import synth_dataset
+    from dist_train.data.writers.synth import synth_dataset
 
     return synth_dataset(path, layout="image", events=events, seed=seed, shape=shape, num_classes=classes)
 

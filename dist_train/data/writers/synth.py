@@ -1,6 +1,6 @@
 """Demo datasets with learnable structure (torch-free): ``wch5``, ``image`` and ``hits`` layouts.
 
-``hits`` (a hit-list file and its geometry) lives in :mod:`dist_train.data.synth_hits`.
+``hits`` (a hit-list file and its geometry) lives in :mod:`dist_train.data.writers.synth_hits`.
 
 ``wch5`` reproduces the keys, dtypes and storage of the water-Cherenkov files: ``event_data``
 (N, 16, 40, 38) float32 contiguous, ``labels`` (N,) int64 stored in class blocks (all 0s, then
@@ -18,21 +18,23 @@ channels last, (N, 16, 40, 38) = (H, W, C).
 ``image`` writes (N, C, H, W) float32 images (default 1×28×28, 10 classes): each class is a
 fixed arrangement of blobs, shifted by a few pixels per sample, plus noise.
 
-Files are written in bounded-memory blocks to a temporary name and renamed when complete, so a
-concurrent reader (or a crash) never sees a half-written file.
+Files are written in bounded-memory blocks to a temporary file and published by
+:func:`dist_train.fsutil.atomic_replace` when complete, so a concurrent reader (or a crash) never
+sees a half-written file, and a failed write leaves the previous file as it was.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
+from dist_train.data.writers.synth_hits import write_hits_demo
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 WCH5_SHAPE = (16, 40, 38)
 WCH5_CLASSES = 3
@@ -57,15 +59,13 @@ def synth_dataset(
     """Write a demo dataset to ``path`` (atomically) and return the path.
 
     ``hits``: a hit-list file plus its geometry at ``geometry_path`` (default ``<stem>_geometry.npz``
-    beside it), see :mod:`dist_train.data.synth_hits`; ``shape`` is then the pixel grid H, W.
+    beside it), see :mod:`dist_train.data.writers.synth_hits`; ``shape`` is then the pixel grid H, W.
     """
     if layout not in LAYOUTS:
         raise DataError(f"unknown synthetic layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if events < 1:
         raise DataError(f"a synthetic dataset needs at least 1 event, got {events}.")
     if layout == "hits":
-        from dist_train.data.synth_hits import write_hits_demo
-
         grid = (int(shape[-2]), int(shape[-1])) if shape else None
         write_hits_demo(
             Path(path), events=events, seed=seed, classes=int(num_classes or WCH5_CLASSES), grid=grid,
@@ -82,26 +82,12 @@ def synth_dataset(
         raise DataError(f"a synthetic dataset needs at least 2 classes, got {classes}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_replace(path, mode=0o644) as tmp:
         if wch5:
-            _write_wch5(Path(tmp), events, seed, shape, classes, progress, channels_last=layout == "wch5_channels_last")
+            _write_wch5(tmp, events, seed, shape, classes, progress, channels_last=layout == "wch5_channels_last")
         else:
-            _write_image(Path(tmp), events, seed, shape, classes, progress)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _write_image(tmp, events, seed, shape, classes, progress)
     return path
-
-
-def _progress_bar(total: int, desc: str, progress: bool | None):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
-    enabled = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, desc=desc, unit="ev", disable=not enabled, leave=False)
 
 
 def _write_blocks(
@@ -115,14 +101,12 @@ def _write_blocks(
     progress: bool | None,
 ) -> None:
     """``make_block`` gives a block's samples and its per-event targets (one dataset each)."""
-    import h5py
-
     row_bytes = int(np.prod(shape)) * 4
     block = max(1, _BLOCK_BYTES // row_bytes)
     with h5py.File(path, "w", locking=False) as f:
         x = f.create_dataset("event_data", shape=(events, *shape), dtype="float32")  # contiguous
         f.create_dataset("labels", data=labels)
-        with _progress_bar(events, desc, progress) as bar:
+        with progress_bar(events, desc, progress) as bar:
             for i, lo in enumerate(range(0, events, block)):
                 hi = min(events, lo + block)
                 rng = np.random.default_rng([seed, i])  # per block: the output does not depend on the block size

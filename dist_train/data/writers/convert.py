@@ -12,7 +12,8 @@ Sources (picked from ``SRC``):
 * an ImageFolder tree (``root/<class>/<image>``): classes sorted by name as in torchvision; all
   images must have one size; stored as uint8 (N, C, H, W), class names in ``labels.attrs``.
 
-The output is written to a temporary file and renamed when complete. Datasets are contiguous
+The output is written to a temporary file and published by :func:`dist_train.fsutil.atomic_replace`
+when complete (a failed conversion leaves the previous file). Datasets are contiguous
 (memmap fast path) or, with ``compress``, chunked (~1 MiB chunks) with gzip and shuffle.
 """
 
@@ -20,18 +21,18 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 _BLOCK_BYTES = 32 << 20
 _CHUNK_BYTES = 1 << 20
@@ -227,6 +228,7 @@ def _idx_source(path: Path, add_channel: bool) -> ArraySource:
 
 
 def _imagefolder_sources(root: Path) -> tuple[ArraySource, ArraySource, list[str]]:
+    # Pillow, only for ImageFolder sources: not a declared dependency of dtrain (torchvision brings it).
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -276,38 +278,26 @@ def _write_h5(
     compress: bool,
     progress: bool | None,
 ) -> None:
-    import h5py
-    from tqdm import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     n = x.shape[0]
     row_bytes = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize)
     block = max(1, _BLOCK_BYTES // row_bytes)
-    try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            targets = {
-                x_key: (x, _create(f, x_key, x.shape, x.dtype, compress)),
-                y_key: (y, _create(f, y_key, (n,), np.dtype(np.int64), compress)),
-            }
-            for name, src in extras.items():
-                targets[name] = (src, _create(f, name, src.shape, src.dtype, compress))
-            for k, v in attrs.items():
-                targets[y_key][1].attrs[k] = v
-            enabled = sys.stderr.isatty() if progress is None else progress
-            with tqdm(total=n, unit="rows", desc="convert", disable=not enabled, leave=False) as bar:
-                for lo in range(0, n, block):
-                    hi = min(n, lo + block)
-                    for src, dset in targets.values():
-                        data = src.read(lo, hi)
-                        dset[lo:hi] = data.reshape((hi - lo, *dset.shape[1:]))
-                    bar.update(hi - lo)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_replace(out, mode=0o644) as tmp, h5py.File(tmp, "w", locking=False) as f:
+        targets = {
+            x_key: (x, _create(f, x_key, x.shape, x.dtype, compress)),
+            y_key: (y, _create(f, y_key, (n,), np.dtype(np.int64), compress)),
+        }
+        for name, src in extras.items():
+            targets[name] = (src, _create(f, name, src.shape, src.dtype, compress))
+        for k, v in attrs.items():
+            targets[y_key][1].attrs[k] = v
+        with progress_bar(n, "convert", progress, unit="rows") as bar:
+            for lo in range(0, n, block):
+                hi = min(n, lo + block)
+                for src, dset in targets.values():
+                    data = src.read(lo, hi)
+                    dset[lo:hi] = data.reshape((hi - lo, *dset.shape[1:]))
+                bar.update(hi - lo)
 
 
 def _create(f: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, compress: bool) -> Any:

@@ -14,18 +14,20 @@ Written keys: ``event_hits_index`` (N,) int64, ``hit_pmt`` int32, ``hit_time`` a
 float32 (all contiguous: the memory-map path), ``labels`` (N,) int32, ``energies`` (N, 1),
 ``positions`` (N, 1, 3), ``angles`` (N, 2) (polar angle, azimuth) float32, ``event_ids`` (N,) int32.
 The geometry ``.npz`` has ``mpmt_image_positions`` (M, 2), ``position`` and ``orientation`` (P, 3).
-Both files are written under temporary names and renamed when complete.
+Both files are written to temporary files and published by :func:`dist_train.fsutil.atomic_replace`
+when both are complete.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 GRID = (16, 40)
 PMTS_PER_MODULE = 19
@@ -138,10 +140,6 @@ def write_hits_demo(
     progress: bool | None = None,
 ) -> tuple[Path, Path]:
     """Write the demo hit-list file and its geometry; returns both paths."""
-    import h5py
-
-    from dist_train.data.synth import _progress_bar
-
     if classes < 2 or classes > 5:
         raise DataError(f"the hit-list demo has 2 to 5 classes, got {classes}.")
     if hits_per_event < 1:
@@ -160,51 +158,57 @@ def write_hits_demo(
         _event_params(np.random.default_rng([seed, i, 0]), labels[lo:hi], hits_per_event, pmts)
         for i, (lo, hi) in enumerate(blocks)
     ]
-    counts = np.concatenate([p["counts"] for p in params])
-    index = np.cumsum(counts) - counts
-    total = int(counts.sum())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    geo_tmp = _temp_beside(geometry_path, suffix=".npz")
-    try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            f.create_dataset("event_hits_index", data=index.astype(np.int64))
-            pmt_d = f.create_dataset("hit_pmt", shape=(total,), dtype="int32")
-            time_d = f.create_dataset("hit_time", shape=(total,), dtype="float32")
-            charge_d = f.create_dataset("hit_charge", shape=(total,), dtype="float32")
-            with _progress_bar(events, "hits", progress) as bar:
-                for i, ((lo, hi), p) in enumerate(zip(blocks, params, strict=True)):
-                    pmt, time, charge = _block_hits(np.random.default_rng([seed, i, 1]), geo, labels[lo:hi], p)
-                    a = int(index[lo])
-                    pmt_d[a : a + len(pmt)] = pmt
-                    time_d[a : a + len(pmt)] = time
-                    charge_d[a : a + len(pmt)] = charge
-                    bar.update(hi - lo)
-            f.create_dataset("labels", data=labels)
-            f.create_dataset("energies", data=np.concatenate([p["energy"] for p in params])[:, None].astype(np.float32))
-            f.create_dataset("positions", data=np.concatenate([p["vertex"] for p in params])[:, None].astype(np.float32))
-            angles = np.stack([np.concatenate([p["theta"] for p in params]), np.concatenate([p["phi"] for p in params])], axis=1)
-            f.create_dataset("angles", data=angles.astype(np.float32))
-            f.create_dataset("event_ids", data=np.arange(events, dtype=np.int32))
-            f.attrs["dtrain_synthetic"] = "hits"
-            f.attrs["geometry_file"] = geometry_path.name
-        with open(geo_tmp, "wb") as fh:
-            np.savez(fh, mpmt_image_positions=geo["mpmt_image_positions"], position=geo["position"],
-                     orientation=geo["orientation"])
-        for p_tmp in (tmp, geo_tmp):
-            os.chmod(p_tmp, 0o644)
-        os.replace(geo_tmp, geometry_path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        geo_tmp.unlink(missing_ok=True)
-        raise
+    geometry_path.parent.mkdir(parents=True, exist_ok=True)
+    # Both written in full before either is published; the geometry goes first (the inner block ends
+    # first), so a reader that finds the new hit-list file finds its geometry too.
+    with atomic_replace(path, mode=0o644) as tmp, atomic_replace(geometry_path, mode=0o644) as geo_tmp:
+        _write_hit_file(tmp, geo, labels, blocks, params, seed=seed, progress=progress, geometry_name=geometry_path.name)
+        _write_geometry(geo_tmp, geo)
     return path, geometry_path
 
 
-def _temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+def _write_hit_file(
+    path: Path,
+    geo: dict[str, np.ndarray],
+    labels: np.ndarray,
+    blocks: list[tuple[int, int]],
+    params: list[dict[str, np.ndarray]],
+    *,
+    seed: int,
+    progress: bool | None,
+    geometry_name: str,
+) -> None:
+    """Pass 2: the hit arrays, created contiguous at their final size, filled block by block."""
+    events = len(labels)
+    counts = np.concatenate([p["counts"] for p in params])
+    index = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    with h5py.File(path, "w", locking=False) as f:
+        f.create_dataset("event_hits_index", data=index.astype(np.int64))
+        pmt_d = f.create_dataset("hit_pmt", shape=(total,), dtype="int32")
+        time_d = f.create_dataset("hit_time", shape=(total,), dtype="float32")
+        charge_d = f.create_dataset("hit_charge", shape=(total,), dtype="float32")
+        with progress_bar(events, "hits", progress) as bar:
+            for i, ((lo, hi), p) in enumerate(zip(blocks, params, strict=True)):
+                pmt, time, charge = _block_hits(np.random.default_rng([seed, i, 1]), geo, labels[lo:hi], p)
+                a = int(index[lo])
+                pmt_d[a : a + len(pmt)] = pmt
+                time_d[a : a + len(pmt)] = time
+                charge_d[a : a + len(pmt)] = charge
+                bar.update(hi - lo)
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("energies", data=np.concatenate([p["energy"] for p in params])[:, None].astype(np.float32))
+        f.create_dataset("positions", data=np.concatenate([p["vertex"] for p in params])[:, None].astype(np.float32))
+        angles = np.stack([np.concatenate([p["theta"] for p in params]), np.concatenate([p["phi"] for p in params])], axis=1)
+        f.create_dataset("angles", data=angles.astype(np.float32))
+        f.create_dataset("event_ids", data=np.arange(events, dtype=np.int32))
+        f.attrs["dtrain_synthetic"] = "hits"
+        f.attrs["geometry_file"] = geometry_name
+
+
+def _write_geometry(path: Path, geo: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a name without it
+        np.savez(fh, mpmt_image_positions=geo["mpmt_image_positions"], position=geo["position"],
+                 orientation=geo["orientation"])

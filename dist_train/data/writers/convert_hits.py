@@ -6,22 +6,23 @@ float32, contiguous and uncompressed: the memory-map fast path, for users who tr
 on one representation. Every other per-event dataset (one row per event: ``labels``,
 ``energies``, ``positions``, ``angles``, ...) is copied unchanged; the hit arrays and the index are
 not. So a run on the converted file (``data.format = "array"``) sees the same batches as a run
-on the hit-list file. Written under a temporary name and renamed when complete.
+on the hit-list file. Written to a temporary file and published by
+:func:`dist_train.fsutil.atomic_replace` when complete.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from dist_train.data.h5io import list_datasets, open_h5
 from dist_train.data.hits import HIT_COUNT_KEY, HitReader, HitSpec, check_hit_file
+from dist_train.data.writers.progress import progress_bar
 from dist_train.errors import DataError
+from dist_train.fsutil import atomic_replace
 
 _BLOCK_BYTES = 32 << 20
 
@@ -35,9 +36,6 @@ def convert_hits(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Write the samples of every event of ``src`` to ``out``; returns a summary."""
-    import h5py
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     with open_h5(src) as f:
         info = check_hit_file(f, src, spec, scan_ids=True)
@@ -49,17 +47,14 @@ def convert_hits(
         if x_key in per_event:
             raise DataError(f"{str(src)!r} already has a dataset {x_key!r}; pass another --x-key for the samples.")
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
         reader = HitReader(src, spec)
         n = info.num_events
         shape = info.sample_shape
         block = max(1, _BLOCK_BYTES // (int(np.prod(shape)) * 4))
         try:
-            with h5py.File(tmp, "w", locking=False) as g:
+            with atomic_replace(out, mode=0o644) as tmp, h5py.File(tmp, "w", locking=False) as g:
                 x = g.create_dataset(x_key, shape=(n, *shape), dtype="float32")  # contiguous: memmap fast path
-                enabled = sys.stderr.isatty() if progress is None else progress
-                with tqdm(total=n, unit="ev", desc="convert", disable=not enabled, leave=False) as bar:
+                with progress_bar(n, "convert", progress) as bar:
                     for lo in range(0, n, block):
                         hi = min(n, lo + block)
                         x[lo:hi] = reader.read(np.arange(lo, hi, dtype=np.int64))
@@ -74,11 +69,6 @@ def convert_hits(
                 x.attrs["built_from"] = str(src)
                 x.attrs["representation"] = spec.representation
                 x.attrs["channels"] = ",".join(spec.resolved_channels)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         finally:
             reader.close()
     return {
