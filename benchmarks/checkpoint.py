@@ -116,12 +116,17 @@ def measure_sharded(state: dict, workdir: Path, repeats: int) -> dict[str, list[
     """The sharded format in one process: synchronous save, and the async save's stall and total."""
     tensors = {
         "model": state["model"],
-        "optimizer": {"state": {str(k): v for k, v in state["optimizer"]["state"].items()}, "param_groups": state["optimizer"]["param_groups"]},
+        "optimizer": {
+            "state": {str(k): v for k, v in state["optimizer"]["state"].items()},
+            "param_groups": state["optimizer"]["param_groups"],
+        },
     }
     common = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     results: dict[str, list[float]] = {"sharded_sync": [], "sharded_async_stall": [], "sharded_async_total": []}
     sync_manager = ShardedCheckpointManager(workdir / "sharded-sync", rank=0, group=None, keep_last=1)
-    async_manager = ShardedCheckpointManager(workdir / "sharded-async", rank=0, group=None, keep_last=1, async_save=True)
+    async_manager = ShardedCheckpointManager(
+        workdir / "sharded-async", rank=0, group=None, keep_last=1, async_save=True
+    )
     for rep in range(1, repeats + 1):
         os.sync()
         results["sharded_sync"].append(timed(lambda r=rep: sync_manager.save(tensors, common, {}, epoch=0, step=r)))
@@ -159,8 +164,10 @@ def main() -> int:
 
     mb = size / 1e6
     print(f"model: {params / 1e6:.1f}M parameters; checkpoint tensors {mb:,.0f} MB (model + Adam state)")
-    print(f"directory: {args.dir} (median of {repeats}); state on {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print(
+        f"directory: {args.dir} (median of {repeats}); state on {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+    )
     medians = {name: statistics.median(values) for name, values in results.items()}
     for name, label in [
         ("plain", "plain torch.save (blocked)"),
@@ -185,7 +192,9 @@ def main() -> int:
     sharded_ratio = medians["sharded_async_stall"] / medians["plain"]
     print(f"  sharded sync save / plain torch.save: {medians['sharded_sync'] / medians['plain']:.3f}")
     sharded_verdict = "met" if sharded_ratio <= TARGET_RATIO else "missed"
-    print(f"RESULT {name.replace('checkpoint_', 'checkpoint_sharded_')} value={sharded_ratio:.3f} target=<={TARGET_RATIO} {sharded_verdict}")
+    print(
+        f"RESULT {name.replace('checkpoint_', 'checkpoint_sharded_')} value={sharded_ratio:.3f} target=<={TARGET_RATIO} {sharded_verdict}"
+    )
     return 0
 
 

@@ -133,8 +133,13 @@ def _timed_epochs(
             samples += step(x, y)
         sync()
         del batches
-        stats = {"time": _time.perf_counter() - start, "wait": wait, "samples": float(samples),
-                 "wall_start": wall_start, "wall_end": _time.time()}
+        stats = {
+            "time": _time.perf_counter() - start,
+            "wait": wait,
+            "samples": float(samples),
+            "wall_start": wall_start,
+            "wall_end": _time.time(),
+        }
     return stats
 
 
@@ -146,7 +151,9 @@ def _reduce_and_write(spec: dict[str, Any], stats: dict[str, float], rank: int) 
     times = torch.tensor([stats["time"]], dtype=torch.float64)
     sums = torch.tensor([stats["samples"], stats["wait"], stats["time"]], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         times, sums = times.to(device), sums.to(device)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
@@ -163,8 +170,16 @@ def _reduce_and_write(spec: dict[str, Any], stats: dict[str, float], rank: int) 
         Path(spec["out"]).write_text(json.dumps(result))
 
 
-def _loss_step(model: Any, criterion: Any, optimizer: Any, device: Any, backward: Callable[[Any], None], sums: Any,  # type: ignore[no-untyped-def]
-               autocast: Callable[[], Any] | None = None, scaler: Any = None):
+def _loss_step(
+    model: Any,
+    criterion: Any,
+    optimizer: Any,
+    device: Any,
+    backward: Callable[[Any], None],
+    sums: Any,  # type: ignore[no-untyped-def]
+    autocast: Callable[[], Any] | None = None,
+    scaler: Any = None,
+):
     """forward, loss, zero_grad, backward, step; loss and accuracy sums stay on the device. ``autocast``
     and ``scaler`` are the AMP recipe's for a hand-written loop (frameworks do both inside their wrappers)."""
     import contextlib
@@ -261,7 +276,9 @@ def worker_fabric(spec: dict[str, Any]) -> None:
     nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     accelerator = "cuda" if spec["device"] == "cuda" else "cpu"
     precision = PRECISIONS[spec.get("precision", "fp32")][2]
-    fabric = Fabric(accelerator=accelerator, devices=nproc, strategy="ddp" if nproc > 1 else "auto", precision=precision)
+    fabric = Fabric(
+        accelerator=accelerator, devices=nproc, strategy="ddp" if nproc > 1 else "auto", precision=precision
+    )
     fabric.launch()
     dataset = _dataset(spec)
     loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=True, **_loader_kwargs(spec))
@@ -425,25 +442,46 @@ def _run_process(argv: list[str], env: dict[str, str], timeout: float, verbose: 
     return wall, ""
 
 
-def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: bool = False, threads: int | None = None) -> Run:
+def run_peer(
+    run: Run, data: Path, steps: int, settings: Settings, *, no_sync: bool = False, threads: int | None = None
+) -> Run:
     fd, name = tempfile.mkstemp(prefix="peer-", suffix=".json", dir=settings.workdir)
     os.close(fd)  # rank 0 writes it; the driver only needs the name
     out = Path(name)
     spec = {
-        "workload": run.workload, "data": str(data), "variant": run.variant, "device": settings.device,
-        "batch": settings.batch[run.workload] // run.nproc, "steps": steps, "num_workers": settings.num_workers,
-        "out": str(out), "no_sync": no_sync, "precision": settings.precision,
+        "workload": run.workload,
+        "data": str(data),
+        "variant": run.variant,
+        "device": settings.device,
+        "batch": settings.batch[run.workload] // run.nproc,
+        "steps": steps,
+        "num_workers": settings.num_workers,
+        "out": str(out),
+        "no_sync": no_sync,
+        "precision": settings.precision,
     }
     kind = run.contender.removesuffix("-nosync")
-    argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.nproc}",
-            str(THIS), "--worker", kind, "--spec", json.dumps(spec)]
+    argv = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={run.nproc}",
+        str(THIS),
+        "--worker",
+        kind,
+        "--spec",
+        json.dumps(spec),
+    ]
     env = worker_env(run.nproc, settings, threads or settings.threads or None)
     run.wall_s, run.error = _run_process(argv, env, 900, settings.verbose)
     if not run.error:
         result = json.loads(out.read_text())
         run.samples_per_s, run.data_wait_frac = result["samples_per_s"], result["data_wait_frac"]
         run.peak_rss_mb, run.epoch_time_s = result["peak_rss_mb"], result["epoch_time_s"]
-        run.gpu_util_pct = settings.gpu_monitor.mean_between(*result["window"]) if settings.gpu_monitor else float("nan")
+        run.gpu_util_pct = (
+            settings.gpu_monitor.mean_between(*result["window"]) if settings.gpu_monitor else float("nan")
+        )
     out.unlink(missing_ok=True)
     return run
 
@@ -451,8 +489,11 @@ def run_peer(run: Run, data: Path, steps: int, settings: Settings, *, no_sync: b
 def dtrain_command(cfg: Path, run_dir: Path, nproc: int, device: str) -> list[str]:
     # On the GPU: the benchmark owns the machine, and NVML's utilisation (averaged over up to a second)
     # can still show the previous contender, so the GPUs are named and forced rather than auto-picked.
-    gpus = (["--gpus", "cpu", "--nproc", str(nproc)] if device == "cpu"
-            else ["--gpus", "".join(f"{i}," for i in range(nproc)), "--force"])  # "0," = GPU 0 ("1" = any one GPU)
+    gpus = (
+        ["--gpus", "cpu", "--nproc", str(nproc)]
+        if device == "cpu"
+        else ["--gpus", "".join(f"{i}," for i in range(nproc)), "--force"]
+    )  # "0," = GPU 0 ("1" = any one GPU)
     return [PY, "-m", "launcher.cli", "launch", str(cfg), *gpus, "--run-dir", str(run_dir), "--resume", "never"]
 
 
@@ -461,7 +502,9 @@ def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in (json.loads(line) for line in lines if line.strip()) if r.get("kind") == "epoch"]
 
 
-def direct_torchrun(cfg: Path, run_dir: Path, nproc: int, settings: Settings, threads: int | None) -> tuple[list[str], dict[str, str]]:
+def direct_torchrun(
+    cfg: Path, run_dir: Path, nproc: int, settings: Settings, threads: int | None
+) -> tuple[list[str], dict[str, str]]:
     """What the launcher's plan runs, minus the launcher: torchrun straight on the worker module, with the
     same DTRAIN_* variables (and ``threads`` per process, which ``dtrain launch`` would set to cores // P)."""
     shutil.copy(cfg, run_dir / "config.toml")
@@ -469,8 +512,16 @@ def direct_torchrun(cfg: Path, run_dir: Path, nproc: int, settings: Settings, th
     env.update({"DTRAIN_RUN_DIR": str(run_dir), "DTRAIN_RESUME": "never", "PYTHONUNBUFFERED": "1"})
     if settings.device == "cpu":
         env["DTRAIN_DEVICE"] = "cpu"
-    argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "dist_train",
-            str(run_dir / "config.toml")]
+    argv = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "dist_train",
+        str(run_dir / "config.toml"),
+    ]
     return argv, env
 
 
@@ -480,9 +531,15 @@ def run_dtrain(run: Run, data: Path, steps: int, settings: Settings, *, threads:
     workload = WORKLOADS[run.workload]
     run_dir = Path(tempfile.mkdtemp(prefix="dtrain-run-", dir=settings.workdir))
     cfg = dtrain_config(
-        settings.workdir / f"dtrain-{run.workload}.toml", workload, data,
-        batch_size=settings.batch[run.workload] // run.nproc, steps_per_epoch=steps, epochs=2,
-        num_workers=settings.num_workers, output_dir=settings.workdir / "runs", precision=PRECISIONS[settings.precision][0],
+        settings.workdir / f"dtrain-{run.workload}.toml",
+        workload,
+        data,
+        batch_size=settings.batch[run.workload] // run.nproc,
+        steps_per_epoch=steps,
+        epochs=2,
+        num_workers=settings.num_workers,
+        output_dir=settings.workdir / "runs",
+        precision=PRECISIONS[settings.precision][0],
     )
     threads = threads or settings.threads
     if threads:
@@ -518,8 +575,9 @@ def contender_list(variants: list[str], skip: tuple[str, ...] = ()) -> list[tupl
     return pairs if ("ddp", "mem") in pairs else [*pairs[:2], ("ddp", "mem"), *pairs[2:]]
 
 
-def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[str, str]], repeats: int,
-               settings: Settings) -> list[Run]:
+def throughput(
+    workloads: list[str], nprocs: list[int], contenders: list[tuple[str, str]], repeats: int, settings: Settings
+) -> list[Run]:
     """All contenders interleaved: for each repeat, every (workload, P, contender) once."""
     runs: list[Run] = []
     plan = [(name, who, variant, nproc) for name in workloads for nproc in nprocs for who, variant in contenders]
@@ -530,9 +588,14 @@ def throughput(workloads: list[str], nprocs: list[int], contenders: list[tuple[s
             run = Run(name, contender, variant, nproc)
             (run_dtrain if contender == "dtrain" else run_peer)(run, data, steps, settings)
             runs.append(run)
-            status = f"ERROR {run.error.strip().splitlines()[-1] if run.error else ''}" if run.error else (
-                f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB"
-                + (f"  gpu {run.gpu_util_pct:4.0f}%" if run.gpu_util_pct == run.gpu_util_pct else ""))
+            status = (
+                f"ERROR {run.error.strip().splitlines()[-1] if run.error else ''}"
+                if run.error
+                else (
+                    f"{run.samples_per_s:8.0f} samples/s  wait {run.data_wait_frac:5.1%}  rss {run.peak_rss_mb:6.0f} MB"
+                    + (f"  gpu {run.gpu_util_pct:4.0f}%" if run.gpu_util_pct == run.gpu_util_pct else "")
+                )
+            )
             print(f"  [{rep + 1}/{repeats}] {run.key:32} {status}  ({run.wall_s:.1f} s wall)", flush=True)
             if run.error and settings.verbose:
                 print(run.error)
@@ -558,18 +621,24 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
 
 
 def print_throughput(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int]) -> None:
-    print(f"\n{'workload/contender/P':34} {'samples/s':>10} {'dtrain/x':>9} {'wait':>7} {'rss MB':>7} {'gpu %':>6}  runs")
+    print(
+        f"\n{'workload/contender/P':34} {'samples/s':>10} {'dtrain/x':>9} {'wait':>7} {'rss MB':>7} {'gpu %':>6}  runs"
+    )
     for name in workloads:
         for nproc in nprocs:
             ref = summary.get(f"{name}/dtrain-h5/P{nproc}", {}).get("samples_per_s", float("nan"))
             for key, s in summary.items():
                 if key.startswith(f"{name}/") and key.endswith(f"/P{nproc}"):
                     runs = " ".join(f"{v:.0f}" for v in s["all_samples_per_s"])  # type: ignore[attr-defined]
-                    print(f"{key:34} {s['samples_per_s']:10.0f} {ref / s['samples_per_s']:9.3f} "
-                          f"{s['data_wait_frac']:7.1%} {s['peak_rss_mb']:7.0f} {s['gpu_util_pct']:6.0f}  {runs}")
+                    print(
+                        f"{key:34} {s['samples_per_s']:10.0f} {ref / s['samples_per_s']:9.3f} "
+                        f"{s['data_wait_frac']:7.1%} {s['peak_rss_mb']:7.0f} {s['gpu_util_pct']:6.0f}  {runs}"
+                    )
 
 
-def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], tag: str = "") -> list[str]:
+def ratio_results(
+    summary: dict[str, dict[str, float]], workloads: list[str], nprocs: list[int], tag: str = ""
+) -> list[str]:
     """One RESULT per target: the worst ratio over P for each workload and peer."""
     lines = []
     targets = [(peer, "h5", PEER_TARGET) for peer in PEERS] + [("ddp", "mem", PLAIN_TARGET)]
@@ -582,7 +651,9 @@ def ratio_results(summary: dict[str, dict[str, float]], workloads: list[str], np
                 if mine and theirs:
                     ratios.append(mine["samples_per_s"] / theirs["samples_per_s"])
             if ratios:
-                lines.append(result_line(f"compare_{tag}{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target))
+                lines.append(
+                    result_line(f"compare_{tag}{name}_vs_{peer}_{variant}_min_over_P", min(ratios), ">=", target)
+                )
     return lines
 
 
@@ -592,8 +663,13 @@ def scaling(workload: str, repeats: int, settings: Settings) -> dict[str, Any]:
     in-memory DDP loop), plus the DDP loop without its gradient all-reduce (``no_sync``); interleaved."""
     steps = settings.steps[workload]
     data = ensure_data(WORKLOADS[workload], steps * settings.batch[workload])
-    cases = [("dtrain", 1, 2, False), ("dtrain", 2, 1, False), ("ddp", 1, 2, False), ("ddp", 2, 1, False),
-             ("ddp", 2, 1, True)]
+    cases = [
+        ("dtrain", 1, 2, False),
+        ("dtrain", 2, 1, False),
+        ("ddp", 1, 2, False),
+        ("ddp", 2, 1, False),
+        ("ddp", 2, 1, True),
+    ]
     rates: dict[str, list[float]] = {}
     for _ in range(repeats):
         for contender, nproc, threads, no_sync in cases:
@@ -635,23 +711,46 @@ def dataset_growth(sizes: list[int], settings: Settings) -> list[dict[str, float
         data = ensure_data(GROWTH_WORKLOAD, events)
         run = Run("growth", "dtrain", "h5", 1)
         run_dtrain_full_epoch(run, data, settings)
-        row = {"samples": events, "epoch_time_s": run.epoch_time_s, "peak_rss_mb": run.peak_rss_mb,
-               "rss_anon_mb": run.rss_anon_mb, "file_mb": data.stat().st_size / 1e6, "samples_per_s": run.samples_per_s}
+        row = {
+            "samples": events,
+            "epoch_time_s": run.epoch_time_s,
+            "peak_rss_mb": run.peak_rss_mb,
+            "rss_anon_mb": run.rss_anon_mb,
+            "file_mb": data.stat().st_size / 1e6,
+            "samples_per_s": run.samples_per_s,
+        }
         rows.append(row)
-        print(f"  {events:>9} samples ({row['file_mb']:6.1f} MB file): epoch {run.epoch_time_s:7.2f} s, "
-              f"{run.samples_per_s:8.0f} samples/s, peak RSS {run.peak_rss_mb:6.0f} MB (mapped file pages included), "
-              f"anonymous RSS {run.rss_anon_mb:6.0f} MB {run.error[-200:]}", flush=True)
+        print(
+            f"  {events:>9} samples ({row['file_mb']:6.1f} MB file): epoch {run.epoch_time_s:7.2f} s, "
+            f"{run.samples_per_s:8.0f} samples/s, peak RSS {run.peak_rss_mb:6.0f} MB (mapped file pages included), "
+            f"anonymous RSS {run.rss_anon_mb:6.0f} MB {run.error[-200:]}",
+            flush=True,
+        )
     return rows
 
 
 def run_dtrain_full_epoch(run: Run, data: Path, settings: Settings) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="dtrain-growth-", dir=settings.workdir))
-    cfg = dtrain_config(settings.workdir / "growth.toml", GROWTH_WORKLOAD, data, batch_size=256, steps_per_epoch=0,
-                        epochs=1, num_workers=settings.num_workers, output_dir=settings.workdir / "runs")
-    run.wall_s, run.error = _run_process(dtrain_command(cfg, run_dir, 1, settings.device), worker_env(1, settings), 1800, False)
+    cfg = dtrain_config(
+        settings.workdir / "growth.toml",
+        GROWTH_WORKLOAD,
+        data,
+        batch_size=256,
+        steps_per_epoch=0,
+        epochs=1,
+        num_workers=settings.num_workers,
+        output_dir=settings.workdir / "runs",
+    )
+    run.wall_s, run.error = _run_process(
+        dtrain_command(cfg, run_dir, 1, settings.device), worker_env(1, settings), 1800, False
+    )
     if not run.error:
         last = epoch_records(run_dir)[-1]
-        run.samples_per_s, run.epoch_time_s, run.peak_rss_mb = last["samples_per_s"], last["epoch_time_s"], last["peak_memory_mb"]
+        run.samples_per_s, run.epoch_time_s, run.peak_rss_mb = (
+            last["samples_per_s"],
+            last["epoch_time_s"],
+            last["peak_memory_mb"],
+        )
         run.rss_anon_mb = last.get("rss_anon_mb", float("nan"))
     shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -680,8 +779,11 @@ def model_growth(param_counts: list[int], settings: Settings) -> list[dict[str, 
         params = sum(p.numel() for p in model.parameters())
         row = {"params": params, "checkpoint_s": seconds, "checkpoint_mb": Path(path).stat().st_size / 1e6}
         rows.append(row)
-        print(f"  {params:>11,} params: checkpoint {row['checkpoint_mb']:8.1f} MB in {seconds:6.2f} s "
-              f"({row['checkpoint_mb'] / max(seconds, 1e-9):6.0f} MB/s)", flush=True)
+        print(
+            f"  {params:>11,} params: checkpoint {row['checkpoint_mb']:8.1f} MB in {seconds:6.2f} s "
+            f"({row['checkpoint_mb'] / max(seconds, 1e-9):6.0f} MB/s)",
+            flush=True,
+        )
         manager.close()
         shutil.rmtree(directory, ignore_errors=True)
         del model, optimizer, state
@@ -721,8 +823,17 @@ def startup(repeats: int, settings: Settings) -> dict[str, Any]:
     how much is outside it (interpreter start and imports, the process hand-off)."""
     workload = WORKLOADS["mlp"]
     data = ensure_data(workload, 2000)
-    cfg = dtrain_config(settings.workdir / "startup.toml", workload, data, batch_size=32, steps_per_epoch=3, epochs=1,
-                        num_workers=0, output_dir=settings.workdir / "runs", log_every=1)
+    cfg = dtrain_config(
+        settings.workdir / "startup.toml",
+        workload,
+        data,
+        batch_size=32,
+        steps_per_epoch=3,
+        epochs=1,
+        num_workers=0,
+        output_dir=settings.workdir / "runs",
+        log_every=1,
+    )
     times: dict[str, list[float]] = {"dtrain launch": [], "torchrun": []}
     phases: list[dict[str, float]] = []
     for _ in range(repeats):
@@ -748,14 +859,20 @@ def startup(repeats: int, settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {how: median(values) for how, values in times.items()}
     out["extra_s"] = out["dtrain launch"] - out["torchrun"]
     out["runs"] = times
-    out["launcher_phases_s"] = {name: median([p[name] for p in phases if name in p]) for name in phases[0]} if phases else {}
+    out["launcher_phases_s"] = (
+        {name: median([p[name] for p in phases if name in p]) for name in phases[0]} if phases else {}
+    )
     for how, values in times.items():
-        print(f"  {how:14} median {median(values):6.2f} s to the first step   runs: "
-              + " ".join(f"{v:.2f}" for v in values))
+        print(
+            f"  {how:14} median {median(values):6.2f} s to the first step   runs: "
+            + " ".join(f"{v:.2f}" for v in values)
+        )
     print(f"  dtrain launch - torchrun: {out['extra_s']:+.2f} s")
     if out["launcher_phases_s"]:
-        print("  of which the launcher's phases after parsing (medians): "
-              + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in out["launcher_phases_s"].items()))
+        print(
+            "  of which the launcher's phases after parsing (medians): "
+            + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in out["launcher_phases_s"].items())
+        )
     return out
 
 
@@ -771,8 +888,10 @@ def plot(summary: dict[str, dict[str, float]], workloads: list[str], nprocs: lis
 
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
     for ax, name in zip(axes[0], workloads, strict=True):
-        labels = sorted({key.split("/")[1] for key in summary if key.startswith(f"{name}/")},
-                        key=lambda c: (not c.startswith("dtrain"), c))
+        labels = sorted(
+            {key.split("/")[1] for key in summary if key.startswith(f"{name}/")},
+            key=lambda c: (not c.startswith("dtrain"), c),
+        )
         width = 0.8 / max(1, len(nprocs))
         for i, nproc in enumerate(nprocs):
             values = [summary.get(f"{name}/{label}/P{nproc}", {}).get("samples_per_s", 0.0) for label in labels]
@@ -792,17 +911,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced everything (a few minutes on 2 cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--workloads", default="", help="default mlp,cnn,simple_mlp (quick: mlp); resnet18 is opt-in on the CPU")
+    p.add_argument(
+        "--workloads", default="", help="default mlp,cnn,simple_mlp (quick: mlp); resnet18 is opt-in on the CPU"
+    )
     p.add_argument("--nprocs", default="1,2")
     p.add_argument("--variants", default="", help="peers' data: h5,mem (quick: h5; the in-memory DDP loop always runs)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 3; quick 2)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process for every contender (0 = cores // P, as dtrain launch sets; "
-                        "1 avoids OpenMP oversubscription on a loaded shared machine; dtrain then runs via torchrun)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers per process (default: 0 on the CPU, where 2 cores have none to spare; 8 with cuda)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="every contender's mixed precision (each framework's own switch; autocast+GradScaler in the plain loop)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process for every contender (0 = cores // P, as dtrain launch sets; "
+        "1 avoids OpenMP oversubscription on a loaded shared machine; dtrain then runs via torchrun)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers per process (default: 0 on the CPU, where 2 cores have none to spare; 8 with cuda)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="every contender's mixed precision (each framework's own switch; autocast+GradScaler in the plain loop)",
+    )
     p.add_argument("--sections", default="throughput,scaling,growth,startup")
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this file")
     p.add_argument("--plot", type=Path, default=BENCH_DIR / "compare.png")
@@ -829,25 +962,45 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 3)
     sections = args.sections.split(",")
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": machine_summary(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                              "command": " ".join([Path(PY).name, *sys.argv]), "device": args.device}
+    report: dict[str, Any] = {
+        "machine": machine_summary(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join([Path(PY).name, *sys.argv]),
+        "device": args.device,
+    }
     print(report["machine"])
     if missing:
-        print(f"not installed, so not measured: {', '.join(f'{p} ({PEER_PACKAGES[p]})' for p in missing)}; "
-              "pip install .[bench] adds them")
+        print(
+            f"not installed, so not measured: {', '.join(f'{p} ({PEER_PACKAGES[p]})' for p in missing)}; "
+            "pip install .[bench] adds them"
+        )
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="compare-", dir=BENCH_DIR) as tmp:
         steps = (GPU_QUICK_STEPS if args.quick else GPU_STEPS) if gpu else (QUICK_STEPS if args.quick else STEPS)
         num_workers = args.num_workers if args.num_workers is not None else (8 if gpu else 0)
-        settings = Settings(args.device, num_workers, args.quick, Path(tmp), steps=steps, verbose=args.verbose,
-                            threads=args.threads, precision=args.precision,
-                            batch=dict(GPU_GLOBAL_BATCH if gpu else GLOBAL_BATCH),
-                            gpu_monitor=GpuMonitor() if gpu else None)
-        report["settings"] = {"steps": steps, "global_batch": settings.batch, "precision": args.precision,
-                              "num_workers": num_workers}
+        settings = Settings(
+            args.device,
+            num_workers,
+            args.quick,
+            Path(tmp),
+            steps=steps,
+            verbose=args.verbose,
+            threads=args.threads,
+            precision=args.precision,
+            batch=dict(GPU_GLOBAL_BATCH if gpu else GLOBAL_BATCH),
+            gpu_monitor=GpuMonitor() if gpu else None,
+        )
+        report["settings"] = {
+            "steps": steps,
+            "global_batch": settings.batch,
+            "precision": args.precision,
+            "num_workers": num_workers,
+        }
         if "throughput" in sections:
-            print(f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {settings.batch}, precision {settings.precision}, "
-                  f"{settings.num_workers} loader workers per process")
+            print(
+                f"\nthroughput: {repeats} interleaved repeats, steps {settings.steps}, global batch {settings.batch}, precision {settings.precision}, "
+                f"{settings.num_workers} loader workers per process"
+            )
             runs = throughput(workloads, nprocs, contenders, repeats, settings)
             summary = summarize(runs)
             print_throughput(summary, workloads, nprocs)
@@ -865,11 +1018,15 @@ def main(argv: list[str] | None = None) -> int:
             print("\ncost growth: dataset size (dtrain, 1 process, one full epoch, batch 256, 16-float samples)")
             report["dataset_growth"] = dataset_growth([10**4, 10**5] if args.quick else [10**4, 10**5, 10**6], settings)
             print("cost growth: model size (checkpoint of model + Adam state)")
-            report["model_growth"] = model_growth([10**5, 10**6, 10**7] if args.quick else [10**5, 10**6, 10**7, 10**8], settings)
+            report["model_growth"] = model_growth(
+                [10**5, 10**6, 10**7] if args.quick else [10**5, 10**6, 10**7, 10**8], settings
+            )
         if "startup" in sections:
             print(f"\nstart-up to the first training step ({2 if args.quick else 5} interleaved repeats)")
             report["startup"] = startup(2 if args.quick else 5, settings)
-            results.append(result_line("startup_extra_s", report["startup"]["extra_s"], "<=", STARTUP_TARGET_S, fmt=".2f"))
+            results.append(
+                result_line("startup_extra_s", report["startup"]["extra_s"], "<=", STARTUP_TARGET_S, fmt=".2f")
+            )
         if settings.gpu_monitor:
             settings.gpu_monitor.close()
     report["load_average_after"] = load_average()

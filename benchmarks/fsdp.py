@@ -295,7 +295,13 @@ def worker_checkpoint(spec: dict[str, Any]) -> None:
             os.sync()  # the previous method's dirty pages are not written back under this one
         sync()
 
-    times: dict[str, list[float]] = {"full": [], "sharded": [], "async_first": [], "async_blocked": [], "async_total": []}
+    times: dict[str, list[float]] = {
+        "full": [],
+        "sharded": [],
+        "async_first": [],
+        "async_blocked": [],
+        "async_total": [],
+    }
     consistent = True
     for rep in range(spec["repeats"] + 1):
         # async: blocked until async_save returns; durable when its future is done
@@ -329,7 +335,9 @@ def worker_checkpoint(spec: dict[str, Any]) -> None:
         # full: gathered on rank 0 (every rank takes part), one file written there
         start_clean()
         start = time.perf_counter()
-        full_model, full_optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full_model, full_optim = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if rank == 0:
             path = root / f"full-{rep}.pt"
             with path.open("wb") as f:
@@ -345,12 +353,20 @@ def worker_checkpoint(spec: dict[str, Any]) -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, {"times": times, "consistent": consistent, "state_bytes": state_bytes})
     if rank == 0:
-        merged = {name: [max(g["times"][name][i] for g in gathered) for i in range(len(values))]  # type: ignore[index]
-                  for name, values in times.items()}
-        Path(spec["out"]).write_text(json.dumps({
-            "times": merged, "consistent": all(g["consistent"] for g in gathered),  # type: ignore[index]
-            "state_bytes_per_rank": [g["state_bytes"] for g in gathered],  # type: ignore[index]
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}))
+        merged = {
+            name: [max(g["times"][name][i] for g in gathered) for i in range(len(values))]  # type: ignore[index]
+            for name, values in times.items()
+        }
+        Path(spec["out"]).write_text(
+            json.dumps(
+                {
+                    "times": merged,
+                    "consistent": all(g["consistent"] for g in gathered),  # type: ignore[index]
+                    "state_bytes_per_rank": [g["state_bytes"] for g in gathered],  # type: ignore[index]
+                    "device": torch.cuda.get_device_name() if cuda else "cpu",
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -376,7 +392,12 @@ def _remove(path: Path, rank: int, sync: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-WORKERS = {"fsdp2": worker_fsdp2, "accelerate": worker_accelerate, "fabric": worker_fabric, "checkpoint": worker_checkpoint}
+WORKERS = {
+    "fsdp2": worker_fsdp2,
+    "accelerate": worker_accelerate,
+    "fabric": worker_fabric,
+    "checkpoint": worker_checkpoint,
+}
 
 
 # ============================================================================ driver side
@@ -400,8 +421,18 @@ def run_torchrun(kind: str, spec: dict[str, Any], nproc: int, plan: Plan, timeou
     os.close(fd)
     out = Path(name)
     spec = {**spec, "out": str(out), "device": plan.device}
-    argv = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(THIS), "--worker", kind, "--spec", json.dumps(spec)]
+    argv = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(THIS),
+        "--worker",
+        kind,
+        "--spec",
+        json.dumps(spec),
+    ]
     wall, error = _run_process(argv, bench_env(nproc, plan.settings), timeout, plan.verbose)
     result: dict[str, Any] = {"error": error, "wall_s": wall}
     if not error:
@@ -410,19 +441,45 @@ def run_torchrun(kind: str, spec: dict[str, Any], nproc: int, plan: Plan, timeou
     return result
 
 
-def run_dtrain(strategy: str, size: Size | Workload, data: Path, plan: Plan, *, nproc: int, batch: int, steps: int,
-               epochs: int, precision: str = "fp32", env: dict[str, str] | None = None, checkpoint: bool = False,
-               wrap: tuple[str, ...] = ("Block",)) -> dict[str, Any]:
+def run_dtrain(
+    strategy: str,
+    size: Size | Workload,
+    data: Path,
+    plan: Plan,
+    *,
+    nproc: int,
+    batch: int,
+    steps: int,
+    epochs: int,
+    precision: str = "fp32",
+    env: dict[str, str] | None = None,
+    checkpoint: bool = False,
+    wrap: tuple[str, ...] = ("Block",),
+) -> dict[str, Any]:
     """``dtrain launch`` with ``train.strategy``; the last epoch record (its ``memory/*`` too).
     ``wrap``: fsdp.wrap (empty: the automatic policy); ``checkpoint``: a checkpoint after every epoch."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"dtrain-{strategy}-", dir=plan.workdir))
     work = size if isinstance(size, Workload) else workload(size)
     extra = {"train": {"strategy": strategy}, "fsdp": {"wrap": list(wrap)} if strategy == "fsdp" and wrap else {}}
-    cfg = dtrain_config(plan.workdir / f"{strategy}.toml", work, data, batch_size=batch, steps_per_epoch=steps,
-                        epochs=epochs, num_workers=0, output_dir=plan.workdir / "runs", precision=precision,
-                        checkpoint=checkpoint, extra={k: v for k, v in extra.items() if v})
-    wall, error = _run_process(dtrain_command(cfg, run_dir, nproc, plan.device),
-                               {**bench_env(nproc, plan.settings), **(env or {})}, 1800, plan.verbose)
+    cfg = dtrain_config(
+        plan.workdir / f"{strategy}.toml",
+        work,
+        data,
+        batch_size=batch,
+        steps_per_epoch=steps,
+        epochs=epochs,
+        num_workers=0,
+        output_dir=plan.workdir / "runs",
+        precision=precision,
+        checkpoint=checkpoint,
+        extra={k: v for k, v in extra.items() if v},
+    )
+    wall, error = _run_process(
+        dtrain_command(cfg, run_dir, nproc, plan.device),
+        {**bench_env(nproc, plan.settings), **(env or {})},
+        1800,
+        plan.verbose,
+    )
     result: dict[str, Any] = {"error": error, "wall_s": wall, "how": f"dtrain {strategy}"}
     if not error:
         result.update(epoch_records(run_dir)[-1])
@@ -452,8 +509,11 @@ def memory(plan: Plan) -> None:
     nproc, batch = 2, 8
     steps = 3 if plan.quick else 5
     data = ensure_data(workload(BIG), 4 * steps * batch * nproc)
-    print(f"\nmemory per rank: dtrain launch --nproc {nproc} (gloo, CPU), {BIG.label()}, Adam, fp32, batch {batch} per rank, "
-          f"{steps} steps; the epoch record's memory/* (the largest rank's)", flush=True)
+    print(
+        f"\nmemory per rank: dtrain launch --nproc {nproc} (gloo, CPU), {BIG.label()}, Adam, fp32, batch {batch} per rank, "
+        f"{steps} steps; the epoch record's memory/* (the largest rank's)",
+        flush=True,
+    )
     rows: dict[str, dict[str, Any]] = {}
     for allocator, env in ALLOCATORS.items():
         for strategy in ("ddp", "fsdp"):
@@ -468,9 +528,11 @@ def memory(plan: Plan) -> None:
             ddp, fsdp = rows[f"ddp, {allocator}"][key], rows[f"fsdp, {allocator}"][key]
             shown = allocator if key == "memory/peak_mb" else "(any)"
             print(f"  {key:22} {shown:32} {ddp:7.0f} {fsdp:7.0f} {fsdp / ddp:9.3f}")
-    print("  (state: measured after the first optimizer step, identical under both allocators; peak: ru_maxrss, the\n"
-          "   process's resident high-water mark, with the ~0.55-0.7 GB of an idle torch + dtrain worker; DDP's also\n"
-          "   holds its gradient buckets)")
+    print(
+        "  (state: measured after the first optimizer step, identical under both allocators; peak: ru_maxrss, the\n"
+        "   process's resident high-water mark, with the ~0.55-0.7 GB of an idle torch + dtrain worker; DDP's also\n"
+        "   holds its gradient buckets)"
+    )
     plan.report["memory"] = {name: {k: row[k] for k in MEMORY_KEYS} for name, row in rows.items()}
     first, second = list(ALLOCATORS)
     ratio = rows[f"fsdp, {first}"]["memory/state_mb"] / rows[f"ddp, {first}"]["memory/state_mb"]
@@ -488,19 +550,28 @@ PEER_KIND = {"accelerate-fsdp2": "accelerate", "fabric-fsdp2": "fabric", "fully_
 def throughput(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
     nproc = 2
     data = ensure_data(workload(size), steps * global_batch)
-    print(f"\nthroughput: {nproc} processes x {max(1, os.cpu_count() or 1) // nproc} thread(s), {size.label()}, Adam, fp32, "
-          f"global batch {global_batch}, {steps} steps per epoch (2nd epoch timed), {plan.repeats} interleaved rounds", flush=True)
+    print(
+        f"\nthroughput: {nproc} processes x {max(1, os.cpu_count() or 1) // nproc} thread(s), {size.label()}, Adam, fp32, "
+        f"global batch {global_batch}, {steps} steps per epoch (2nd epoch timed), {plan.repeats} interleaved rounds",
+        flush=True,
+    )
     rounds: list[dict[str, dict[str, Any]]] = []
     for rep in range(plan.repeats):
-        order = CONTENDERS[rep % len(CONTENDERS):] + CONTENDERS[:rep % len(CONTENDERS)]  # rotated each round
+        order = CONTENDERS[rep % len(CONTENDERS) :] + CONTENDERS[: rep % len(CONTENDERS)]  # rotated each round
         this_round: dict[str, dict[str, Any]] = {}
         for who in order:
             if who.startswith("dtrain-"):
-                result = run_dtrain(who.split("-")[1], size, data, plan, nproc=nproc, batch=global_batch // nproc,
-                                    steps=steps, epochs=2)
+                result = run_dtrain(
+                    who.split("-")[1], size, data, plan, nproc=nproc, batch=global_batch // nproc, steps=steps, epochs=2
+                )
             else:
-                spec = {"data": str(data), "batch": global_batch // nproc, "steps": steps, "width": size.width,
-                        "depth": size.depth}
+                spec = {
+                    "data": str(data),
+                    "batch": global_batch // nproc,
+                    "steps": steps,
+                    "width": size.width,
+                    "depth": size.depth,
+                }
                 result = run_torchrun(PEER_KIND[who], spec, nproc, plan)
             this_round[who] = result
             print(f"  [{rep + 1}/{plan.repeats}] {who:18} {_status(result)}  load {load_average()}", flush=True)
@@ -514,15 +585,30 @@ def throughput(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
     for who in CONTENDERS:
         rates = [r[who]["samples_per_s"] for r in rounds if not r[who]["error"]]
         ratios = [r["dtrain-fsdp"]["samples_per_s"] / r[who]["samples_per_s"] for r in ok]
-        peaks = [r[who].get("peak_mb_max_rank", r[who].get("memory/peak_mb", math.nan)) for r in rounds if not r[who]["error"]]
+        peaks = [
+            r[who].get("peak_mb_max_rank", r[who].get("memory/peak_mb", math.nan))
+            for r in rounds
+            if not r[who]["error"]
+        ]
         summary[who] = {"samples_per_s": median(rates), "paired_ratio": median(ratios), "runs": rates, "how": hows[who]}
-        print(f"  {who:18} {median(rates):10.1f} {median(ratios):14.3f} {median(peaks):13.0f}  "
-              + " ".join(f"{v:.1f}" for v in rates) + f"; {hows[who]}")
-    plan.report["throughput"] = {"model": size.label(), "global_batch": global_batch, "steps": steps, "summary": summary}
+        print(
+            f"  {who:18} {median(rates):10.1f} {median(ratios):14.3f} {median(peaks):13.0f}  "
+            + " ".join(f"{v:.1f}" for v in rates)
+            + f"; {hows[who]}"
+        )
+    plan.report["throughput"] = {
+        "model": size.label(),
+        "global_batch": global_batch,
+        "steps": steps,
+        "summary": summary,
+    }
     for who in CONTENDERS[1:]:
         if summary[who]["runs"] and ok:
-            plan.results.append(result_line(f"fsdp_throughput_vs_{who.replace('-', '_')}", summary[who]["paired_ratio"],
-                                            ">=", THROUGHPUT_TARGET))
+            plan.results.append(
+                result_line(
+                    f"fsdp_throughput_vs_{who.replace('-', '_')}", summary[who]["paired_ratio"], ">=", THROUGHPUT_TARGET
+                )
+            )
 
 
 # ---------------------------------------------------------------------------- malloc
@@ -531,9 +617,15 @@ def malloc_cost(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
     ``DTRAIN_CPU_MALLOC_THRESHOLD=0`` (glibc's defaults), interleaved (order alternating), paired per round."""
     nproc = 2
     data = ensure_data(workload(size), steps * global_batch)
-    print(f"\nmalloc: dtrain fsdp, {nproc} processes, {size.label()}, Adam, fp32, global batch {global_batch}, {steps} steps "
-          f"per epoch (2nd epoch timed), {plan.repeats} interleaved rounds: mmap threshold 1 MiB (default) vs glibc's", flush=True)
-    settings: dict[str, dict[str, str]] = {"threshold 1 MiB": {}, "glibc defaults": {"DTRAIN_CPU_MALLOC_THRESHOLD": "0"}}
+    print(
+        f"\nmalloc: dtrain fsdp, {nproc} processes, {size.label()}, Adam, fp32, global batch {global_batch}, {steps} steps "
+        f"per epoch (2nd epoch timed), {plan.repeats} interleaved rounds: mmap threshold 1 MiB (default) vs glibc's",
+        flush=True,
+    )
+    settings: dict[str, dict[str, str]] = {
+        "threshold 1 MiB": {},
+        "glibc defaults": {"DTRAIN_CPU_MALLOC_THRESHOLD": "0"},
+    }
     ratios: list[float] = []
     rates: dict[str, list[float]] = {k: [] for k in settings}
     peaks: dict[str, list[float]] = {k: [] for k in settings}
@@ -541,10 +633,22 @@ def malloc_cost(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
         order = list(settings) if rep % 2 == 0 else list(settings)[::-1]
         this_round: dict[str, dict[str, Any]] = {}
         for name in order:
-            result = run_dtrain("fsdp", size, data, plan, nproc=nproc, batch=global_batch // nproc, steps=steps,
-                                epochs=2, env=settings[name])
-            print(f"  [{rep + 1}/{plan.repeats}] {name:16} {_status(result)}  peak {result.get('memory/peak_mb', math.nan):.0f} MiB"
-                  f"  load {load_average()}", flush=True)
+            result = run_dtrain(
+                "fsdp",
+                size,
+                data,
+                plan,
+                nproc=nproc,
+                batch=global_batch // nproc,
+                steps=steps,
+                epochs=2,
+                env=settings[name],
+            )
+            print(
+                f"  [{rep + 1}/{plan.repeats}] {name:16} {_status(result)}  peak {result.get('memory/peak_mb', math.nan):.0f} MiB"
+                f"  load {load_average()}",
+                flush=True,
+            )
             if result["error"]:
                 return
             this_round[name] = result
@@ -555,16 +659,25 @@ def malloc_cost(plan: Plan, size: Size, global_batch: int, steps: int) -> None:
     plan.report["malloc"] = {"model": size.label(), "rates": rates, "peaks": peaks, "ratios": ratios}
     tag = f"{size.params() / 1e6:.0f}m"
     plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_throughput_ratio_{tag}", median(ratios), ">=", 0.95))
-    plan.results.append(result_line(f"fsdp_cpu_malloc_threshold_peak_ratio_{tag}", median(peaks["threshold 1 MiB"])
-                                    / median(peaks["glibc defaults"]), "<=", 1.0))
+    plan.results.append(
+        result_line(
+            f"fsdp_cpu_malloc_threshold_peak_ratio_{tag}",
+            median(peaks["threshold 1 MiB"]) / median(peaks["glibc defaults"]),
+            "<=",
+            1.0,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- checkpoint
 def checkpoint(plan: Plan, size: Size, nproc: int) -> None:
     repeats = 2 if plan.quick else 3
     directory = Path(tempfile.mkdtemp(prefix="fsdp-ckpt-", dir=plan.workdir))
-    print(f"\ncheckpoint: {nproc} rank(s) ({'NCCL, state in GPU memory' if plan.device == 'cuda' else 'gloo, CPU'}), "
-          f"{size.label()} + Adam state, FSDP2-sharded; {repeats} repeats (+1 first async save), max over ranks", flush=True)
+    print(
+        f"\ncheckpoint: {nproc} rank(s) ({'NCCL, state in GPU memory' if plan.device == 'cuda' else 'gloo, CPU'}), "
+        f"{size.label()} + Adam state, FSDP2-sharded; {repeats} repeats (+1 first async save), max over ranks",
+        flush=True,
+    )
     spec = {"width": size.width, "depth": size.depth, "repeats": repeats, "dir": str(directory)}
     result = run_torchrun("checkpoint", spec, nproc, plan)
     shutil.rmtree(directory, ignore_errors=True)
@@ -573,7 +686,10 @@ def checkpoint(plan: Plan, size: Size, nproc: int) -> None:
         return
     times = result["times"]
     mb = sum(result["state_bytes_per_rank"]) / 1e6
-    print(f"  state: {mb:,.0f} MB in all, per rank: " + ", ".join(f"{b / 1e6:,.0f} MB" for b in result["state_bytes_per_rank"]))
+    print(
+        f"  state: {mb:,.0f} MB in all, per rank: "
+        + ", ".join(f"{b / 1e6:,.0f} MB" for b in result["state_bytes_per_rank"])
+    )
     labels = {
         "full": "full: gather on rank 0 + torch.save + fsync",
         "sharded": "sharded dcp.save (every rank writes its shard)",
@@ -583,17 +699,30 @@ def checkpoint(plan: Plan, size: Size, nproc: int) -> None:
     }
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, label in labels.items():
-        print(f"  {label:48} {medians[name]:7.3f} s  {mb / medians[name]:8.0f} MB/s   runs: "
-              + ", ".join(f"{v:.2f}" for v in times[name]))
-    print(f"  async save: tensors changed right after it returned; loading it gave the values of the save moment: "
-          f"{'yes' if result['consistent'] else 'NO'}")
+        print(
+            f"  {label:48} {medians[name]:7.3f} s  {mb / medians[name]:8.0f} MB/s   runs: "
+            + ", ".join(f"{v:.2f}" for v in times[name])
+        )
+    print(
+        f"  async save: tensors changed right after it returned; loading it gave the values of the save moment: "
+        f"{'yes' if result['consistent'] else 'NO'}"
+    )
     plan.report["checkpoint"] = {"ranks": nproc, "model": size.label(), **result}
     tag = "_cuda" if plan.device == "cuda" else ""
-    plan.results.append(result_line(f"fsdp_sharded_save_vs_full{tag}", medians["sharded"] / medians["full"], "<=",
-                                    SHARDED_SAVE_TARGET))
-    plan.results.append(result_line(f"fsdp_async_save_blocked_vs_full{tag}", medians["async_blocked"] / medians["full"],
-                                    "<=", ASYNC_STALL_TARGET))
-    plan.results.append(result_line(f"fsdp_async_save_consistent{tag}", float(result["consistent"]), ">=", 1, fmt=".0f"))
+    plan.results.append(
+        result_line(f"fsdp_sharded_save_vs_full{tag}", medians["sharded"] / medians["full"], "<=", SHARDED_SAVE_TARGET)
+    )
+    plan.results.append(
+        result_line(
+            f"fsdp_async_save_blocked_vs_full{tag}",
+            medians["async_blocked"] / medians["full"],
+            "<=",
+            ASYNC_STALL_TARGET,
+        )
+    )
+    plan.results.append(
+        result_line(f"fsdp_async_save_consistent{tag}", float(result["consistent"]), ">=", 1, fmt=".0f")
+    )
 
 
 # ---------------------------------------------------------------------------- GPU (one device: world size 1)
@@ -607,8 +736,11 @@ def gpu(plan: Plan) -> None:
         ("blockstack", BIG, 32, ("Block",)),
         ("resnet18", WORKLOADS["resnet18"], 128, ()),
     ]
-    print(f"\nGPU: dtrain launch --gpus 0, (world size 1: nothing is sharded), bf16, Adam, {steps} steps per epoch, "
-          "2 epochs (2nd timed), checkpoint after each epoch", flush=True)
+    print(
+        f"\nGPU: dtrain launch --gpus 0, (world size 1: nothing is sharded), bf16, Adam, {steps} steps per epoch, "
+        "2 epochs (2nd timed), checkpoint after each epoch",
+        flush=True,
+    )
     plan.report["gpu"] = {}
     for name, model, batch, wrap in models:
         work = model if isinstance(model, Workload) else workload(model)
@@ -616,22 +748,49 @@ def gpu(plan: Plan) -> None:
         label = model.label() if isinstance(model, Size) else "ResNet-18 (small-input stem), 3x32x32"
         rows: dict[str, dict[str, Any]] = {}
         for strategy in ("fsdp", "ddp"):
-            result = run_dtrain(strategy, model, data, plan, nproc=1, batch=batch, steps=steps, epochs=2, precision="bf16",
-                                checkpoint=True, wrap=wrap)
+            result = run_dtrain(
+                strategy,
+                model,
+                data,
+                plan,
+                nproc=1,
+                batch=batch,
+                steps=steps,
+                epochs=2,
+                precision="bf16",
+                checkpoint=True,
+                wrap=wrap,
+            )
             if result["error"]:
                 print(f"  {name} {strategy}: ERROR\n{result['error']}", flush=True)
                 continue
             rows[strategy] = result
-            print(f"  {name:10} dtrain {strategy}: {result['samples_per_s']:9.1f} samples/s, train/loss "
-                  f"{result['train/loss']:.4f}, " + ", ".join(f"{k} {result[k]:.0f}" for k in MEMORY_KEYS) + f"  ({label}, batch {batch})",
-                  flush=True)
+            print(
+                f"  {name:10} dtrain {strategy}: {result['samples_per_s']:9.1f} samples/s, train/loss "
+                f"{result['train/loss']:.4f}, "
+                + ", ".join(f"{k} {result[k]:.0f}" for k in MEMORY_KEYS)
+                + f"  ({label}, batch {batch})",
+                flush=True,
+            )
         plan.report["gpu"][name] = rows
         if len(rows) == 2:
             fsdp, ddp = rows["fsdp"], rows["ddp"]
-            plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_throughput", fsdp["samples_per_s"] / ddp["samples_per_s"],
-                                            ">=", 0.9))
-            plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_peak_memory",
-                                            fsdp["memory/peak_mb"] / ddp["memory/peak_mb"], "<=", 1.1))
+            plan.results.append(
+                result_line(
+                    f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_throughput",
+                    fsdp["samples_per_s"] / ddp["samples_per_s"],
+                    ">=",
+                    0.9,
+                )
+            )
+            plan.results.append(
+                result_line(
+                    f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_peak_memory",
+                    fsdp["memory/peak_mb"] / ddp["memory/peak_mb"],
+                    "<=",
+                    1.1,
+                )
+            )
         else:
             plan.results.append(result_line(f"fsdp_vs_ddp_cuda_bf16_1rank_{name}_trains", 0.0, ">=", 1, fmt=".0f"))
 
@@ -645,7 +804,9 @@ def _cuda_available() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer steps and rounds, a 12.1M model for throughput (~5 min on 2 cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps and rounds, a 12.1M model for throughput (~5 min on 2 cores)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--sections", default="", help="memory,throughput,checkpoint and malloc (cuda: gpu,checkpoint)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved throughput rounds (default 3; quick 2)")
@@ -676,8 +837,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.size:
             global BIG
             BIG = Size(*(int(n) for n in args.size.split("x")))
-        plan.report.update({"machine": machine_summary(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            "command": " ".join([Path(PY).name, *sys.argv])})
+        plan.report.update(
+            {
+                "machine": machine_summary(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": " ".join([Path(PY).name, *sys.argv]),
+            }
+        )
         print(plan.report["machine"])
         if "memory" in sections:
             memory(plan)

@@ -140,8 +140,14 @@ def measure(path: Path, batch: int, samples: int, repeats: int, slow_samples: in
     consume(loader0)  # warm the buffers (not timed)
     consume(loader2)
     consume(proc2)  # start the workers and open the file in them (not timed)
-    floor2 = DataLoader(FreshTensors((batch, *mm.shape[1:]), len(batches)), batch_size=None, num_workers=2,
-                        persistent_workers=True, prefetch_factor=4, multiprocessing_context="fork")
+    floor2 = DataLoader(
+        FreshTensors((batch, *mm.shape[1:]), len(batches)),
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        prefetch_factor=4,
+        multiprocessing_context="fork",
+    )
     consume(floor2)
     runs: dict[str, Callable[[], int]] = {
         "memmap": lambda: sum(len(mm[np.asarray(b)]) for b in batches),
@@ -200,10 +206,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for name, shape in SHAPES.items():
             path = write_file(Path(tmp) / f"{name}.h5", sizes[name], shape)
-            print(f"\n{name}: {sizes[name]} samples of {shape} float32 ({path.stat().st_size / 1e6:.0f} MB), "
-                  "random order, samples/s (best of 5; w0/mm, w2/mm: median of per-round ratios)")
-            print(f"  {'batch':>5}  {'memmap':>10}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'proc-w2':>10}  "
-                  f"{'ipc-w2':>10}  {'h5py-1x1':>10}   w0/mm  w2/mm  p2/ipc  w0/h5py  load")
+            print(
+                f"\n{name}: {sizes[name]} samples of {shape} float32 ({path.stat().st_size / 1e6:.0f} MB), "
+                "random order, samples/s (best of 5; w0/mm, w2/mm: median of per-round ratios)"
+            )
+            print(
+                f"  {'batch':>5}  {'memmap':>10}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'proc-w2':>10}  "
+                f"{'ipc-w2':>10}  {'h5py-1x1':>10}   w0/mm  w2/mm  p2/ipc  w0/h5py  load"
+            )
             for batch in BATCHES:
                 r = measure(path, batch, samples[name], repeats, slow_samples[name])
                 w0, w2 = r["dtrain-w0/memmap"], r["dtrain-w2/memmap"]
@@ -212,11 +222,15 @@ def main() -> None:
                 ratios_w2.append(w2)
                 if name == "small":
                     ratios_h5.append(vs_h5)
-                print(f"  {batch:>5}  {r['memmap']:>10.0f}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  "
-                      f"{r['proc-w2']:>10.0f}  {r['ipc-w2']:>10.0f}  {r['h5py-1x1']:>10.0f}   {w0:5.2f}  {w2:5.2f}  "
-                      f"{r['proc-w2'] / r['ipc-w2']:6.2f}  {vs_h5:7.1f}  {os.getloadavg()[0]:.1f}")
-                steps.append(f"  {name:>5} {batch:>5}  {r['memmap+step']:>12.0f}  {r['dtrain-w0+step']:>13.0f}  "
-                             f"{r['dtrain-w2+step']:>13.0f}   {r['dtrain-w2+step'] / r['dtrain-w0+step']:5.2f}")
+                print(
+                    f"  {batch:>5}  {r['memmap']:>10.0f}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  "
+                    f"{r['proc-w2']:>10.0f}  {r['ipc-w2']:>10.0f}  {r['h5py-1x1']:>10.0f}   {w0:5.2f}  {w2:5.2f}  "
+                    f"{r['proc-w2'] / r['ipc-w2']:6.2f}  {vs_h5:7.1f}  {os.getloadavg()[0]:.1f}"
+                )
+                steps.append(
+                    f"  {name:>5} {batch:>5}  {r['memmap+step']:>12.0f}  {r['dtrain-w0+step']:>13.0f}  "
+                    f"{r['dtrain-w2+step']:>13.0f}   {r['dtrain-w2+step'] / r['dtrain-w0+step']:5.2f}"
+                )
     print("\nwith a stand-in training step after each batch (784x512 matmul + relu), samples/s (best of 5):")
     print(f"  {'file':>5} {'batch':>5}  {'memmap+step':>12}  {'dtrain-w0+st':>13}  {'dtrain-w2+st':>13}   w2/w0")
     print("\n".join(steps))

@@ -176,8 +176,16 @@ def samples_per_s(run: Callable[[], int]) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(hits: Path, converted: Path, geometry: Path, representation: str, batch: int, samples: int,
-            repeats: int, builder: str = "auto") -> dict[str, float]:
+def measure(
+    hits: Path,
+    converted: Path,
+    geometry: Path,
+    representation: str,
+    batch: int,
+    samples: int,
+    repeats: int,
+    builder: str = "auto",
+) -> dict[str, float]:
     """Events/s of each reader (best of ``repeats``); readers take turns so load bursts hit them alike."""
     spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS, builder=builder)
     with h5py.File(hits, "r") as f:
@@ -194,9 +202,15 @@ def measure(hits: Path, converted: Path, geometry: Path, representation: str, ba
         "conv-w2": make_loader(conv, batches, data_config(2), train=False, device_type="cpu"),
     }
     order = [i for b in batches for i in b]
-    loaders["per-event-w2"] = DataLoader(PerEventHits(hits, geometry, representation), batch_size=batch, sampler=order,
-                                         num_workers=2, persistent_workers=True, prefetch_factor=4,
-                                         multiprocessing_context="fork")
+    loaders["per-event-w2"] = DataLoader(
+        PerEventHits(hits, geometry, representation),
+        batch_size=batch,
+        sampler=order,
+        num_workers=2,
+        persistent_workers=True,
+        prefetch_factor=4,
+        multiprocessing_context="fork",
+    )
     # Same samples from the hit-list file and from the converted file (a check, not timed).
     first_hits, first_conv = next(iter(loaders["dtrain-w0"])), next(iter(loaders["conv-w0"]))
     assert torch.equal(first_hits["x"], first_conv["x"]), "hits and converted samples differ"
@@ -210,13 +224,21 @@ def measure(hits: Path, converted: Path, geometry: Path, representation: str, ba
     # CPU time per event of the in-process readers (time.process_time: what a pass costs whatever
     # the machine's load; the per-event reader through a 0-worker DataLoader, same collate).
     inline = DataLoader(PerEventHits(hits, geometry, representation), batch_size=batch, sampler=order, num_workers=0)
-    for name, loader in (("dtrain-w0", loaders["dtrain-w0"]), ("conv-w0", loaders["conv-w0"]), ("per-event-w0", inline)):
+    for name, loader in (
+        ("dtrain-w0", loaders["dtrain-w0"]),
+        ("conv-w0", loaders["conv-w0"]),
+        ("per-event-w0", inline),
+    ):
         t0 = time.process_time()
         events = consume(loader)
         best[f"cpu-us/{name}"] = 1e6 * (time.process_time() - t0) / events
     # Ratios paired per round (the same load conditions), median kept.
-    for a, b in (("dtrain-w0", "per-event-w2"), ("dtrain-w2", "per-event-w2"), ("dtrain-w0", "conv-w0"),
-                 ("dtrain-w2", "conv-w2")):
+    for a, b in (
+        ("dtrain-w0", "per-event-w2"),
+        ("dtrain-w2", "per-event-w2"),
+        ("dtrain-w0", "conv-w0"),
+        ("dtrain-w2", "conv-w2"),
+    ):
         paired = sorted(x / y for x, y in zip(rates[a], rates[b], strict=True))
         best[f"{a}/{b}"] = paired[len(paired) // 2]
     return best
@@ -227,8 +249,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller files and fewer events (a few minutes)")
     ap.add_argument("--dir", type=Path, default=BENCH_DIR, help="scratch directory for the test files (removed after)")
     ap.add_argument("--batch", type=int, default=256, help="events per batch")
-    ap.add_argument("--builder", choices=["auto", "numba", "numpy"], default="auto",
-                    help="dtrain's hit-list builder (auto: numba when it imports)")
+    ap.add_argument(
+        "--builder",
+        choices=["auto", "numba", "numpy"],
+        default="auto",
+        help="dtrain's hit-list builder (auto: numba when it imports)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     events = 3_000 if args.quick else 12_000
@@ -241,37 +267,63 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         geometry = Path(tmp) / "geometry.npz"
         geo = demo_geometry()
-        np.savez(geometry, mpmt_image_positions=geo["mpmt_image_positions"], position=geo["position"],
-                 orientation=geo["orientation"])
+        np.savez(
+            geometry,
+            mpmt_image_positions=geo["mpmt_image_positions"],
+            position=geo["position"],
+            orientation=geo["orientation"],
+        )
         # The issue's realistic occupancy (the RESULT lines), then a low one for information: where
         # per-event Python overhead, not per-hit work, dominates the per-event reader.
         for occupancy in OCCUPANCIES:
             hits = write_hit_file(Path(tmp) / "hits.h5", events, geo, occupancy)
-            print(f"\nhit-list file: {events} events of {occupancy[0]}-{occupancy[1]} hits, "
-                  f"{os.path.getsize(hits) / 1e6:.0f} MB, {len(geo['mpmt_image_positions'])} modules, "
-                  f"{len(geo['position'])} PMTs; batch {args.batch}, {samples} events per pass, best of {repeats} "
-                  "(events/s); ratios: median of per-round ratios")
-            print(f"  {'representation':>14}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'dtrain-p2':>10}  {'per-event':>10}  "
-                  f"{'conv-w0':>10}  {'conv-w2':>10}  w0/pe  w2/pe  w0/cv  w2/cv  load")
+            print(
+                f"\nhit-list file: {events} events of {occupancy[0]}-{occupancy[1]} hits, "
+                f"{os.path.getsize(hits) / 1e6:.0f} MB, {len(geo['mpmt_image_positions'])} modules, "
+                f"{len(geo['position'])} PMTs; batch {args.batch}, {samples} events per pass, best of {repeats} "
+                "(events/s); ratios: median of per-round ratios"
+            )
+            print(
+                f"  {'representation':>14}  {'dtrain-w0':>10}  {'dtrain-w2':>10}  {'dtrain-p2':>10}  {'per-event':>10}  "
+                f"{'conv-w0':>10}  {'conv-w2':>10}  w0/pe  w2/pe  w0/cv  w2/cv  load"
+            )
             for representation, short in (("mpmt_image", "image"), ("point_cloud", "cloud")):
                 converted = Path(tmp) / f"{short}.h5"
                 spec = HitSpec(geometry_file=str(geometry), representation=representation, n_points=N_POINTS)
                 convert_hits(hits, converted, spec, progress=False)
                 r = measure(hits, converted, geometry, representation, args.batch, samples, repeats, args.builder)
-                print(f"  {representation:>14}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  {r['dtrain-p2']:>10.0f}  "
-                      f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
-                      f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "
-                      f"{r['dtrain-w0/conv-w0']:5.2f}  {r['dtrain-w2/conv-w2']:5.2f}  {os.getloadavg()[0]:.1f}")
-                print(f"  {'':>14}  CPU per event: dtrain {r['cpu-us/dtrain-w0']:.1f} us, per-event reader "
-                      f"{r['cpu-us/per-event-w0']:.1f} us, converted read {r['cpu-us/conv-w0']:.1f} us")
+                print(
+                    f"  {representation:>14}  {r['dtrain-w0']:>10.0f}  {r['dtrain-w2']:>10.0f}  {r['dtrain-p2']:>10.0f}  "
+                    f"{r['per-event-w2']:>10.0f}  {r['conv-w0']:>10.0f}  {r['conv-w2']:>10.0f}  "
+                    f"{r['dtrain-w0/per-event-w2']:5.1f}  {r['dtrain-w2/per-event-w2']:5.1f}  "
+                    f"{r['dtrain-w0/conv-w0']:5.2f}  {r['dtrain-w2/conv-w2']:5.2f}  {os.getloadavg()[0]:.1f}"
+                )
+                print(
+                    f"  {'':>14}  CPU per event: dtrain {r['cpu-us/dtrain-w0']:.1f} us, per-event reader "
+                    f"{r['cpu-us/per-event-w0']:.1f} us, converted read {r['cpu-us/conv-w0']:.1f} us"
+                )
                 converted.unlink()
                 if occupancy != OCCUPANCIES[0]:
                     continue
                 for workers in ("w0", "w2"):
-                    results.append(result_line(f"hits_{short}_dtrain_{workers}_vs_per_event",
-                                               r[f"dtrain-{workers}/per-event-w2"], ">=", 10.0, fmt=".2f"))
-                    results.append(result_line(f"hits_{short}_dtrain_{workers}_vs_converted",
-                                               r[f"dtrain-{workers}/conv-{workers}"], ">=", 0.5, fmt=".2f"))
+                    results.append(
+                        result_line(
+                            f"hits_{short}_dtrain_{workers}_vs_per_event",
+                            r[f"dtrain-{workers}/per-event-w2"],
+                            ">=",
+                            10.0,
+                            fmt=".2f",
+                        )
+                    )
+                    results.append(
+                        result_line(
+                            f"hits_{short}_dtrain_{workers}_vs_converted",
+                            r[f"dtrain-{workers}/conv-{workers}"],
+                            ">=",
+                            0.5,
+                            fmt=".2f",
+                        )
+                    )
             hits.unlink()
     print(f"load average at end: {load_average()}")
     print("\n".join(results))

@@ -60,8 +60,11 @@ from dist_train.sampler import ResumableDistributedBatchSampler  # noqa: E402
 
 HWC = (16, 40, 38)  # the demo files' (H, W, C), as the physics files store it
 CHW = (38, 16, 40)
-FILES = {"f32_chw": ("float32", CHW, "channels_first"), "f32_hwc": ("float32", HWC, "channels_last"),
-         "u8_hwc": ("uint8", HWC, "channels_last")}
+FILES = {
+    "f32_chw": ("float32", CHW, "channels_first"),
+    "f32_hwc": ("float32", HWC, "channels_last"),
+    "u8_hwc": ("uint8", HWC, "channels_last"),
+}
 BATCH = 256
 # A change is kept when B/A is at most this (a 5% cut, more than the spread of a quiet run's repeats).
 HELPS = 0.95
@@ -116,8 +119,10 @@ def ab(name: str, a: Callable[[], float], b: Callable[[], float], repeats: int) 
         times_b.append(tb)
         ratios.append(tb / ta)
     ratio = statistics.median(ratios)
-    print(f"  {name:<22} main {statistics.median(times_a) * 1e3:9.2f} ms   new {statistics.median(times_b) * 1e3:9.2f} ms"
-          f"   new/main {ratio:.3f}  (ratios {' '.join(f'{r:.2f}' for r in ratios)})")
+    print(
+        f"  {name:<22} main {statistics.median(times_a) * 1e3:9.2f} ms   new {statistics.median(times_b) * 1e3:9.2f} ms"
+        f"   new/main {ratio:.3f}  (ratios {' '.join(f'{r:.2f}' for r in ratios)})"
+    )
     return ratio
 
 
@@ -147,13 +152,22 @@ def host_work(files: dict[str, Path], events: int, repeats: int, results: list[s
         new = loader_pass(split_of(path, layout, events), events, defer=True)
         ratio = ab(f"defer_{name}", host_only(main), host_only(new), repeats)
         results.append(result_line(f"host_step_defer_{name}", ratio, "<=", HELPS))
-        ratio = ab(f"cpu_defer_{name}", fed_on_cpu(main, channels_last=False), fed_on_cpu(new, channels_last=False), repeats)
+        ratio = ab(
+            f"cpu_defer_{name}", fed_on_cpu(main, channels_last=False), fed_on_cpu(new, channels_last=False), repeats
+        )
         results.append(result_line(f"host_step_cpu_defer_{name}", ratio, "<=", HELPS))
         if layout == "channels_last":
-            ratio = ab(f"cpu_cl_model_{name}", fed_on_cpu(main, channels_last=True), fed_on_cpu(new, channels_last=True), repeats)
+            ratio = ab(
+                f"cpu_cl_model_{name}",
+                fed_on_cpu(main, channels_last=True),
+                fed_on_cpu(new, channels_last=True),
+                repeats,
+            )
             results.append(result_line(f"host_step_cpu_channels_last_model_{name}", ratio, "<=", HELPS))
     f32, u8 = BATCH * int(np.prod(HWC)) * 4, BATCH * int(np.prod(HWC))
-    print(f"  pinned and copied per batch: main {f32 / 2**20:.1f} MiB (float32), new {u8 / 2**20:.1f} MiB (u8_hwc as stored)")
+    print(
+        f"  pinned and copied per batch: main {f32 / 2**20:.1f} MiB (float32), new {u8 / 2**20:.1f} MiB (u8_hwc as stored)"
+    )
     results.append(result_line("host_step_pinned_bytes_u8_hwc", u8 / f32, "<=", HELPS))
 
 
@@ -176,7 +190,9 @@ class ComputeStreamOnly:
         pass
 
 
-def cuda_feed(device: torch.device, files: dict[str, Path], events: int, repeats: int, steps: int, results: list[str]) -> None:
+def cuda_feed(
+    device: torch.device, files: dict[str, Path], events: int, repeats: int, steps: int, results: list[str]
+) -> None:
     path = files["u8_hwc"]
     main_batches = loader_pass(split_of(path, "channels_last", events), events, defer=False, device_type="cuda")()
     new_batches = loader_pass(split_of(path, "channels_last", events), events, defer=True, device_type="cuda")()
@@ -193,7 +209,9 @@ def cuda_feed(device: torch.device, files: dict[str, Path], events: int, repeats
         return run
 
     print(f"\nCUDA: pinning, and the step's device side ({steps} steps, medians of {repeats})")
-    results.append(result_line("host_step_pin_memory_u8_hwc", ab("pin_memory", pin(host32), pin(host8), repeats), "<=", HELPS))
+    results.append(
+        result_line("host_step_pin_memory_u8_hwc", ab("pin_memory", pin(host32), pin(host8), repeats), "<=", HELPS)
+    )
     model = resnet(device).to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -203,7 +221,9 @@ def cuda_feed(device: torch.device, files: dict[str, Path], events: int, repeats
     one_stream = DeviceFeed(device, new_batches[0][1], streams=ComputeStreamOnly())
     side_stream = DeviceFeed(device, new_batches[0][1])
 
-    def steps_with(feed: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], batches: list[Any]) -> Callable[[], float]:
+    def steps_with(
+        feed: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], batches: list[Any]
+    ) -> Callable[[], float]:
         def run() -> float:
             synchronize(device)
             start = time.perf_counter()
@@ -236,7 +256,9 @@ def resnet(device: torch.device) -> nn.Module:
     return build_model(cfg, CHW).to(device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> None:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> None:
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = nn.functional.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
@@ -246,7 +268,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 def channels_last(device: torch.device, batch: int, steps: int, repeats: int, results: list[str]) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"\nchannels_last: ResNet-18 (small-input stem), (B, 38, 16, 40), batch {batch}, {str(dtype)[6:]}, {steps} steps per block")
+    print(
+        f"\nchannels_last: ResNet-18 (small-input stem), (B, 38, 16, 40), batch {batch}, {str(dtype)[6:]}, {steps} steps per block"
+    )
     contiguous = resnet(device)
     last = resnet(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, *CHW, device=device)
@@ -276,7 +300,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=0, help="A/B repeats (default 7, --quick 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
-    parser.add_argument("--dir", type=Path, default=None, help="where the files go (default: a temporary dir under .bench_tmp)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the files go (default: a temporary dir under .bench_tmp)"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/host_step.py --device cuda: skipped, torch sees no CUDA device")
@@ -289,7 +315,10 @@ def main() -> None:
     results: list[str] = []
     BENCH_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or BENCH_DIR) as tmp:
-        files = {name: write_file(Path(tmp) / f"{name}.h5", dtype, shape, events) for name, (dtype, shape, _) in FILES.items()}
+        files = {
+            name: write_file(Path(tmp) / f"{name}.h5", dtype, shape, events)
+            for name, (dtype, shape, _) in FILES.items()
+        }
         host_work(files, events, repeats, results)
         if args.device == "cuda":
             cuda_feed(torch.device("cuda"), files, events, repeats, 20 if args.quick else 100, results)

@@ -82,8 +82,14 @@ class DtrainContender:
         from dist_train.trainer import Trainer
 
         cfg_path = dtrain_config(
-            workdir / f"{workload.name}.toml", workload, data, batch_size=batch, steps_per_epoch=steps,
-            epochs=10**6, num_workers=0, output_dir=workdir / "runs",
+            workdir / f"{workload.name}.toml",
+            workload,
+            data,
+            batch_size=batch,
+            steps_per_epoch=steps,
+            epochs=10**6,
+            num_workers=0,
+            output_dir=workdir / "runs",
         )
         info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
         self.trainer = Trainer(load_config(cfg_path), None, info)
@@ -162,7 +168,7 @@ def measure(contenders: dict[str, Block], steps: int, repeats: int) -> dict[str,
     for rep in range(repeats):
         # Rotate the order so no contender always runs right after the same neighbour.
         names = list(contenders)
-        names = names[rep % len(names):] + names[: rep % len(names)]
+        names = names[rep % len(names) :] + names[: rep % len(names)]
         for name in names:
             wall, cpu = timed_block(contenders[name], steps)
             rates["wall"][name].append(wall)
@@ -179,7 +185,9 @@ def describe(workload: Workload) -> str:
 
 def report(workload: Workload, batch: int, steps: int, rates: dict[str, dict[str, list[float]]]) -> dict[str, float]:
     repeats = len(rates["cpu"][BASELINE])
-    print(f"\n{workload.name} ({describe(workload)}): batch {batch}, {steps} steps per block, {repeats} interleaved repeats")
+    print(
+        f"\n{workload.name} ({describe(workload)}): batch {batch}, {steps} steps per block, {repeats} interleaved repeats"
+    )
     ratios = {}
     for clock, label in (("cpu", "samples per CPU-second"), ("wall", "samples per wall-second")):
         base = median(rates[clock][BASELINE])

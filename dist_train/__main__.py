@@ -25,7 +25,9 @@ from dist_train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_train", description="Run the dtrain training loop in this process.")
+    p = argparse.ArgumentParser(
+        prog="python -m dist_train", description="Run the dtrain training loop in this process."
+    )
     p.add_argument("config", help="TOML config file (the launcher passes the run directory's config.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for configuration errors")
@@ -66,8 +68,11 @@ def _run(args: argparse.Namespace) -> int:
         if info.distributed:
             log.info(
                 "rank %d/%d (local %d), rendezvous %s:%s",
-                info.rank, info.world_size, info.local_rank,
-                os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"),
+                info.rank,
+                info.world_size,
+                info.local_rank,
+                os.environ.get("MASTER_ADDR", "?"),
+                os.environ.get("MASTER_PORT", "?"),
             )
         if info.is_main and not (run_dir / "config.toml").exists():
             save_config(cfg, run_dir / "config.toml")

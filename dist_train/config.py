@@ -431,9 +431,7 @@ def _build_section(cls: type, table: Any, section: str, origin: str) -> Any:
                 extras[key] = value
                 continue
             hint = _did_you_mean(key, list(known))
-            raise ConfigError(
-                f"{origin}: unknown key '{key}' in [{section}].{hint} Known keys: {', '.join(known)}."
-            )
+            raise ConfigError(f"{origin}: unknown key '{key}' in [{section}].{hint} Known keys: {', '.join(known)}.")
         kwargs[key] = _coerce(value, known[key].type_obj, f"{origin}: {section}.{key}")
     if extras:
         kwargs["kwargs"] = {**kwargs.get("kwargs", {}), **extras}
@@ -518,7 +516,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist. Check the path, or start from configs/quickstart.toml.")
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist. Check the path, or start from configs/quickstart.toml."
+        )
     try:
         with p.open("rb") as fh:
             return tomllib.load(fh)
@@ -550,7 +550,11 @@ def validate(cfg: Config, origin: str) -> None:
         if not 0.0 <= v < 1.0:
             fail(f"data.{key}", v, "must be a fraction in [0, 1).")
     if d.val_split + d.test_split >= 1.0:
-        fail("data.val_split + data.test_split", d.val_split + d.test_split, "leaves no training data; keep the sum below 1.")
+        fail(
+            "data.val_split + data.test_split",
+            d.val_split + d.test_split,
+            "leaves no training data; keep the sum below 1.",
+        )
     if d.batch_size < 1:
         fail("data.batch_size", d.batch_size, "must be at least 1 (it is the per-process batch).")
     if d.eval_batch_size < 0:
@@ -583,10 +587,15 @@ def validate(cfg: Config, origin: str) -> None:
     if t.early_stop_patience < 0:
         fail("train.early_stop_patience", t.early_stop_patience, "must be >= 0 (epochs without improvement; 0 = off).")
     if not t.early_stop_min_delta >= 0:
-        fail("train.early_stop_min_delta", t.early_stop_min_delta, "must be >= 0 (the smallest change that counts as an improvement).")
+        fail(
+            "train.early_stop_min_delta",
+            t.early_stop_min_delta,
+            "must be >= 0 (the smallest change that counts as an improvement).",
+        )
     if t.early_stop_patience and cfg.checkpoint.monitor.startswith("val/") and d.val_split == 0 and not d.split_file:
         fail(
-            "train.early_stop_patience", t.early_stop_patience,
+            "train.early_stop_patience",
+            t.early_stop_patience,
             f"watches checkpoint.monitor = {cfg.checkpoint.monitor!r}, but data.val_split = 0 leaves no validation split; "
             "set data.val_split, monitor a train/ metric, or set train.early_stop_patience = 0.",
         )
@@ -608,7 +617,7 @@ def validate(cfg: Config, origin: str) -> None:
     for key in ("wrap", "activation_checkpointing"):
         names = getattr(f, key)
         if isinstance(names, list) and not all(n.strip() and n.isidentifier() for n in names):
-            fail(f"fsdp.{key}", names, "must list module class names such as \"TransformerBlock\".")
+            fail(f"fsdp.{key}", names, 'must list module class names such as "TransformerBlock".')
     c = cfg.checkpoint
     if c.keep_last < 0:
         fail("checkpoint.keep_last", c.keep_last, "must be >= 0 (the newest N checkpoints are kept; 0 keeps all).")
@@ -617,7 +626,11 @@ def validate(cfg: Config, origin: str) -> None:
     if cfg.launch.nproc < 0:
         fail("launch.nproc", cfg.launch.nproc, "must be >= 0.")
     if cfg.launch.shutdown_timeout < 1:
-        fail("launch.shutdown_timeout", cfg.launch.shutdown_timeout, "must be at least 1 second (time to checkpoint on a stop).")
+        fail(
+            "launch.shutdown_timeout",
+            cfg.launch.shutdown_timeout,
+            "must be at least 1 second (time to checkpoint on a stop).",
+        )
     if cfg.launch.pg_timeout <= 0:
         fail("launch.pg_timeout", cfg.launch.pg_timeout, "must be a positive number of seconds.")
     if cfg.sched.name == "multistep" and not cfg.sched.milestones:
@@ -629,36 +642,60 @@ def _validate_task(cfg: Config, fail: Any) -> None:
     t = cfg.task
     if not t.is_custom and t.name not in TASK_NAMES:
         hint = _did_you_mean(t.name, list(TASK_NAMES))
-        fail("task.name", t.name, f"is not a task.{hint} Use one of {', '.join(map(repr, TASK_NAMES))} or your own class as \"package.module:ClassName\".")
+        fail(
+            "task.name",
+            t.name,
+            f'is not a task.{hint} Use one of {", ".join(map(repr, TASK_NAMES))} or your own class as "package.module:ClassName".',
+        )
     if len(set(t.targets)) != len(t.targets):
         fail("task.targets", t.targets, "names a dataset twice.")
     if t.name == "classification":
         if t.loss not in ("", "cross_entropy"):
-            fail("task.loss", t.loss, "is not a classification loss; use \"cross_entropy\" (or task.name = \"regression\").")
+            fail(
+                "task.loss", t.loss, 'is not a classification loss; use "cross_entropy" (or task.name = "regression").'
+            )
         if len(t.resolved_targets(cfg.data.y_key)) != 1:
             fail("task.targets", t.targets, "must name one label dataset for classification.")
         if isinstance(t.class_weights, str) and t.class_weights != "balanced":
             fail("task.class_weights", t.class_weights, 'must be a list of per-class weights or "balanced".')
         if isinstance(t.class_weights, list) and t.class_weights and len(t.class_weights) != cfg.model.num_classes:
-            fail("task.class_weights", t.class_weights, f"must have one weight per class (model.num_classes = {cfg.model.num_classes}).")
+            fail(
+                "task.class_weights",
+                t.class_weights,
+                f"must have one weight per class (model.num_classes = {cfg.model.num_classes}).",
+            )
         if not 0.0 <= t.label_smoothing < 1.0:
             fail("task.label_smoothing", t.label_smoothing, "must be in [0, 1).")
     if t.name != "regression":
         for key in ("loss_weights", "bins", "columns"):
             if getattr(t, key):
-                fail(f"task.{key}", getattr(t, key), f"applies to task.name = \"regression\" only (this task is {t.name!r}).")
+                fail(
+                    f"task.{key}",
+                    getattr(t, key),
+                    f'applies to task.name = "regression" only (this task is {t.name!r}).',
+                )
     if t.name == "regression":
         _validate_regression_tables(t, t.resolved_targets(cfg.data.y_key), fail)
         if t.huber_delta <= 0:
             fail("task.huber_delta", t.huber_delta, "must be positive.")
         for target, kind in t.kinds.items():
             if target not in t.resolved_targets(cfg.data.y_key):
-                fail(f"task.kinds.{target}", kind, f"names no target; targets are {t.resolved_targets(cfg.data.y_key)}.")
+                fail(
+                    f"task.kinds.{target}", kind, f"names no target; targets are {t.resolved_targets(cfg.data.y_key)}."
+                )
             if kind not in TARGET_KINDS:
                 hint = _did_you_mean(str(kind), list(TARGET_KINDS))
-                fail(f"task.kinds.{target}", kind, f"is not a target kind.{hint} Use one of {', '.join(map(repr, TARGET_KINDS))}.")
+                fail(
+                    f"task.kinds.{target}",
+                    kind,
+                    f"is not a target kind.{hint} Use one of {', '.join(map(repr, TARGET_KINDS))}.",
+                )
         if t.target_norm == "given" and (not t.target_mean or len(t.target_mean) != len(t.target_std)):
-            fail("task.target_mean/target_std", (t.target_mean, t.target_std), "must be non-empty lists of equal length when target_norm = 'given'.")
+            fail(
+                "task.target_mean/target_std",
+                (t.target_mean, t.target_std),
+                "must be non-empty lists of equal length when target_norm = 'given'.",
+            )
         if any(s <= 0 for s in t.target_std):
             fail("task.target_std", t.target_std, "must be positive.")
     overlap = set(cfg.data.input_keys) & ({cfg.data.x_key} | set(t.resolved_targets(cfg.data.y_key)))
@@ -686,13 +723,21 @@ def _validate_regression_tables(t: TaskConfig, targets: list[str], fail: Callabl
             fail(f"task.bins.{target}", edges, f"names no target; targets are {targets}.")
         numbers = isinstance(edges, list) and all(isinstance(e, int | float) and not isinstance(e, bool) for e in edges)
         if not numbers or len(edges) < 2 or any(not a < b for a, b in zip(edges, edges[1:], strict=False)):
-            fail(f"task.bins.{target}", edges, "must be a list of at least 2 increasing bin edges, e.g. [100.0, 200.0, 400.0].")
+            fail(
+                f"task.bins.{target}",
+                edges,
+                "must be a list of at least 2 increasing bin edges, e.g. [100.0, 200.0, 400.0].",
+            )
     for target, names in t.columns.items():
         if target not in targets:
             fail(f"task.columns.{target}", names, f"names no target; targets are {targets}.")
         plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n for n in names)
         if not plain or len(set(names)) != len(names):
-            fail(f"task.columns.{target}", names, 'must be a list of distinct non-empty names without "/", e.g. ["x", "y", "z"].')
+            fail(
+                f"task.columns.{target}",
+                names,
+                'must be a list of distinct non-empty names without "/", e.g. ["x", "y", "z"].',
+            )
 
 
 def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None]) -> None:
@@ -708,8 +753,12 @@ def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None])
     for name in d.channels:
         if name not in allowed:
             hint = _did_you_mean(name, list(allowed))
-            fail("data.channels", d.channels, f"names {name!r}, which {d.representation} samples cannot have.{hint} "
-                 f"Choose from {', '.join(allowed)}.")
+            fail(
+                "data.channels",
+                d.channels,
+                f"names {name!r}, which {d.representation} samples cannot have.{hint} "
+                f"Choose from {', '.join(allowed)}.",
+            )
     if len(set(d.channels)) != len(d.channels):
         fail("data.channels", d.channels, "names a channel twice.")
     if d.pmts_per_module < 1:
@@ -717,19 +766,29 @@ def _validate_hit_settings(d: DataConfig, fail: Callable[[str, Any, str], None])
     if d.n_points < 1:
         fail("data.n_points", d.n_points, "must be at least 1 (points per point-cloud sample).")
     if d.format == "hits" and not d.geometry_file:
-        fail("data.geometry_file", d.geometry_file, "is empty: hit-list files need the detector geometry (.npz with "
-             "mpmt_image_positions for images, position/orientation for point clouds).")
+        fail(
+            "data.geometry_file",
+            d.geometry_file,
+            "is empty: hit-list files need the detector geometry (.npz with "
+            "mpmt_image_positions for images, position/orientation for point clouds).",
+        )
     if d.synth_if_missing == "hits" and d.format != "hits":
-        fail("data.synth_if_missing", d.synth_if_missing, "writes a hit-list file: set data.format = \"hits\" too.")
+        fail("data.synth_if_missing", d.synth_if_missing, 'writes a hit-list file: set data.format = "hits" too.')
 
 
 def _validate_stratify(cfg: Config, fail: Callable[[str, Any, str], None]) -> None:
     s = cfg.data.stratify
     if isinstance(s, str) and not s.strip():
-        fail("data.stratify", s, "must be true, false or the name of an integer dataset to stratify by (e.g. \"labels\").")
+        fail(
+            "data.stratify", s, 'must be true, false or the name of an integer dataset to stratify by (e.g. "labels").'
+        )
     if s is True and cfg.task.name != "classification" and not cfg.data.split_file:
-        fail("data.stratify", s, f"stratifies by class labels, which a {cfg.task.name!r} task does not have. Name an integer "
-             "dataset to stratify by instead (e.g. data.stratify = \"labels\"), or set it to false (random splits).")
+        fail(
+            "data.stratify",
+            s,
+            f"stratifies by class labels, which a {cfg.task.name!r} task does not have. Name an integer "
+            'dataset to stratify by instead (e.g. data.stratify = "labels"), or set it to false (random splits).',
+        )
 
 
 def resolve_geometry_path(cfg: Config) -> Path:

@@ -93,7 +93,11 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("monitor") != self.monitor:
             # The monitored metric changed between launches: its old best means nothing for the new one.
-            log.info("early stopping: checkpoint.monitor is now %s (was %s); counting from scratch", self.monitor, state.get("monitor"))
+            log.info(
+                "early stopping: checkpoint.monitor is now %s (was %s); counting from scratch",
+                self.monitor,
+                state.get("monitor"),
+            )
             return
         self.best = None if state["best"] is None else float(state["best"])
         self.best_epoch = int(state["best_epoch"])

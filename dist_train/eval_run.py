@@ -76,4 +76,3 @@ def evaluate_checkpoint(
     metrics["epoch"] = state["epoch"]
     metrics["step"] = state["step"]
     return metrics
-

@@ -74,7 +74,9 @@ def make_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o755)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise LaunchError(f"{path} is a symlink or not a directory; refusing to use it. Remove it or pick another path.")
+        raise LaunchError(
+            f"{path} is a symlink or not a directory; refusing to use it. Remove it or pick another path."
+        )
     if st.st_uid != os.getuid():
         raise LaunchError(
             f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing to write there. "

@@ -59,7 +59,12 @@ def setup_logging(run_dir: Path | None, rank: int, *, console: bool) -> None:
 
 
 def _log_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
 ) -> None:
     text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
     logging.getLogger("dtrain.warnings").warning("%s", text)

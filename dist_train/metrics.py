@@ -318,7 +318,9 @@ class HistogramCollector:
         """Per key: ``edges`` (bins + 1), ``counts``, and the ``sum`` and ``sum_squares`` of the finite values."""
         local = {k: _finite(np.concatenate(v)) for k, v in self._parts.items()}
         extremes: dict[str, list[float]] = {}
-        for part in all_gather_objects({k: [v.min(), v.max(), v.sum(), np.square(v).sum()] for k, v in local.items() if len(v)}):
+        for part in all_gather_objects(
+            {k: [v.min(), v.max(), v.sum(), np.square(v).sum()] for k, v in local.items() if len(v)}
+        ):
             for key, (low, high, total, squares) in part.items():
                 seen = extremes.setdefault(key, [low, high, 0.0, 0.0])
                 seen[:] = [min(seen[0], low), max(seen[1], high), seen[2] + total, seen[3] + squares]
@@ -326,8 +328,12 @@ class HistogramCollector:
         counts = {k: np.histogram(local.get(k, np.zeros(0)), bins=e)[0].astype(np.float64) for k, e in edges.items()}
         totals = add_sums(all_gather_objects(counts))
         return {
-            k: {"edges": e.tolist(), "counts": totals[k].astype(np.int64).tolist(), "sum": float(extremes[k][2]),
-                "sum_squares": float(extremes[k][3])}
+            k: {
+                "edges": e.tolist(),
+                "counts": totals[k].astype(np.int64).tolist(),
+                "sum": float(extremes[k][2]),
+                "sum_squares": float(extremes[k][3]),
+            }
             for k, e in edges.items()
         }
 

@@ -486,7 +486,11 @@ def dry_inputs(inputs: InputSpecs, device: str, batch: int = _DRY_BATCH) -> dict
     for key, (shape, dtype) in inputs.items():
         np_dtype = np.dtype(dtype)
         # As the loader gives them: unsigned integers wider than a byte arrive as int64.
-        tensor_dtype = torch.int64 if np_dtype.kind == "u" and np_dtype.itemsize > 1 else torch.from_numpy(np.zeros(0, np_dtype)).dtype
+        tensor_dtype = (
+            torch.int64
+            if np_dtype.kind == "u" and np_dtype.itemsize > 1
+            else torch.from_numpy(np.zeros(0, np_dtype)).dtype
+        )
         out[key] = torch.zeros((batch, *shape), dtype=tensor_dtype, device=device)
     return out
 

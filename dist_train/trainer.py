@@ -130,7 +130,9 @@ class Trainer:
             cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
         )
         self.counters = TrainerCounters()
-        self.early_stopping = build_early_stopping(cfg, has_val_data=self.data.val is not None and len(self.data.val) > 0)
+        self.early_stopping = build_early_stopping(
+            cfg, has_val_data=self.data.val is not None and len(self.data.val) > 0
+        )
         self.meter = MetricSums(self.device)
         # Backward seeds by (window samples, loss divisor, dtype, device): a handful per run.
         self._backward_seeds: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -172,7 +174,11 @@ class Trainer:
 
     def _make_train_loader(self) -> Any:
         return make_loader(
-            self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type,
+            self.data.train,
+            self.sampler,
+            self.cfg.data,
+            train=True,
+            device_type=self.device.type,
             channels_last=self.cfg.train.channels_last,
         )
 
@@ -186,7 +192,11 @@ class Trainer:
                     len(split), num_replicas=self.dist.world_size, rank=self.dist.rank, batch_size=batch_size
                 )
                 loaders[name] = make_loader(
-                    split, sampler, self.cfg.data, train=False, device_type=self.device.type,
+                    split,
+                    sampler,
+                    self.cfg.data,
+                    train=False,
+                    device_type=self.device.type,
                     channels_last=self.cfg.train.channels_last,
                 )
         return loaders
@@ -350,7 +360,9 @@ class Trainer:
             group = self.ckpt_store.group if self.ckpt_store is not None else None
             opened.restore_model_and_optimizer(self.model, self.optimizer, self.strategy, group=group)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: restoring the model and optimizer failed: {exc}") from None
+            raise CheckpointError(
+                f"cannot resume from {path}: restoring the model and optimizer failed: {exc}"
+            ) from None
         for name, component in self.stateful_components().items():
             if starts_fresh_on_resume(name, state):
                 continue  # written by an older dtrain: this component starts fresh
@@ -640,7 +652,11 @@ class Trainer:
                 # A request that came during the evaluation: stop at this epoch boundary, with the
                 # epoch's checkpoint (after the last epoch the relaunch runs only the test).
                 stop = self._stop_agreed_at_epoch_boundary()
-                if stop or last or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0):
+                if (
+                    stop
+                    or last
+                    or (cfg.checkpoint.every_epochs and self.counters.epoch % cfg.checkpoint.every_epochs == 0)
+                ):
                     self.save_checkpoint("epoch", metrics, is_best=is_best, blocking=stop)
                 if stop:
                     return self._end_preempted()
@@ -680,7 +696,9 @@ class Trainer:
         """The held-out test split, once, on the weights ``train.test_checkpoint`` names; the record says which."""
         evaluated = self._load_test_weights()
         test = self.evaluate("test", epoch=self.counters.epoch)
-        self.metrics_logger.log({"kind": "test", "epoch": self.counters.epoch, "step": self.counters.step, "checkpoint": evaluated, **test})
+        self.metrics_logger.log(
+            {"kind": "test", "epoch": self.counters.epoch, "step": self.counters.step, "checkpoint": evaluated, **test}
+        )
         log.info(
             "test (%s weights, epoch %d, step %d): %s",
             evaluated["which"],

@@ -130,4 +130,6 @@ def export_cmd(path: Path, out: Path) -> None:
     if out.exists() and out.resolve() == source.resolve():
         raise CheckpointError(f"dtrain ckpt export: OUT {out} is the checkpoint itself; pick another file name.")
     written = export_state(load_for_reading(source), source, out)
-    click.echo(f"exported the model of {source} -> {written} (+ {written.name}.sha256.json: config, epoch, step, metrics)")
+    click.echo(
+        f"exported the model of {source} -> {written} (+ {written.name}.sha256.json: config, epoch, step, metrics)"
+    )

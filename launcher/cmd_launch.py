@@ -86,7 +86,9 @@ def ensure_data(cfg: Config, *, dry_run: bool = False) -> None:
             return
         from dist_train.data.writers.synth import synth_dataset
 
-        _echo(f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)")
+        _echo(
+            f"dtrain: {path} does not exist; generating {cfg.data.synth_events} demo events ({cfg.data.synth_if_missing} layout)"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         shape = tuple(cfg.data.synth_shape) or None
         synth_dataset(
@@ -116,7 +118,7 @@ def check_demo_path(cfg: Config, path: Path) -> None:
         f"{cfg.data.synth_if_missing!r} generates demo data only at a file name starting with "
         f"{DEMO_FILE_PREFIX!r} (such as the shipped data/demo_wch5.h5), so a mistyped path is never silently "
         "replaced by generated events. Fix data.path, or name a demo file demo_*.h5 "
-        "(or set data.synth_if_missing = \"\" for your own data)."
+        '(or set data.synth_if_missing = "" for your own data).'
     )
 
 
@@ -400,7 +402,9 @@ def _slurm_devices(cfg: Config, opts: dict[str, Any], step: Any, gpus: str) -> D
 
 @click.command(name="launch", context_settings={"show_default": True})
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable).")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."
+)
 @click.option("--gpus", default=None, help="auto | N | 0,3 | cpu  (default: [launch] gpus)")
 @click.option("--nproc", type=int, default=None, help="Workers per node for --gpus cpu (default: [launch] nproc or 1).")
 @click.option(
@@ -409,7 +413,9 @@ def _slurm_devices(cfg: Config, opts: dict[str, Any], step: Any, gpus: str) -> D
     help="One process without torchrun on one free GPU (or the CPU), few batches, anomaly detection; "
     "debug runs are kept apart from normal runs.",
 )
-@click.option("--run-dir", default=None, help="Run directory (default: newest unfinished run of this config, or a new one).")
+@click.option(
+    "--run-dir", default=None, help="Run directory (default: newest unfinished run of this config, or a new one)."
+)
 @click.option("--resume", default="auto", help="auto | never | PATH to a checkpoint.")
 @click.option("--backend", type=click.Choice(["torchrun", "accelerate"]), default=None, help="Process launcher.")
 @click.option("--max-restarts", type=int, default=None, help="torchrun restarts after a failure (each resumes).")
@@ -470,7 +476,16 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
         # Node 0 alone locks a multi-node job's shared run directory.
         run_dir, run_lock = create_run_dir(run_dir, lock=devices.topology.node_rank == 0, debug=opts["debug"])
         save_config(cfg, run_dir / "config.toml")
-        _echo(run_dir_text(cfg, config, run_dir, resuming=resuming, auto=resume == "auto" and not opts["run_dir"], debug=opts["debug"]))
+        _echo(
+            run_dir_text(
+                cfg,
+                config,
+                run_dir,
+                resuming=resuming,
+                auto=resume == "auto" and not opts["run_dir"],
+                debug=opts["debug"],
+            )
+        )
         phases.mark("plan, run dir, config copy")
         if _verbose():
             _echo(f"dtrain: {PHASES_LABEL} {phases.report()}")
@@ -489,7 +504,7 @@ def launch(config: str, overrides: tuple[str, ...], **opts: Any) -> None:
 
 
 def run_dir_text(cfg: Config, config: str, run_dir: Path, *, resuming: bool, auto: bool, debug: bool) -> str:
-    """"resuming run in ..." or "new run in ..."; a new run that follows a complete one says how to extend that one."""
+    """ "resuming run in ..." or "new run in ..."; a new run that follows a complete one says how to extend that one."""
     if resuming:
         return f"dtrain: resuming run in {run_dir}"
     complete = newest_run_if_complete(cfg.run.output_dir, cfg.run.name, debug=debug) if auto else None

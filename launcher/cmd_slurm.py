@@ -28,12 +28,24 @@ def _resource_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--job-name", help="Job name (default: run.name)."),
         click.option("--signal-grace", type=int, help="Seconds before the time limit at which workers checkpoint."),
         click.option("--max-requeues", type=int, help="How often a preempted job requeues itself."),
-        click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="Run directory (default: <run.output_dir>/<run.name>/<timestamp>)."),
-        click.option("--sbatch-arg", "sbatch_args", multiple=True,
-                     help="Extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)."),
-        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override a config value (repeatable)."),
+        click.option(
+            "--run-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Run directory (default: <run.output_dir>/<run.name>/<timestamp>).",
+        ),
+        click.option(
+            "--sbatch-arg",
+            "sbatch_args",
+            multiple=True,
+            help="Extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable).",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Override a config value (repeatable).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -45,10 +57,19 @@ def _options(cfg: Config, kw: dict[str, Any]) -> Any:
 
     return SbatchOptions.from_config(
         cfg.slurm,
-        nodes=kw["nodes"], gpus_per_node=kw["gpus_per_node"], nproc_per_node=kw["nproc_per_node"],
-        cpus_per_task=kw["cpus_per_task"], mem=kw["mem"], time=kw["time_limit"], partition=kw["partition"],
-        account=kw["account"], qos=kw["qos"], constraint=kw["constraint"], job_name=kw["job_name"],
-        signal_grace=kw["signal_grace"], max_requeues=kw["max_requeues"],
+        nodes=kw["nodes"],
+        gpus_per_node=kw["gpus_per_node"],
+        nproc_per_node=kw["nproc_per_node"],
+        cpus_per_task=kw["cpus_per_task"],
+        mem=kw["mem"],
+        time=kw["time_limit"],
+        partition=kw["partition"],
+        account=kw["account"],
+        qos=kw["qos"],
+        constraint=kw["constraint"],
+        job_name=kw["job_name"],
+        signal_grace=kw["signal_grace"],
+        max_requeues=kw["max_requeues"],
         sbatch_args=list(kw["sbatch_args"]) or None,
     )
 

@@ -165,7 +165,9 @@ def torchrun_plan(
         ]
     argv += [f"--log-dir={run_dir / 'launcher' / 'torchrun'}"]
     argv += worker_command(config_path) + (["--verbose"] if verbose else [])
-    env = worker_env(run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node)
+    env = worker_env(
+        run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node
+    )
     # Newer torch honours this for the grace period between SIGTERM and SIGKILL to workers; a
     # preempted worker needs it to finish its checkpoint.
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
@@ -254,7 +256,9 @@ def accelerate_plan(
     elif cpu:
         argv.append("--cpu")
     argv += ["--module", "dist_train", str(config_path)]
-    env = worker_env(run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node)
+    env = worker_env(
+        run_dir, resume=resume, job_id=job_id, cuda_visible_devices=cuda_visible_devices, nproc=topology.nproc_per_node
+    )
     return LaunchPlan(
         argv=tuple(argv),
         env=tuple(sorted(env.items())),

@@ -121,7 +121,9 @@ def validate_options(opts: SbatchOptions) -> None:
     for arg in opts.sbatch_args:
         _directive_value("sbatch_args", arg)
         if any(ch.isspace() for ch in arg):
-            raise ConfigError(f"slurm.sbatch_args entry {arg!r} contains a blank; pass one option per entry, without blanks.")
+            raise ConfigError(
+                f"slurm.sbatch_args entry {arg!r} contains a blank; pass one option per entry, without blanks."
+            )
         if not arg.startswith("-"):
             raise ConfigError(
                 f"slurm.sbatch_args entry {arg!r} is not an sbatch option; write each as '--name=value' (e.g. '--exclusive')."
@@ -135,7 +137,9 @@ def load_template() -> str:
     try:
         return PACKAGED_TEMPLATE.read_text(encoding="utf-8")
     except OSError as exc:  # pragma: no cover - a broken install
-        raise LaunchError(f"the batch-script template {PACKAGED_TEMPLATE} cannot be read ({exc}); reinstall dtrain.") from None
+        raise LaunchError(
+            f"the batch-script template {PACKAGED_TEMPLATE} cannot be read ({exc}); reinstall dtrain."
+        ) from None
 
 
 def default_dtrain_command() -> list[str]:
@@ -179,9 +183,7 @@ def _quote_all(words: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def render_script(
-    opts: SbatchOptions, run_dir: Path, job_name: str, dtrain_command: list[str] | None = None
-) -> str:
+def render_script(opts: SbatchOptions, run_dir: Path, job_name: str, dtrain_command: list[str] | None = None) -> str:
     """The batch script for ``run_dir`` (which will hold config.toml)."""
     validate_options(opts)
     run_dir = Path(run_dir).absolute()
@@ -264,8 +266,14 @@ def submit(cfg: Config, opts: SbatchOptions, run_dir: Path, dtrain_command: list
     if done.returncode != 0:
         raise LaunchError(f"sbatch refused the job (exit {done.returncode}): {done.stderr.strip()} Script: {script}")
     job_id = parse_job_id(done.stdout)
-    record = {"job_id": job_id, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "script": str(script),
-              "argv": argv, "nodes": opts.nodes, "workers_per_node": opts.workers_per_node}
+    record = {
+        "job_id": job_id,
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "script": str(script),
+        "argv": argv,
+        "nodes": opts.nodes,
+        "workers_per_node": opts.workers_per_node,
+    }
     atomic_write_text(run_dir / JOB_RECORD, json.dumps(record, indent=2) + "\n")
     return Submission(job_id, run_dir, script, run_dir / f"slurm-{job_id}.out", run_dir / f"slurm-{job_id}.err")
 
@@ -345,7 +353,7 @@ def job_status(run_dir: Path) -> JobStatus:
         try:
             job_id = str(json.loads(record.read_text(encoding="utf-8"))["job_id"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise LaunchError(f"{record} is not a dtrain job record; it should hold {{\"job_id\": ...}}.") from None
+            raise LaunchError(f'{record} is not a dtrain job record; it should hold {{"job_id": ...}}.') from None
     fields = _scontrol_job(job_id) if job_id else {}
     restart = fields.get("Restarts", "")
     return JobStatus(

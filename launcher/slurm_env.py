@@ -109,9 +109,7 @@ def in_slurm_step(environ: Mapping[str, str]) -> bool:
     return bool(environ.get("SLURM_JOB_ID", "").strip()) and bool(step) and "SLURM_PROCID" in environ
 
 
-def detect_slurm_step(
-    environ: Mapping[str, str], expand_hostnames: HostnameExpander | None = None
-) -> SlurmStep | None:
+def detect_slurm_step(environ: Mapping[str, str], expand_hostnames: HostnameExpander | None = None) -> SlurmStep | None:
     """This node's place in the SLURM job step we run in, or None outside one.
 
     ``expand_hostnames`` turns a node list into host names (default: ``scontrol show hostnames``);

@@ -177,7 +177,10 @@ def main(argv: list[str]) -> int:
         return 1
     except json.JSONDecodeError:
         # torch's agent could not read a half-written error file (see _failures_from_error_files).
-        _write(summary, {"status": "failed", "failures": _failures_from_error_files(args.log_dir or "", _first_rank_of_node(args))})
+        _write(
+            summary,
+            {"status": "failed", "failures": _failures_from_error_files(args.log_dir or "", _first_rank_of_node(args))},
+        )
         return 1
     except SignalException as exc:
         # torchrun already sent the signal on to the workers and waited for them.

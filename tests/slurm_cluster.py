@@ -159,8 +159,12 @@ class SlurmCluster:
         sock = mdir / "munge.socket"
         self._spawn(
             [
-                _tool("munged"), "--foreground", f"--key-file={key}", f"--socket={sock}",
-                f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
+                _tool("munged"),
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={sock}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
                 f"--seed-file={mdir / 'munged.seed'}",
             ],
             "munged",
@@ -177,8 +181,15 @@ class SlurmCluster:
     def _spawn(self, argv: list[str], name: str, user: int | None = None, group: int | None = None) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-            start_new_session=True, user=user, group=group, extra_groups=[] if user is not None else None,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
         )
         log.close()
         (self.root / "run" / f"{name}.popen.pid").write_text(str(proc.pid))
@@ -238,14 +249,18 @@ class SlurmCluster:
         raise TimeoutError(f"job {job_id} is {state}, not {sorted(states)} after {timeout:.0f}s; {self.logs()}")
 
     def wait_done(self, job_id: str, timeout: float) -> str:
-        return self.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}, timeout)
+        return self.wait_state(
+            job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}, timeout
+        )
 
     # ------------------------------------------------------------------ stop
 
     def stop(self) -> None:
         """Cancel every job, then stop daemons and any process still carrying our SLURM_CONF."""
         if self.conf.exists() and any(p.poll() is None for p in self.procs):
-            subprocess.run([_tool("scancel"), "--full", "--user", "root"], env=self.env(), capture_output=True, timeout=30)
+            subprocess.run(
+                [_tool("scancel"), "--full", "--user", "root"], env=self.env(), capture_output=True, timeout=30
+            )
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 out = self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip()

@@ -33,7 +33,9 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(tmp_path: Path, name: str, *, model: str, strategy: str, checkpoint: dict[str, Any] | None = None, **train: Any) -> Path:
+def _config(
+    tmp_path: Path, name: str, *, model: str, strategy: str, checkpoint: dict[str, Any] | None = None, **train: Any
+) -> Path:
     """2 epochs of 10 steps on 3 ranks (8 on 4): 240 training, 30 validation and 30 test samples."""
     data = tmp_path / "d.h5"
     if not data.exists():
@@ -52,7 +54,9 @@ def _config(tmp_path: Path, name: str, *, model: str, strategy: str, checkpoint:
 
 
 def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> Path:
-    proc = dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent)
+    proc = dtrain(
+        "launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent
+    )
     assert_ok(proc)
     return run_dir
 
@@ -97,7 +101,9 @@ def assert_logged_metrics_are_the_checkpoints(run_dir: Path) -> None:
         _assert_same_metrics(record, _eval_here(_checkpoint_at(run_dir, record["step"]), "val"), "val")
     (test,) = records(run_dir, "test")
     # The test record evaluates the checkpoint it names (train.test_checkpoint: best by default).
-    evaluated = Path(test["checkpoint"]["path"]) if "path" in test["checkpoint"] else _checkpoint_at(run_dir, test["step"])
+    evaluated = (
+        Path(test["checkpoint"]["path"]) if "path" in test["checkpoint"] else _checkpoint_at(run_dir, test["step"])
+    )
     _assert_same_metrics(test, _eval(evaluated, "test", run_dir), "test")
 
 
@@ -110,7 +116,9 @@ def assert_logged_metrics_are_the_checkpoints(run_dir: Path) -> None:
         pytest.param("bn_mlp", "fsdp", 4, marks=pytest.mark.slow),
     ],
 )
-def test_logged_metrics_equal_dtrain_eval_of_the_checkpoint(tmp_path: Path, model: str, strategy: str, nproc: int) -> None:
+def test_logged_metrics_equal_dtrain_eval_of_the_checkpoint(
+    tmp_path: Path, model: str, strategy: str, nproc: int
+) -> None:
     run_dir = _run(tmp_path, model=model, strategy=strategy, nproc=nproc)
     assert_logged_metrics_are_the_checkpoints(run_dir)
 
@@ -124,7 +132,9 @@ def test_bf16_logged_metrics_equal_dtrain_eval_of_the_checkpoint(tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_saving_and_resuming_leave_a_run_whose_training_reads_its_buffers_unchanged(tmp_path: Path, strategy: str) -> None:
+def test_saving_and_resuming_leave_a_run_whose_training_reads_its_buffers_unchanged(
+    tmp_path: Path, strategy: str
+) -> None:
     """Evaluating and saving with rank 0's buffers must not change what the ranks train with, and a resume must
     give every rank back its own buffers (FSDP leaves them per rank): the model's input mean shapes its gradients."""
     nproc = 3
@@ -150,7 +160,9 @@ def test_sync_batchnorm_on_several_cpu_processes_is_refused_at_launch(tmp_path: 
     cfg = _config(tmp_path, "sync", model="bn_mlp", strategy="ddp", sync_batchnorm=True)
     run_dir = tmp_path / "never-created"
     for extra in ((), ("--dry-run",)):
-        proc = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--run-dir", str(run_dir), *extra, cwd=tmp_path)
+        proc = dtrain(
+            "launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--run-dir", str(run_dir), *extra, cwd=tmp_path
+        )
         assert proc.returncode == 2, proc.stderr
         assert "train.sync_batchnorm = true needs GPUs" in proc.stderr and "2 processes on the CPU" in proc.stderr
         assert str(cfg) in proc.stderr and "Traceback" not in proc.stderr
@@ -178,7 +190,9 @@ def test_sync_batchnorm_converts_every_batchnorm_layer_and_keeps_the_checkpoint_
     assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))
     assert list(converted.state_dict()) == keys
     off = config_from_dict({}, origin="c.toml")
-    assert use_sync_batchnorm(BatchNormMLP(3, 72), off, torch.device("cuda"), 3).net[2].__class__ is torch.nn.BatchNorm1d
+    assert (
+        use_sync_batchnorm(BatchNormMLP(3, 72), off, torch.device("cuda"), 3).net[2].__class__ is torch.nn.BatchNorm1d
+    )
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm runs on GPUs only; NCCL needs a GPU per rank")
@@ -186,5 +200,8 @@ def test_sync_batchnorm_on_two_gpus_metrics_equal_dtrain_eval(tmp_path: Path) ->
     cfg = _config(tmp_path, "sync", model="bn_cnn", strategy="ddp", sync_batchnorm=True)
     proc = dtrain("launch", "--gpus", "2", str(cfg), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert_ok(proc)
-    assert "2 BatchNorm layer(s) use the statistics of all 2 ranks" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert (
+        "2 BatchNorm layer(s) use the statistics of all 2 ranks"
+        in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    )
     assert_logged_metrics_are_the_checkpoints(tmp_path / "run")

@@ -34,7 +34,8 @@ def test_keep_last_zero_is_accepted_by_the_config(tmp_path: Path, data: Path) ->
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_keep_last_zero_keeps_every_checkpoint(tmp_path: Path, data: Path, strategy: str) -> None:
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         train={"epochs": 1, "strategy": strategy, "test_at_end": False},
         checkpoint={"every_steps": 2, "every_epochs": 0, "keep_last": 0},
     )
@@ -53,7 +54,8 @@ def test_checkpoint_warnings_and_notes_reach_the_run_logs(tmp_path: Path, data: 
     """A truncated newest checkpoint: the fallback warning is in rank 0's log file (not only on the
     console), and the checkpoint code's INFO lines and Python warnings (the model's) are kept too."""
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.models:WarningMLP", "num_classes": 3, "in_features": 72},
         train={"epochs": 1, "test_at_end": False},
         checkpoint={"every_steps": 4, "every_epochs": 0, "keep_last": 3},
@@ -66,13 +68,26 @@ def test_checkpoint_warnings_and_notes_reach_the_run_logs(tmp_path: Path, data: 
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk or a killed copy
     (checkpoints / ".ckpt-e0001-s00000009.pt.123.tmp").write_bytes(b"left by a killed save")
 
-    out = dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir),
-                 "--set", "train.epochs=2", cwd=tmp_path)
+    out = dtrain(
+        "launch",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "1",
+        str(cfg),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.epochs=2",
+        cwd=tmp_path,
+    )
     assert_ok(out)
     log = (run_dir / "logs" / "rank0.log").read_text()
     fallback = f"checkpoint {newest} is invalid"
     assert fallback in out.stdout + out.stderr, "the console says it"
     warnings = [line for line in log.splitlines() if fallback in line]
-    assert len(warnings) == 1 and " WARNING " in warnings[0] and "falling back to an older checkpoint" in warnings[0], log
+    assert len(warnings) == 1 and " WARNING " in warnings[0] and "falling back to an older checkpoint" in warnings[0], (
+        log
+    )
     assert "removed" in log and ".ckpt-e0001-s00000009.pt.123.tmp" in log, "INFO lines of the checkpoint code"
     assert "UserWarning: WarningMLP: a note the run's logs must keep" in log, "Python warnings too"

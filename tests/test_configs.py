@@ -56,12 +56,20 @@ def _model_input_shapes(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def test_all_documented_example_configs_exist() -> None:
     names = {p.name for p in CONFIG_FILES}
-    assert {"quickstart.toml", "wch5_mlp.toml", "mnist_mlp.toml", "fashion_cnn.toml", "resnet18.toml",
-            "custom_model.toml"} <= names
+    assert {
+        "quickstart.toml",
+        "wch5_mlp.toml",
+        "mnist_mlp.toml",
+        "fashion_cnn.toml",
+        "resnet18.toml",
+        "custom_model.toml",
+    } <= names
     assert {"wch5_energy.toml", "wch5_multitarget.toml", "tutorial_cnn.toml", "wch5_custom_task.toml"} <= names
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if load_config(p).data.synth_if_missing], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIG_FILES if load_config(p).data.synth_if_missing], ids=lambda p: p.name
+)
 def test_example_config_builds_its_task_and_model_on_its_demo_data(
     path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -331,23 +339,32 @@ def _code_without_docstrings(source: str) -> str:
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
             node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
     return ast.dump(tree)
 
 
 def test_the_readme_custom_model_is_the_example_in_configs() -> None:
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Your own model"):]
+    section = readme[readme.index("## Your own model") :]
     python = re.search(r"```python\n(.*?)```", section, re.S)
     toml = re.search(r"```toml\n(.*?)```", section, re.S)
     assert python and toml
-    assert _code_without_docstrings(python.group(1)) == _code_without_docstrings((CONFIG_DIR / "my_models.py").read_text())
+    assert _code_without_docstrings(python.group(1)) == _code_without_docstrings(
+        (CONFIG_DIR / "my_models.py").read_text()
+    )
     model = load_config(CONFIG_DIR / "custom_model.toml").model
     readme_model = ModelConfig(**{"kwargs": {}, **_model_table(toml.group(1))})
     assert readme_model == model
     assert "PYTHONPATH=configs dtrain launch configs/custom_model.toml" in section
-    assert "PYTHONPATH=configs dtrain launch configs/custom_model.toml" in (CONFIG_DIR / "custom_model.toml").read_text()
+    assert (
+        "PYTHONPATH=configs dtrain launch configs/custom_model.toml" in (CONFIG_DIR / "custom_model.toml").read_text()
+    )
 
 
 def _model_table(text: str) -> dict[str, object]:
@@ -355,15 +372,25 @@ def _model_table(text: str) -> dict[str, object]:
 
     table = dict(tomllib.loads(text)["model"])
     fields = {"name", "num_classes"}
-    return {k: v for k, v in table.items() if k in fields} | {"kwargs": {k: v for k, v in table.items() if k not in fields}}
+    return {k: v for k, v in table.items() if k in fields} | {
+        "kwargs": {k: v for k, v in table.items() if k not in fields}
+    }
 
 
 def test_the_readme_custom_model_command_trains_and_evaluates(tmp_path: Path) -> None:
     """The README's command, from a copy of configs/ (small data, one epoch, no end-of-run test)."""
     shutil.copytree(CONFIG_DIR, tmp_path / "configs")
     env = env_for_tests({"PYTHONPATH": os.pathsep.join(["configs", str(REPO)])})
-    small = ["--set", "data.synth_events=160", "--set", "data.num_workers=0", "--set", "train.epochs=1",
-             "--set", "train.test_at_end=false"]
+    small = [
+        "--set",
+        "data.synth_events=160",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.test_at_end=false",
+    ]
     proc = dtrain("launch", "configs/custom_model.toml", "--gpus", "cpu", *small, cwd=tmp_path, env=env)
     assert_ok(proc)
     run_dir = only_run_dir(tmp_path / "runs")
@@ -373,8 +400,9 @@ def test_the_readme_custom_model_command_trains_and_evaluates(tmp_path: Path) ->
 
     # Without configs/ on PYTHONPATH the launcher stops before creating anything, naming the fix.
     bare = env_for_tests({"PYTHONPATH": str(REPO)})
-    again = dtrain("launch", "configs/custom_model.toml", "--gpus", "cpu", "--resume", "never", *small, cwd=tmp_path,
-                   env=bare)
+    again = dtrain(
+        "launch", "configs/custom_model.toml", "--gpus", "cpu", "--resume", "never", *small, cwd=tmp_path, env=bare
+    )
     assert again.returncode == 2 and "cannot import module 'my_models'" in again.stderr and "PYTHONPATH" in again.stderr
     assert len(list((tmp_path / "runs" / "custom_model").iterdir())) == 1
 
@@ -383,7 +411,11 @@ def test_the_readme_custom_model_command_trains_and_evaluates(tmp_path: Path) ->
     shutil.copy(CONFIG_DIR / "my_models.py", tmp_path / "my_models.py")
     evaluated = subprocess.run(
         [sys.executable, "-P", "-m", "launcher.cli", "eval", str(run_dir), "--split", "test", "--json"],
-        cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert_ok(evaluated)
     assert '"test/accuracy"' in evaluated.stdout

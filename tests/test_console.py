@@ -28,7 +28,9 @@ IN_FEATURES = 72  # make_image_h5's default sample shape (2, 6, 6), flattened
 TORCH_LOG_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d", re.MULTILINE)
 
 
-def run_in_pty(argv: list[str], *, cwd: Path, size: tuple[int, int] | None = None, timeout: float = 240) -> tuple[int, str]:
+def run_in_pty(
+    argv: list[str], *, cwd: Path, size: tuple[int, int] | None = None, timeout: float = 240
+) -> tuple[int, str]:
     """Run argv on a fresh pseudo-terminal; ``size`` = (columns, lines), None leaves it 0 x 0 as
     `script` or Python's pty leave it when there is no terminal around them. Returns (exit code, output)."""
     env = env_for_tests()
@@ -108,7 +110,8 @@ def test_lines_and_off_decide_the_console_only(tmp_path: Path, mode: str, on_con
 def test_a_launch_on_an_unsized_pty_draws_the_bar(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=200)  # 5 steps per epoch on 2 ranks
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": IN_FEATURES, "delay": 0.05},
         train={"epochs": 1, "log_every": 2, "precision": "fp32"},
     )
@@ -137,15 +140,21 @@ def _wait_for_step(runs: Path, step: int, proc: subprocess.Popen[str], timeout: 
 def test_ctrl_c_shows_one_line_per_stage_in_dtrains_words(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=200)
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": IN_FEATURES, "delay": 0.2},
         train={"epochs": 3, "log_every": 1, "precision": "fp32"},
     )
     # A session of its own, so that the SIGINT below reaches the launcher's whole process group,
     # exactly as a terminal delivers Ctrl-C to the foreground job.
     launcher = subprocess.Popen(
-        [*DTRAIN, "launch", "--gpus", "cpu", "--nproc", "2", str(cfg)], cwd=tmp_path, env=env_for_tests(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [*DTRAIN, "launch", "--gpus", "cpu", "--nproc", "2", str(cfg)],
+        cwd=tmp_path,
+        env=env_for_tests(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     _wait_for_step(tmp_path / "runs", 2, launcher)
     os.killpg(launcher.pid, signal.SIGINT)
@@ -178,10 +187,18 @@ def test_torchrun_messages_go_to_the_log_file_unless_verbose() -> None:
     from launcher import plan as plans
 
     run = Path("/runs/r")
-    quiet = plans.torchrun_plan(run / "config.toml", run, plans.Topology(nproc_per_node=2), resume="auto",
-                                job_id="j", cuda_visible_devices="")
-    loud = plans.torchrun_plan(run / "config.toml", run, plans.Topology(nproc_per_node=2), resume="auto",
-                               job_id="j", cuda_visible_devices="", verbose=True)
+    quiet = plans.torchrun_plan(
+        run / "config.toml", run, plans.Topology(nproc_per_node=2), resume="auto", job_id="j", cuda_visible_devices=""
+    )
+    loud = plans.torchrun_plan(
+        run / "config.toml",
+        run,
+        plans.Topology(nproc_per_node=2),
+        resume="auto",
+        job_id="j",
+        cuda_visible_devices="",
+        verbose=True,
+    )
     head = list(quiet.argv[: quiet.argv.index("--")])
     assert head[-2:] == ["--log", str(run / "launcher" / "torchrun.log")]
     assert "--log" not in loud.argv[: loud.argv.index("--")]

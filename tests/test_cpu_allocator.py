@@ -56,9 +56,15 @@ PROBE = textwrap.dedent(
 
 
 def probe(strategy: str = "fsdp", device: str = "cpu", **env: str) -> dict[str, float]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "DTRAIN_CPU_MALLOC_THRESHOLD")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "DTRAIN_CPU_MALLOC_THRESHOLD")
+    }
     clean.update(env, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", PROBE, strategy, device], env=clean, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, strategy, device], env=clean, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     result: dict[str, float] = json.loads(out.stdout)
     result["stderr"] = out.stderr  # type: ignore[assignment]

@@ -121,8 +121,22 @@ def test_imagefolder_roundtrip(tmp_path: Path) -> None:
 
 def test_cli_synth_and_convert(tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(cli, ["data", "synth", str(tmp_path / "s.h5"), "--layout", "image", "--events", "40",
-                              "--shape", "3,8,8", "--classes", "4"])
+    res = runner.invoke(
+        cli,
+        [
+            "data",
+            "synth",
+            str(tmp_path / "s.h5"),
+            "--layout",
+            "image",
+            "--events",
+            "40",
+            "--shape",
+            "3,8,8",
+            "--classes",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert read_all(tmp_path / "s.h5")["event_data"].shape == (40, 3, 8, 8)
     res = runner.invoke(cli, ["data", "synth", str(tmp_path / "s.h5"), "--events", "4"])

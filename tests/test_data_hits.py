@@ -95,7 +95,9 @@ def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[st
     data, geo, geometry, events = hit_setup
     reader = HitReader(data, spec(geo, channels=channels, builder=block_builder))
     chans = channels or ("charge", "time")
-    rows = np.array([3, 1, 0, 39, 1, 17, 6, 6, 22], dtype=np.int64)  # unsorted, empty events, duplicates, the last event
+    rows = np.array(
+        [3, 1, 0, 39, 1, 17, 6, 6, 22], dtype=np.int64
+    )  # unsorted, empty events, duplicates, the last event
     got = reader.read(rows)
     assert got.shape == (len(rows), PPM * len(chans), 5, 4) and got.dtype == np.float32
     assert (reader._builder.kernels is not None) == (block_builder == "numba")  # type: ignore[union-attr]
@@ -109,11 +111,13 @@ def test_images_equal_the_per_hit_reference(hit_setup: tuple, channels: tuple[st
 
 @pytest.mark.parametrize("n_points", [7, 25, 80, 500])  # truncating, full, sparse (the scatter path)
 @pytest.mark.parametrize("channels", [(), ("charge", "time"), ("orientation", "charge")])
-def test_point_clouds_equal_the_per_hit_reference(hit_setup: tuple, n_points: int, channels: tuple[str, ...],
-                                                  block_builder: str) -> None:
+def test_point_clouds_equal_the_per_hit_reference(
+    hit_setup: tuple, n_points: int, channels: tuple[str, ...], block_builder: str
+) -> None:
     data, geo, geometry, events = hit_setup
-    reader = HitReader(data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels,
-                                  builder=block_builder))
+    reader = HitReader(
+        data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels, builder=block_builder)
+    )
     chans = channels or ("position", "orientation", "time", "charge")
     rows = np.arange(40)[::-1].copy()
     got = reader.read(rows)
@@ -125,22 +129,27 @@ def test_point_clouds_equal_the_per_hit_reference(hit_setup: tuple, n_points: in
         assert over > 10, "the test must truncate events"
 
 
-
 @pytest.mark.parametrize("n_points", [7, 80])  # truncating, full
-@pytest.mark.parametrize("channels", [("time", "position", "charge", "orientation"),
-                                      ("charge", "orientation", "time", "position")])
-def test_point_cloud_channels_in_any_order_equal_the_per_hit_reference(hit_setup: tuple, n_points: int,
-                                                                       channels: tuple[str, ...], builder: str) -> None:
+@pytest.mark.parametrize(
+    "channels", [("time", "position", "charge", "orientation"), ("charge", "orientation", "time", "position")]
+)
+def test_point_cloud_channels_in_any_order_equal_the_per_hit_reference(
+    hit_setup: tuple, n_points: int, channels: tuple[str, ...], builder: str
+) -> None:
     """Positions and orientations between other channels (the compiled builder writes each 3-row group in one pass)."""
     data, geo, geometry, events = hit_setup
-    reader = HitReader(data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels,
-                                  builder=builder))
+    reader = HitReader(
+        data, spec(geo, representation="point_cloud", n_points=n_points, channels=channels, builder=builder)
+    )
     rows = np.arange(40)[::-1].copy()
     got = reader.read(rows)
     for b, row in enumerate(rows):
         assert same_bits(got[b], reference_cloud(events[row], geometry, n_points, channels)), f"event {row}"
 
-def test_chunked_and_contiguous_hit_arrays_give_the_same_samples(hit_setup: tuple, tmp_path: Path, builder: str) -> None:
+
+def test_chunked_and_contiguous_hit_arrays_give_the_same_samples(
+    hit_setup: tuple, tmp_path: Path, builder: str
+) -> None:
     data, geo, _, events = hit_setup
     chunked = write_hit_file(tmp_path / "chunked.h5", events, chunked=True)
     rows = np.random.default_rng(1).integers(0, 40, 64)
@@ -183,18 +192,28 @@ def test_special_times_follow_the_documented_rules(tmp_path: Path, builder: str)
     geometry = random_geometry(rng, modules=4, height=3, width=3, pmts_per_module=PPM)
     nan, inf = np.float32(np.nan), np.float32(np.inf)
     specials = [
-        ([1, 1], [-0.0, 0.0]), ([1, 1], [0.0, -0.0]), ([2, 2, 2], [3.0, nan, 1.0]), ([2, 2], [nan, 1.0]),
-        ([3, 3], [inf, 5.0]), ([3], [inf]), ([4, 4, 5], [-inf, 2.0, inf]), ([0, 6, 0, 6, 0], [nan, nan, inf, -0.0, 0.0]),
+        ([1, 1], [-0.0, 0.0]),
+        ([1, 1], [0.0, -0.0]),
+        ([2, 2, 2], [3.0, nan, 1.0]),
+        ([2, 2], [nan, 1.0]),
+        ([3, 3], [inf, 5.0]),
+        ([3], [inf]),
+        ([4, 4, 5], [-inf, 2.0, inf]),
+        ([0, 6, 0, 6, 0], [nan, nan, inf, -0.0, 0.0]),
     ]
-    events = [(np.array(p, np.int32), np.array(t, np.float32), rng.exponential(1.0, len(p)).astype(np.float32))
-              for p, t in specials]
+    events = [
+        (np.array(p, np.int32), np.array(t, np.float32), rng.exponential(1.0, len(p)).astype(np.float32))
+        for p, t in specials
+    ]
     data = write_hit_file(tmp_path / "special.h5", events)
     geo = write_geometry(tmp_path / "g.npz", geometry)
     rows = np.arange(len(events))
     images = HitReader(data, spec(geo, builder=builder)).read(rows)
     clouds = HitReader(data, spec(geo, representation="point_cloud", n_points=2, builder=builder)).read(rows)
     for row in rows:
-        assert same_bits(images[row], reference_image(events[row], geometry["mpmt_image_positions"], PPM)), f"event {row}"
+        assert same_bits(images[row], reference_image(events[row], geometry["mpmt_image_positions"], PPM)), (
+            f"event {row}"
+        )
         assert same_bits(clouds[row], reference_cloud(events[row], geometry, 2)), f"event {row}"
     assert np.signbit(images[0, PPM + 1]).any() == False  # noqa: E712  (-0.0 then +0.0: the later +0.0)
     assert np.signbit(images[1]).any(), "+0.0 then -0.0: the later -0.0"
@@ -227,8 +246,13 @@ def test_builder_selection_falls_back_to_numpy_without_numba(hit_setup: tuple) -
             print("ERROR", exc)
     """)
     out = data.parent / "fallback.npy"
-    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("samples built by the numpy builder (numba is not importable") == 1, done.stderr
     assert "ERROR The numba hit-list builder was requested but numba is not importable" in done.stdout
@@ -251,8 +275,13 @@ def test_compiled_builder_works_where_no_cache_can_be_written(hit_setup: tuple) 
         np.save(sys.argv[1], reader.read(np.arange(40)))
     """)
     out = data.parent / "nocache.npy"
-    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert same_bits(np.load(out), HitReader(data, spec(geo, builder="numpy")).read(np.arange(40)))
 
@@ -277,8 +306,9 @@ def test_ids_beyond_the_geometry_are_a_data_error(tmp_path: Path, builder: str, 
     events[3] = (np.array([0, 4 * PPM], np.int32), np.zeros(2, np.float32), np.ones(2, np.float32))
     events[5] = (np.array([0, 1, -1], np.int32), np.zeros(3, np.float32), np.ones(3, np.float32))
     data = write_hit_file(tmp_path / "bad.h5", events)
-    reader = HitReader(data, spec(write_geometry(tmp_path / "g.npz", geometry), builder=builder,
-                                  representation=representation))
+    reader = HitReader(
+        data, spec(write_geometry(tmp_path / "g.npz", geometry), builder=builder, representation=representation)
+    )
     reader.read(np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"PMT id 12 is outside the geometry, which has 12 PMTs"):
         reader.read(np.array([2, 3]))
@@ -294,8 +324,10 @@ def test_reader_threads_share_one_reader_once_it_is_open(hit_setup: tuple, build
     data, geo, _, _ = hit_setup
     s = spec(geo, builder=builder, representation=representation, n_points=20)
     batches = [np.random.default_rng(i).integers(0, 40, 16) for i in range(24)]
-    expected = [HitReader(data, spec(geo, representation=representation, n_points=20, builder="numpy")).read(rows)
-                for rows in batches]
+    expected = [
+        HitReader(data, spec(geo, representation=representation, n_points=20, builder="numpy")).read(rows)
+        for rows in batches
+    ]
     for _ in range(3):
         shared = HitReader(data, s)
         shared.sample_shape()

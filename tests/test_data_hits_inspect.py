@@ -63,15 +63,17 @@ def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_inspect_and_dry_run_reject_a_corrupt_hit_file_alike(tmp_path: Path, name: str,
-                                                            capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_and_dry_run_reject_a_corrupt_hit_file_alike(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(5)
-    geometry = write_geometry(tmp_path / "geo.npz", random_geometry(rng, modules=MODULES, height=3, width=3,
-                                                                    pmts_per_module=PPM))
+    geometry = write_geometry(
+        tmp_path / "geo.npz", random_geometry(rng, modules=MODULES, height=3, width=3, pmts_per_module=PPM)
+    )
     data = write_hit_file(tmp_path / "hits.h5", random_events(rng, 30, MODULES * PPM, max_hits=12, empty_every=50))
-    cfg = write_config(tmp_path / "c.toml", data, data={"format": "hits", "geometry_file": str(geometry),
-                                                        "pmts_per_module": PPM})
+    cfg = write_config(
+        tmp_path / "c.toml", data, data={"format": "hits", "geometry_file": str(geometry), "pmts_per_module": PPM}
+    )
     monkeypatch.chdir(tmp_path)
     # The intact file passes both.
     assert main(["data", "inspect", str(data), "--geometry", str(geometry)]) == 0

@@ -30,13 +30,26 @@ def files(tmp_path: Path) -> tuple[Path, Path, list, dict]:
     rng = np.random.default_rng(3)
     geometry = random_geometry(rng, modules=MODULES, height=4, width=5, pmts_per_module=PPM)
     events = random_events(rng, 150, MODULES * PPM, max_hits=40)
-    return write_hit_file(tmp_path / "hits.h5", events), write_geometry(tmp_path / "geo.npz", geometry), events, geometry
+    return (
+        write_hit_file(tmp_path / "hits.h5", events),
+        write_geometry(tmp_path / "geo.npz", geometry),
+        events,
+        geometry,
+    )
 
 
 def hits_config(data: Path, geo: Path, **data_keys: object) -> Config:
     raw = {
-        "data": {"path": str(data), "format": "hits", "geometry_file": str(geo), "pmts_per_module": PPM,
-                 "extra_keys": EXTRA, "batch_size": 16, "num_workers": 0, **data_keys},
+        "data": {
+            "path": str(data),
+            "format": "hits",
+            "geometry_file": str(geo),
+            "pmts_per_module": PPM,
+            "extra_keys": EXTRA,
+            "batch_size": 16,
+            "num_workers": 0,
+            **data_keys,
+        },
         "model": {"num_classes": 3},
     }
     return config_from_dict(raw, "test")
@@ -77,15 +90,24 @@ def test_config_keys_are_checked_with_hints() -> None:
 def test_launch_checks_do_not_import_numba(files: tuple) -> None:
     """The launcher's checks of a hit-list file use the numpy builder's tables: no numba import (~1.3 s) there."""
     data, geo, _, _ = files
-    raw = {"data": {"path": str(data), "format": "hits", "geometry_file": str(geo), "pmts_per_module": PPM},
-           "model": {"num_classes": 3}}
-    code = ("import sys; from dist_train.config import config_from_dict; "
-            "from dist_train.data.preflight import preflight_check; "
-            f"info = preflight_check(config_from_dict({raw!r}, 'test')); "
-            f"assert info.sample_shape == {(2 * PPM, 4, 5)!r}, info.sample_shape; "
-            "sys.exit(3 if 'numba' in sys.modules else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    raw = {
+        "data": {"path": str(data), "format": "hits", "geometry_file": str(geo), "pmts_per_module": PPM},
+        "model": {"num_classes": 3},
+    }
+    code = (
+        "import sys; from dist_train.config import config_from_dict; "
+        "from dist_train.data.preflight import preflight_check; "
+        f"info = preflight_check(config_from_dict({raw!r}, 'test')); "
+        f"assert info.sample_shape == {(2 * PPM, 4, 5)!r}, info.sample_shape; "
+        "sys.exit(3 if 'numba' in sys.modules else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr or "numba was imported"
 
 
@@ -95,7 +117,9 @@ def test_preflight_describes_the_samples(files: tuple, tmp_path: Path) -> None:
     assert info.num_rows == 150 and info.sample_shape == (2 * PPM, 4, 5) and info.num_channels == 2 * PPM
     assert info.fast_path and info.class_counts == [50, 50, 50] and not info.notes
     over = sum(len(e[0]) > 10 for e in events)
-    info = preflight_check(hits_config(data, geo, representation="point_cloud", n_points=10, channels=["time", "charge"]))
+    info = preflight_check(
+        hits_config(data, geo, representation="point_cloud", n_points=10, channels=["time", "charge"])
+    )
     assert info.sample_shape == (2, 10)
     assert info.notes and info.notes[0].startswith(f"{over} of 150 events")
 
@@ -139,15 +163,25 @@ def test_converted_file_gives_the_same_batches(files: tuple, tmp_path: Path, rep
     # Point clouds' "auto" statistics skip the padding of a hit-list file, which a converted file
     # no longer marks (its n_hits dataset does, for the model): compare them unnormalised.
     norm = "auto" if representation == "mpmt_image" else "none"
-    converted = config_from_dict({
-        "data": {"path": str(tmp_path / "images.h5"), "extra_keys": [*EXTRA, "n_hits"], "batch_size": 16,
-                 "num_workers": 0, "normalize": norm},
-        "model": {"num_classes": 3},
-    })
-    from_hits = hits_config(data, geo, representation=representation, n_points=12, normalize=norm,
-                            extra_keys=[*EXTRA, "n_hits"])
+    converted = config_from_dict(
+        {
+            "data": {
+                "path": str(tmp_path / "images.h5"),
+                "extra_keys": [*EXTRA, "n_hits"],
+                "batch_size": 16,
+                "num_workers": 0,
+                "normalize": norm,
+            },
+            "model": {"num_classes": 3},
+        }
+    )
+    from_hits = hits_config(
+        data, geo, representation=representation, n_points=12, normalize=norm, extra_keys=[*EXTRA, "n_hits"]
+    )
     for split in ("train", "val"):
-        assert_same_batches(epoch(from_hits, tmp_path / "a", split=split), epoch(converted, tmp_path / "b", split=split))
+        assert_same_batches(
+            epoch(from_hits, tmp_path / "a", split=split), epoch(converted, tmp_path / "b", split=split)
+        )
 
 
 def rewrite(path: Path, key: str, value: np.ndarray) -> None:
@@ -171,13 +205,17 @@ def test_bad_hit_files_are_data_errors_naming_the_problem(files: tuple, tmp_path
     beyond = index.copy()
     beyond[-3:] += len(pmt)
     rewrite(data, "event_hits_index", beyond)
-    with pytest.raises(DataError, match=rf"points beyond the hit arrays: event 147 starts at hit \d+ but there are {len(pmt)} hits"):
+    with pytest.raises(
+        DataError, match=rf"points beyond the hit arrays: event 147 starts at hit \d+ but there are {len(pmt)} hits"
+    ):
         preflight_check(cfg)
     rewrite(data, "event_hits_index", index)
     wrong_ids = pmt.copy()
     wrong_ids[len(pmt) // 2] = MODULES * PPM + 5
     rewrite(data, "hit_pmt", wrong_ids)
-    with pytest.raises(DataError, match=rf"PMT id {MODULES * PPM + 5} is outside the geometry, which has {MODULES * PPM} PMTs"):
+    with pytest.raises(
+        DataError, match=rf"PMT id {MODULES * PPM + 5} is outside the geometry, which has {MODULES * PPM} PMTs"
+    ):
         preflight_check(cfg)
     build_data(cfg, run_dir=None)  # ranks skip the full id scan; their reads check each batch (test_data_hits)
     rewrite(data, "hit_pmt", pmt)
@@ -215,20 +253,49 @@ def test_cli_convert_and_inspect(files: tuple, tmp_path: Path) -> None:
     from tests.helpers.run import assert_ok, dtrain
 
     data, geo, events, geometry = files
-    out = dtrain("data", "convert", str(data), str(tmp_path / "img.h5"), "--geometry", str(geo),
-                 "--pmts-per-module", str(PPM), cwd=tmp_path)
+    out = dtrain(
+        "data",
+        "convert",
+        str(data),
+        str(tmp_path / "img.h5"),
+        "--geometry",
+        str(geo),
+        "--pmts-per-module",
+        str(PPM),
+        cwd=tmp_path,
+    )
     assert_ok(out)
     assert f"150 mpmt_image samples of shape {(2 * PPM, 4, 5)}" in out.stdout
     with h5py.File(tmp_path / "img.h5", "r") as f:
         assert np.array_equal(f["event_data"][7], reference_image(events[7], geometry["mpmt_image_positions"], PPM))
-    report = dtrain("data", "inspect", str(data), "--json", "--geometry", str(geo), "--pmts-per-module", str(PPM),
-                    "--n-points", "10", cwd=tmp_path)
+    report = dtrain(
+        "data",
+        "inspect",
+        str(data),
+        "--json",
+        "--geometry",
+        str(geo),
+        "--pmts-per-module",
+        str(PPM),
+        "--n-points",
+        "10",
+        cwd=tmp_path,
+    )
     assert_ok(report)
     hits = json.loads(report.stdout)["hits"]
     counts = [len(e[0]) for e in events]
     assert hits["events"] == 150 and hits["hits"] == sum(counts) and hits["empty_events"] == counts.count(0)
     assert hits["hits_per_event"]["max"] == max(counts) and hits["over_n_points"] == sum(c > 10 for c in counts)
     assert hits["representations"]["mpmt_image"] == f"fits: samples of {2 * PPM}x4x5"
-    bad = dtrain("data", "convert", str(data), str(tmp_path / "bad.h5"), "--geometry", str(geo), "--pmts-per-module", "2",
-                 cwd=tmp_path)
+    bad = dtrain(
+        "data",
+        "convert",
+        str(data),
+        str(tmp_path / "bad.h5"),
+        "--geometry",
+        str(geo),
+        "--pmts-per-module",
+        "2",
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "outside the geometry" in bad.stderr and not (tmp_path / "bad.h5").exists()

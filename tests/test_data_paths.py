@@ -25,8 +25,9 @@ def test_an_empty_set_value_clears_a_string_option(tmp_path: Path) -> None:
         load_config(cfg, ["train.epochs="])
 
 
-def test_cleared_split_file_launches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cleared_split_file_launches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=60)
     cfg = write_config(tmp_path / "c.toml", data, data={"split_file": "missing.npz"})
     monkeypatch.chdir(tmp_path)
@@ -40,15 +41,19 @@ def test_data_paths_become_absolute_but_h5_groups_stay(tmp_path: Path, monkeypat
     cfg = config_from_dict({"data": {"path": "d.h5", "split_file": "s/splits.npz", "geometry_file": "g.npz"}})
     make_data_paths_absolute(cfg)
     d = cfg.data
-    assert (d.path, d.split_file, d.geometry_file) == (str(tmp_path / "d.h5"), str(tmp_path / "s/splits.npz"),
-                                                       str(tmp_path / "g.npz"))
+    assert (d.path, d.split_file, d.geometry_file) == (
+        str(tmp_path / "d.h5"),
+        str(tmp_path / "s/splits.npz"),
+        str(tmp_path / "g.npz"),
+    )
     cfg = config_from_dict({"data": {"path": "d.h5", "split_file": "h5:/splits"}})
     make_data_paths_absolute(cfg)
     assert cfg.data.split_file == "h5:/splits"
 
 
-def test_demo_data_is_never_generated_at_a_mistyped_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_data_is_never_generated_at_a_mistyped_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A config copied from the quickstart whose path to real data is mistyped stops the launch."""
     cfg = tmp_path / "mine.toml"
     shutil.copy(REPO / "configs" / "quickstart.toml", cfg)
@@ -61,7 +66,9 @@ def test_demo_data_is_never_generated_at_a_mistyped_path(tmp_path: Path, monkeyp
         assert "generates demo data only at a file name starting with 'demo'" in err
     # The same for a path given with --set.
     assert main(["launch", str(cfg), "--gpus", "cpu", "--set", "data.path=events.h5"]) == 2
-    assert not (tmp_path / "data").exists() and not (tmp_path / "events.h5").exists() and not (tmp_path / "runs").exists()
+    assert (
+        not (tmp_path / "data").exists() and not (tmp_path / "events.h5").exists() and not (tmp_path / "runs").exists()
+    )
     # The shipped demo path is still generated (a dry run says it would be).
     shutil.copy(REPO / "configs" / "quickstart.toml", cfg)
     assert main(["launch", str(cfg), "--gpus", "cpu", "--dry-run"]) == 0

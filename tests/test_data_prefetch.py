@@ -28,8 +28,12 @@ def make_images(path: Path, *, compression: str | None = None) -> Path:
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         chunks = (16, 2, 10, 10) if compression else None
-        f.create_dataset("event_data", data=rng.uniform(0, 255, (N, 2, 10, 10)).astype(np.float32),
-                         chunks=chunks, compression=compression)
+        f.create_dataset(
+            "event_data",
+            data=rng.uniform(0, 255, (N, 2, 10, 10)).astype(np.float32),
+            chunks=chunks,
+            compression=compression,
+        )
         f["labels"] = rng.integers(0, 4, N)
         f["energies"] = rng.uniform(0, 100, (N, 1)).astype(np.float32)
     return path
@@ -110,8 +114,9 @@ def test_many_threads_keep_the_order() -> None:
         assert [b["x"].tolist() for b in loader] == batches
 
 
-def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None, threads: int = 2,
-                     depth: int = 4) -> PrefetchLoader:
+def _counting_loader(
+    n: int, *, read_s: float = 0.0, fail_at: int | None = None, threads: int = 2, depth: int = 4
+) -> PrefetchLoader:
     batches = [[i, i + 1] for i in range(n)]
 
     def gather(job: list[int]) -> dict[str, torch.Tensor]:
@@ -121,8 +126,15 @@ def _counting_loader(n: int, *, read_s: float = 0.0, fail_at: int | None = None,
             raise OSError(f"simulated I/O error at batch {fail_at}")
         return {"x": torch.tensor(job)}
 
-    return PrefetchLoader(lambda index_batch, buffers: index_batch, gather, None, batches, num_threads=threads,
-                          depth=depth, pin_memory=False)
+    return PrefetchLoader(
+        lambda index_batch, buffers: index_batch,
+        gather,
+        None,
+        batches,
+        num_threads=threads,
+        depth=depth,
+        pin_memory=False,
+    )
 
 
 def loader_threads(before: set[threading.Thread]) -> list[threading.Thread]:
@@ -160,7 +172,9 @@ def test_a_pass_of_tiny_reads_gives_every_batch_in_order_whatever_the_timings() 
         (400e-6, 500e-6, False),  # big reads: two readers beat one even when the consumer waits
     ],
 )
-def test_the_switch_to_inline_reads_weighs_reads_against_the_consumers_wait(read_s: float, consumer_s: float, inline: bool) -> None:
+def test_the_switch_to_inline_reads_weighs_reads_against_the_consumers_wait(
+    read_s: float, consumer_s: float, inline: bool
+) -> None:
     it = iter(_counting_loader(40))
     try:
         for _ in range(INLINE_PROBE_BATCHES):

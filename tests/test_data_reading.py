@@ -19,7 +19,9 @@ N = 300
 SHAPE = (3, 6, 5)
 
 
-def make_h5(path: Path, *, chunks: tuple[int, ...] | None = None, compression: str | None = None, seed: int = 0) -> Path:
+def make_h5(
+    path: Path, *, chunks: tuple[int, ...] | None = None, compression: str | None = None, seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, *SHAPE)).astype(np.float32)
     y = rng.integers(0, 3, N).astype(np.int64)

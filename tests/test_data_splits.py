@@ -23,7 +23,10 @@ def make_h5(path: Path, labels: np.ndarray | None = None) -> Path:
     y = labels if labels is not None else np.repeat(np.arange(3), N // 3).astype(np.int64)
     # Channel c has mean 10*c and std c+1, so the statistics are known.
     x = rng.standard_normal((len(y), 3, 4, 4)).astype(np.float32)
-    x = x * np.array([1, 2, 3], dtype=np.float32)[None, :, None, None] + np.array([0, 10, 20], dtype=np.float32)[None, :, None, None]
+    x = (
+        x * np.array([1, 2, 3], dtype=np.float32)[None, :, None, None]
+        + np.array([0, 10, 20], dtype=np.float32)[None, :, None, None]
+    )
     with h5py.File(path, "w") as f:
         f["event_data"] = x
         f["labels"] = y
@@ -74,7 +77,9 @@ def test_zero_test_split_means_no_test_set() -> None:
 
 def test_npz_split_file(tmp_path: Path) -> None:
     path = make_h5(tmp_path / "d.h5")
-    np.savez(tmp_path / "s.npz", train_idxs=np.arange(0, 500), val_idxs=np.arange(500, 550), test_idxs=np.arange(550, 600))
+    np.savez(
+        tmp_path / "s.npz", train_idxs=np.arange(0, 500), val_idxs=np.arange(500, 550), test_idxs=np.arange(550, 600)
+    )
     s = make_splits(N, None, data_cfg(split_file=str(tmp_path / "s.npz")), path)
     assert s.val is not None and s.test is not None
     assert s.train.tolist() == list(range(500)) and s.test.tolist() == list(range(550, 600))

@@ -48,7 +48,9 @@ def test_regression_and_custom_tasks_need_no_labels(tmp_path: Path) -> None:
     info = preflight_check(cfg_for(data))
     assert info.y_key is None and info.class_counts == [] and info.num_rows == N
     # The second attempt: y_key pointing at the float target (targets default to [y_key]).
-    assert preflight_check(cfg_for(data, {"name": "regression"}, y_key="progression")).extra["progression"]["shape"] == [1]
+    assert preflight_check(cfg_for(data, {"name": "regression"}, y_key="progression")).extra["progression"][
+        "shape"
+    ] == [1]
     preflight_check(cfg_for(data, {"name": "tests.helpers.tasks:AbsErrorTask", "targets": ["energies"]}))
     # Classification does need its labels, and says which key is missing.
     with pytest.raises(DataError, match=r"key 'labels' \(y_key\) does not exist"):
@@ -74,7 +76,9 @@ def _stage_counts(data: Path, rows: np.ndarray | None) -> np.ndarray:
 
 def test_splits_are_stratified_only_when_asked(tmp_path: Path) -> None:
     data = no_label_file(tmp_path / "d.h5")
-    with pytest.raises(ConfigError, match=r"data.stratify = True stratifies by class labels, which a 'regression' task"):
+    with pytest.raises(
+        ConfigError, match=r"data.stratify = True stratifies by class labels, which a 'regression' task"
+    ):
         cfg_for(data, stratify=True)
     # By a named key: every stage keeps its share in each split (rounded per stage).
     _, splits = prepare_splits(cfg_for(data, stratify="stage"))
@@ -113,7 +117,8 @@ def test_regression_without_labels_on_two_ranks_end_to_end(tmp_path: Path) -> No
     rows = np.random.default_rng(0).permutation(N)
     np.savez(tmp_path / "splits.npz", train_idxs=rows[:150], val_idxs=rows[150:180], test_idxs=rows[180:])
     cfg = write_config(
-        tmp_path / "reg.toml", data,
+        tmp_path / "reg.toml",
+        data,
         data={"split_file": "splits.npz"},
         task={"name": "regression", "targets": ["progression"], "target_norm": "auto"},
         model={"name": "mlp", "hidden": [16]},
@@ -135,7 +140,8 @@ def test_regression_without_labels_on_two_ranks_end_to_end(tmp_path: Path) -> No
 def test_custom_task_without_labels_trains(tmp_path: Path) -> None:
     data = no_label_file(tmp_path / "d.h5")
     cfg = write_config(
-        tmp_path / "custom.toml", data,
+        tmp_path / "custom.toml",
+        data,
         task={"name": "tests.helpers.tasks:AbsErrorTask", "targets": ["energies"]},
         model={"name": "mlp", "hidden": [8]},
         train={"epochs": 1, "log_every": 2, "precision": "fp32", "stop_check_every": 2},

@@ -57,9 +57,12 @@ def assert_published(path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "interrupt"])
-def test_synth_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     exc: BaseException) -> None:
+@pytest.mark.parametrize(
+    "exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+def test_synth_keeps_the_old_file_when_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
     out = tmp_path / "demo.h5"
     out.write_bytes(OLD)
     fail_mid_write(monkeypatch, synth, exc)
@@ -74,8 +77,9 @@ def test_synth_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.parametrize("step", ["hit arrays", "geometry"])
-def test_synth_hits_keeps_both_old_files_when_a_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            step: str) -> None:
+def test_synth_hits_keeps_both_old_files_when_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
     out, geometry = tmp_path / "demo.h5", tmp_path / "demo_geometry.npz"
     out.write_bytes(OLD)
     geometry.write_bytes(OLD)
@@ -114,8 +118,9 @@ def test_convert_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypat
 
 
 def test_convert_hits_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src, geometry = synth_hits.write_hits_demo(tmp_path / "hits.h5", events=20, grid=(4, 6), hits_per_event=5,
-                                               progress=False)
+    src, geometry = synth_hits.write_hits_demo(
+        tmp_path / "hits.h5", events=20, grid=(4, 6), hits_per_event=5, progress=False
+    )
     spec = HitSpec(geometry_file=str(geometry))
     out = tmp_path / "images.h5"
     out.write_bytes(OLD)

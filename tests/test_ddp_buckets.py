@@ -19,9 +19,20 @@ from tests.helpers.run import REPO, env_for_tests
 def test_settled_ddp_reduces_its_first_step_like_every_later_step_and_changes_nothing_else(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-         str(REPO / "tests" / "helpers" / "ddp_buckets.py"), str(out)],
-        cwd=REPO, env=env_for_tests(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=3",
+            str(REPO / "tests" / "helpers" / "ddp_buckets.py"),
+            str(out),
+        ],
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
@@ -31,4 +42,6 @@ def test_settled_ddp_reduces_its_first_step_like_every_later_step_and_changes_no
     assert report["rebuilt_at_first_step"] is True
     assert report["first_step_like_default_rebuilt"] is True
     # Settling leaves the run as it was.
-    assert report["rng_unchanged"] and report["buffers_unchanged"] and report["grads_dropped"] and report["mode_restored"], report
+    assert (
+        report["rng_unchanged"] and report["buffers_unchanged"] and report["grads_dropped"] and report["mode_restored"]
+    ), report

@@ -65,7 +65,13 @@ def batches(
     split = build_data(cfg, run_dir=None).train
     sampler = ShardedEvalBatchSampler(len(split), num_replicas=1, rank=0, batch_size=16)
     loader = make_loader(
-        split, sampler, cfg.data, train=False, device_type=device_type, channels_last=channels_last, defer_to_device=defer
+        split,
+        sampler,
+        cfg.data,
+        train=False,
+        device_type=device_type,
+        channels_last=channels_last,
+        defer_to_device=defer,
     )
     return list(loader), loader.device_prep
 

@@ -49,8 +49,10 @@ def _two_ranks_disagreeing(rank: int, init_file: str, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     stopper = EarlyStopping("val/loss", "min", patience=1, min_delta=0.0)
-    stops = [stopper.step({"val/loss": value + (1e-12 if rank == 1 and epoch == 2 else 0.0)}, epoch)
-             for epoch, value in ((1, 1.0), (2, 0.9999999999995), (3, 0.5))]
+    stops = [
+        stopper.step({"val/loss": value + (1e-12 if rank == 1 and epoch == 2 else 0.0)}, epoch)
+        for epoch, value in ((1, 1.0), (2, 0.9999999999995), (3, 0.5))
+    ]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"stops": stops, "stopped_epoch": stopper.stopped_epoch}))
     dist.destroy_process_group()
 
@@ -69,9 +71,11 @@ def test_state_round_trips_and_a_changed_monitor_starts_fresh() -> None:
         stopper.step({"val/loss": value}, epoch)
     again = EarlyStopping("val/loss", "min", patience=3, min_delta=0.0)
     again.load_state_dict(stopper.state_dict())
-    assert again.state_dict() == stopper.state_dict() == {
-        "monitor": "val/loss", "best": 0.5, "best_epoch": 2, "wait": 2, "stopped_epoch": 0
-    }
+    assert (
+        again.state_dict()
+        == stopper.state_dict()
+        == {"monitor": "val/loss", "best": 0.5, "best_epoch": 2, "wait": 2, "stopped_epoch": 0}
+    )
     other = EarlyStopping("val/accuracy", "max", patience=3, min_delta=0.0)
     other.load_state_dict(stopper.state_dict())
     assert (other.best, other.wait) == (None, 0)
@@ -79,7 +83,11 @@ def test_state_round_trips_and_a_changed_monitor_starts_fresh() -> None:
 
 def test_config_keys_are_checked() -> None:
     cfg = config_from_dict({})
-    assert (cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, cfg.train.test_checkpoint) == (0, 0.0, "best")
+    assert (cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, cfg.train.test_checkpoint) == (
+        0,
+        0.0,
+        "best",
+    )
     for raw, message in (
         ({"train": {"early_stop_patience": -1}}, "train.early_stop_patience = -1 must be >= 0"),
         ({"train": {"early_stop_min_delta": -0.5}}, "train.early_stop_min_delta = -0.5 must be >= 0"),
@@ -97,7 +105,9 @@ def test_config_keys_are_checked() -> None:
 
 
 # ---------------------------------------------------------------------------------------- real runs
-def _config(tmp_path: Path, name: str, data: Path, *, model: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
+def _config(
+    tmp_path: Path, name: str, data: Path, *, model: dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> Path:
     train = {"epochs": 6, "log_every": 5, "precision": "fp32", "stop_check_every": 2, **sections.pop("train", {})}
     return write_config(
         tmp_path / f"{name}.toml",
@@ -110,7 +120,9 @@ def _config(tmp_path: Path, name: str, data: Path, *, model: dict[str, Any] | No
 
 
 def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> str:
-    proc = dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent)
+    proc = dtrain(
+        "launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent
+    )
     assert_ok(proc)
     return proc.stdout + proc.stderr
 
@@ -153,7 +165,9 @@ def test_early_stop_ends_every_rank_at_the_same_epoch_and_a_resumed_run_counts_o
 
 def _bn_config(tmp_path: Path, name: str, data: Path, **train: Any) -> Path:
     return _config(
-        tmp_path, name, data,
+        tmp_path,
+        name,
+        data,
         model={"name": "tests.helpers.bn_net:BNConvNet", "num_classes": 3, "channels": 4},
         train={"epochs": 4, **train},
         optim={"name": "adam", "lr": 0.05},
@@ -168,9 +182,7 @@ def _eval(run_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize(
-    ("strategy", "nproc"), [("ddp", 3), pytest.param("fsdp", 2, marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize(("strategy", "nproc"), [("ddp", 3), pytest.param("fsdp", 2, marks=pytest.mark.slow)])
 def test_end_of_run_test_evaluates_best_checkpoint_as_dtrain_eval_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str, nproc: int
 ) -> None:
@@ -183,7 +195,10 @@ def test_end_of_run_test_evaluates_best_checkpoint_as_dtrain_eval_does(
     best_epoch = max(epochs, key=lambda r: r["val/loss"])  # the first of equal values stays best
     assert best_epoch["epoch"] < epochs[-1]["epoch"], "the test needs a best epoch before the last"
     assert test_record["checkpoint"]["which"] == "best"
-    assert (test_record["checkpoint"]["epoch"], test_record["checkpoint"]["step"]) == (best_epoch["epoch"], best_epoch["step"])
+    assert (test_record["checkpoint"]["epoch"], test_record["checkpoint"]["step"]) == (
+        best_epoch["epoch"],
+        best_epoch["step"],
+    )
     assert (test_record["epoch"], test_record["step"]) == (epochs[-1]["epoch"], epochs[-1]["step"])
     evaluated = _eval(run_dir, capsys, "--checkpoint", "best")
     assert (evaluated["epoch"], evaluated["step"]) == (best_epoch["epoch"], best_epoch["step"])

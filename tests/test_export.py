@@ -30,7 +30,8 @@ def test_export_writes_what_load_state_dict_takes_and_eval_reads_it_with_the_sid
     monkeypatch.chdir(tmp_path)
     data = make_image_h5(tmp_path / "d.h5", events=120, shape=(2, 6, 6))
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.bn_net:BNConvNet", "num_classes": 3, "channels": 4},
         train={"epochs": 2, "precision": "fp32", "log_every": 5},
     )

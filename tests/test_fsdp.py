@@ -46,7 +46,9 @@ def test_strategy_defaults_to_ddp_and_fsdp_section_has_its_defaults() -> None:
     assert cfg.train.strategy == "ddp"
     assert cfg.fsdp.wrap == [] and cfg.fsdp.reshard_after_forward is True
     assert cfg.fsdp.activation_checkpointing is False and cfg.fsdp.cpu_offload is False
-    cfg = config_from_dict({"train": {"strategy": "fsdp"}, "fsdp": {"activation_checkpointing": ["Block"], "wrap": ["Block"]}})
+    cfg = config_from_dict(
+        {"train": {"strategy": "fsdp"}, "fsdp": {"activation_checkpointing": ["Block"], "wrap": ["Block"]}}
+    )
     assert cfg.fsdp.activation_checkpointing == ["Block"]
 
 
@@ -88,13 +90,22 @@ def _equal_config(tmp_path: Path, name: str, data: Path, strategy: str, fsdp: di
         model={"name": "mlp", "num_classes": 3, "hidden": [16, 16]},
         optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
         # Accumulation exercises set_requires_gradient_sync(False); clipping the sharded-gradient norm.
-        train={"epochs": 2, "log_every": 1, "precision": "fp32", "grad_accum": 2, "clip_grad_norm": 0.3, "strategy": strategy},
+        train={
+            "epochs": 2,
+            "log_every": 1,
+            "precision": "fp32",
+            "grad_accum": 2,
+            "clip_grad_norm": 0.3,
+            "strategy": strategy,
+        },
         fsdp=fsdp,
     )
 
 
 def _launch(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> str:
-    proc = dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent)
+    proc = dtrain(
+        "launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), "--run-dir", str(run_dir), *extra, cwd=cfg.parent
+    )
     assert_ok(proc)
     return proc.stdout + proc.stderr
 
@@ -108,7 +119,9 @@ def assert_close_state(a: dict[str, Any], b: dict[str, Any], atol: float = 1e-5)
     for index, name in enumerate(names):
         for key, value in b["optimizer"]["state"][index].items():
             mine = a["optimizer"]["state"][name][key]
-            torch.testing.assert_close(torch.as_tensor(mine), torch.as_tensor(value), atol=atol, rtol=0, msg=f"{name}.{key}")
+            torch.testing.assert_close(
+                torch.as_tensor(mine), torch.as_tensor(value), atol=atol, rtol=0, msg=f"{name}.{key}"
+            )
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
 
 
@@ -251,7 +264,9 @@ def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None
     _launch(cfg, run_dir, 2)
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*"))
     assert len(checkpoints) == 2 and all(c.is_dir() for c in checkpoints), "FSDP writes sharded directories"
-    assert {"__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt"} <= {p.name for p in checkpoints[-1].iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt"} <= {
+        p.name for p in checkpoints[-1].iterdir()
+    }
     newest = checkpoints[-1]
     older_step = int(checkpoints[0].name.split("-s")[1])
     shard = newest / "__1_0.distcp"
@@ -270,7 +285,9 @@ def test_fsdp_resume_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None
 BN_MODEL = {"name": "tests.helpers.models:BNConvNet", "num_classes": 3, "channels": 8}
 
 
-def _precision_config(tmp_path: Path, name: str, data: Path, strategy: str, precision: str, model: dict[str, Any]) -> Path:
+def _precision_config(
+    tmp_path: Path, name: str, data: Path, strategy: str, precision: str, model: dict[str, Any]
+) -> Path:
     return write_config(
         tmp_path / f"{name}.toml",
         data,
@@ -321,7 +338,16 @@ def test_fp16_loss_scaler_skips_the_same_step_on_every_rank_when_one_shard_overf
     on gloo: an inf in rank 1's shard only must make both ranks skip the step and halve the scale, or
     the shards of one parameter would drift apart."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.helpers.fsdp_scaler_worker"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tests.helpers.fsdp_scaler_worker",
+        ],
         cwd=REPO,
         env=env_for_tests(),
         capture_output=True,
@@ -330,20 +356,26 @@ def test_fp16_loss_scaler_skips_the_same_step_on_every_rank_when_one_shard_overf
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("SCALER"))
-    assert lines == [f"SCALER rank={r} skipped=True scale=2.0 finite_step=True" for r in (0, 1)], proc.stdout + proc.stderr
+    assert lines == [f"SCALER rank={r} skipped=True scale=2.0 finite_step=True" for r in (0, 1)], (
+        proc.stdout + proc.stderr
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["batchnorm", "mlp"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_precision_matrix_on_the_cpu_trains_saves_and_evaluates(tmp_path: Path, strategy: str, precision: str, model: str) -> None:
+def test_precision_matrix_on_the_cpu_trains_saves_and_evaluates(
+    tmp_path: Path, strategy: str, precision: str, model: str
+) -> None:
     """README's matrix, CPU half (the CUDA half is in tests/test_gpu.py): every combination trains on 2
     ranks, writes its checkpoint, and `dtrain eval` of the run reproduces the run's own test loss."""
     data = make_image_h5(tmp_path / "d.h5", events=160, shape=(2, 6, 6))
     spec = BN_MODEL if model == "batchnorm" else {"name": "mlp", "num_classes": 3, "hidden": [16, 16]}
     run_dir = tmp_path / "run"
-    console = _launch(_precision_config(tmp_path, "m", data, strategy, precision, spec), run_dir, 2, "--set", "train.epochs=1")
+    console = _launch(
+        _precision_config(tmp_path, "m", data, strategy, precision, spec), run_dir, 2, "--set", "train.epochs=1"
+    )
     if precision == "fp16":
         assert "using bf16 autocast on the CPU instead" in (run_dir / "logs" / "rank0.log").read_text() + console
     (epoch,) = records(run_dir, "epoch")
@@ -362,7 +394,9 @@ def test_activation_checkpointing_updates_batchnorm_statistics_once_per_step() -
     from dist_train.distributed.strategy import _replace_with_checkpoint_wrapper
 
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)), torch.nn.Linear(6, 2))
+    plain = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)), torch.nn.Linear(6, 2)
+    )
     recomputed = copy.deepcopy(plain)
     _replace_with_checkpoint_wrapper(recomputed, "0", recomputed[0])
     x = torch.randn(8, 4)

@@ -62,7 +62,11 @@ def gpus_json(*extra: str) -> list[dict]:
 def occupier() -> Iterator[subprocess.Popen[str]]:
     """Another user's job: 4 GiB held and matmuls running on GPU 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.gpu_occupier", "4"], cwd=REPO, env=gpu_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "tests.helpers.gpu_occupier", "4"],
+        cwd=REPO,
+        env=gpu_env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -96,7 +100,9 @@ def test_a_gpu_used_by_another_process_is_busy_and_auto_refuses_it(tmp_path: Pat
     assert not status["free"], status
     assert any("MiB memory used" in r or "compute processes" in r for r in status["busy_reasons"]), status
     cfg = gpu_config(tmp_path, "busy")
-    proc = dtrain("launch", "--gpus", "auto", str(cfg), "--lock-dir", str(tmp_path / "locks"), cwd=tmp_path, env=gpu_env())
+    proc = dtrain(
+        "launch", "--gpus", "auto", str(cfg), "--lock-dir", str(tmp_path / "locks"), cwd=tmp_path, env=gpu_env()
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Not enough free GPUs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt")), "nothing may have trained"
@@ -106,8 +112,18 @@ def test_a_gpu_used_by_another_process_is_busy_and_auto_refuses_it(tmp_path: Pat
 def test_training_on_the_gpu_with_mixed_precision(tmp_path: Path, precision: str) -> None:
     cfg = gpu_config(tmp_path, precision, train={"epochs": 2, "precision": precision, "log_every": 5})
     run_dir = tmp_path / "run"
-    proc = dtrain("launch", "--gpus", "auto", str(cfg), "--run-dir", str(run_dir), "--lock-dir", str(tmp_path / "locks"),
-                  cwd=tmp_path, env=gpu_env())
+    proc = dtrain(
+        "launch",
+        "--gpus",
+        "auto",
+        str(cfg),
+        "--run-dir",
+        str(run_dir),
+        "--lock-dir",
+        str(tmp_path / "locks"),
+        cwd=tmp_path,
+        env=gpu_env(),
+    )
     assert_ok(proc)
     assert "reserved GPU 0" in proc.stdout + proc.stderr
     log = (run_dir / "logs" / "rank0.log").read_text()
@@ -131,7 +147,8 @@ def test_debug_mode_runs_on_one_reserved_gpu_and_releases_it(tmp_path: Path, pre
     locks = str(tmp_path / "locks")
     name = f"debug-{precision}"
     cfg = gpu_config(
-        tmp_path, name,
+        tmp_path,
+        name,
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.05},
         train={"epochs": 40, "precision": precision, "log_every": 1, "stop_check_every": 1},
     )
@@ -181,7 +198,8 @@ def test_reserved_gpu_is_refused_and_a_preempted_gpu_run_resumes_bit_exact(tmp_p
 
     def config(name: str) -> Path:
         return gpu_config(
-            tmp_path, name,
+            tmp_path,
+            name,
             run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
             data={"batch_size": 8},
             model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.02},
@@ -189,8 +207,20 @@ def test_reserved_gpu_is_refused_and_a_preempted_gpu_run_resumes_bit_exact(tmp_p
         )
 
     ref = tmp_path / "ref"
-    assert_ok(dtrain("launch", "--gpus", "auto", str(config("ref")), "--run-dir", str(ref), "--lock-dir", locks,
-                     cwd=tmp_path, env=gpu_env()))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "auto",
+            str(config("ref")),
+            "--run-dir",
+            str(ref),
+            "--lock-dir",
+            locks,
+            cwd=tmp_path,
+            env=gpu_env(),
+        )
+    )
 
     run_dir = tmp_path / "cut"
     args = ("launch", "--gpus", "0,", str(config("cut")), "--run-dir", str(run_dir), "--lock-dir", locks)
@@ -199,8 +229,9 @@ def test_reserved_gpu_is_refused_and_a_preempted_gpu_run_resumes_bit_exact(tmp_p
     wait_for_step(run_dir, 1, proc)
 
     # --force overrides "looks busy" (the memory the run uses), never another job's reservation.
-    second = dtrain("launch", "--gpus", "0,", "--force", str(config("second")), "--lock-dir", locks,
-                    cwd=tmp_path, env=gpu_env())
+    second = dtrain(
+        "launch", "--gpus", "0,", "--force", str(config("second")), "--lock-dir", locks, cwd=tmp_path, env=gpu_env()
+    )
     assert second.returncode == 2, second.stdout + second.stderr
     assert "reserved" in second.stderr and "Traceback" not in second.stderr, second.stderr
 
@@ -238,15 +269,32 @@ MLP = {"name": "mlp", "num_classes": 3, "hidden": [16, 16]}
 @pytest.mark.parametrize("model", ["batchnorm", "mlp"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_precision_matrix_on_the_gpu_trains_and_saves(tmp_path: Path, strategy: str, precision: str, model: str) -> None:
+def test_precision_matrix_on_the_gpu_trains_and_saves(
+    tmp_path: Path, strategy: str, precision: str, model: str
+) -> None:
     """README's matrix, CUDA half: each combination trains on GPU 0, writes its checkpoint (FSDP: the default
     async sharded save, which asserted "A CPU backend must be enabled" on NCCL) and evaluates from it."""
     name = f"{strategy}-{precision}-{model}"
-    cfg = gpu_config(tmp_path, name, model=BN_CNN if model == "batchnorm" else MLP,
-                     train={"epochs": 2, "precision": precision, "strategy": strategy, "max_steps_per_epoch": 10})
+    cfg = gpu_config(
+        tmp_path,
+        name,
+        model=BN_CNN if model == "batchnorm" else MLP,
+        train={"epochs": 2, "precision": precision, "strategy": strategy, "max_steps_per_epoch": 10},
+    )
     run_dir = tmp_path / "run"
-    proc = dtrain("launch", "--gpus", "0,", "--force", str(cfg), "--run-dir", str(run_dir), "--lock-dir",
-                  str(tmp_path / "locks"), cwd=tmp_path, env=gpu_env())
+    proc = dtrain(
+        "launch",
+        "--gpus",
+        "0,",
+        "--force",
+        str(cfg),
+        "--run-dir",
+        str(run_dir),
+        "--lock-dir",
+        str(tmp_path / "locks"),
+        cwd=tmp_path,
+        env=gpu_env(),
+    )
     assert_ok(proc)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "device cuda:0" in log and f"precision {precision}" in log, log
@@ -273,7 +321,8 @@ def test_fsdp_bf16_resnet18_sigterm_resume_bit_exact_then_export_and_eval(tmp_pa
 
     def config(name: str) -> Path:
         return write_config(
-            tmp_path / f"{name}.toml", data,
+            tmp_path / f"{name}.toml",
+            data,
             run={"name": name, "output_dir": str(tmp_path / "runs"), "seed": 1, "deterministic": True},
             data={"batch_size": 8},
             model={"name": "tests.helpers.models:SlowResNet18", "num_classes": 3, "delay": 0.02},
@@ -282,8 +331,21 @@ def test_fsdp_bf16_resnet18_sigterm_resume_bit_exact_then_export_and_eval(tmp_pa
         )
 
     ref = tmp_path / "ref"
-    assert_ok(dtrain("launch", "--gpus", "0,", "--force", str(config("ref")), "--run-dir", str(ref), "--lock-dir", locks,
-                     cwd=tmp_path, env=gpu_env()))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "0,",
+            "--force",
+            str(config("ref")),
+            "--run-dir",
+            str(ref),
+            "--lock-dir",
+            locks,
+            cwd=tmp_path,
+            env=gpu_env(),
+        )
+    )
     log = (ref / "logs" / "rank0.log").read_text()
     assert "precision bf16" in log and "norm layer(s) with running statistics in fp32" in log, log
     epochs = records(ref, "epoch")

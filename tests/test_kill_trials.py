@@ -90,7 +90,9 @@ def test_random_sigkills_never_break_resume(tmp_path: Path) -> None:
     rng = random.Random(1234)
     data = make_image_h5(tmp_path / "d.h5", events=600)
     ref = config(tmp_path, "ref", data)
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", NPROC, str(ref), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path))
+    assert_ok(
+        dtrain("launch", "--gpus", "cpu", "--nproc", NPROC, str(ref), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path)
+    )
 
     cfg = config(tmp_path, "killed", data)
     run_dir = tmp_path / "killed"

@@ -32,8 +32,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def faulty_config(tmp_path: Path, data: Path, mode: str, **extra: dict[str, Any]) -> Path:
     sections: dict[str, dict[str, Any]] = {
-        "model": {"name": "tests.helpers.models:FaultyMLP", "num_classes": 3, "in_features": IN_FEATURES,
-                  "mode": mode, "rank": 1, "after": 3},
+        "model": {
+            "name": "tests.helpers.models:FaultyMLP",
+            "num_classes": 3,
+            "in_features": IN_FEATURES,
+            "mode": mode,
+            "rank": 1,
+            "after": 3,
+        },
         "train": {"epochs": 1, "log_every": 1, "precision": "fp32"},
         "launch": {"pg_timeout": 30},
     }
@@ -44,7 +50,8 @@ def faulty_config(tmp_path: Path, data: Path, mode: str, **extra: dict[str, Any]
 
 def slow_config(tmp_path: Path, data: Path, epochs: int = 4) -> Path:
     return write_config(
-        tmp_path / "slow.toml", data,
+        tmp_path / "slow.toml",
+        data,
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": IN_FEATURES, "delay": 0.3},
         train={"epochs": epochs, "log_every": 1, "precision": "fp32"},
         launch={"pg_timeout": 30},
@@ -61,7 +68,9 @@ def wait_for_step(
     """Poll metrics.jsonl until training reached ``step`` (the job must still be running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"launcher exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}"
+        assert proc.poll() is None, (
+            f"launcher exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}"
+        )
         for metrics in runs.glob(pattern):
             steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
             if steps and max(steps) >= step:
@@ -110,7 +119,8 @@ def test_a_forward_raising_on_rank_1_in_the_dry_pass_names_rank_1(tmp_path: Path
     The report is rank 1's own exception (type, message, the model's line) and log, once; rank 0's
     connection error is not shown as the failure, --verbose shows both tracebacks."""
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.models:RaisingMLP", "num_classes": 3, "in_features": IN_FEATURES, "rank": 1},
         launch={"pg_timeout": 30},
     )
@@ -131,7 +141,9 @@ def test_a_forward_raising_on_rank_1_in_the_dry_pass_names_rank_1(tmp_path: Path
     assert "Traceback" not in text and "Connection closed by peer" not in text, text
     assert "Connection closed by peer" in (run_dir / "logs" / "rank0.log").read_text(), "the victim's own log keeps it"
 
-    verbose = dtrain("--verbose", "launch", "--gpus", "cpu", "--nproc", "2", "--resume", "never", str(cfg), cwd=tmp_path)
+    verbose = dtrain(
+        "--verbose", "launch", "--gpus", "cpu", "--nproc", "2", "--resume", "never", str(cfg), cwd=tmp_path
+    )
     assert verbose.returncode == 2, output(verbose)
     assert "--- rank 0:" in verbose.stderr and "Connection closed by peer" in verbose.stderr, output(verbose)
 
@@ -146,12 +158,21 @@ def test_own_failures_come_before_ranks_that_lost_a_failed_peer() -> None:
         {"rank": 0, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.1, "message": gloo},
         {"rank": 1, "exitcode": -15, "signal": "SIGTERM", "timestamp": 100, "message": ""},
         {"rank": 2, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.4, "message": "KeyError: 'x'"},
-        {"rank": 3, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.2,
-         "message": '{"message": "DistBackendError: NCCL communicator was aborted on rank 3."}'},
+        {
+            "rank": 3,
+            "exitcode": 1,
+            "signal": "",
+            "timestamp": 100,
+            "failed_at": 100.2,
+            "message": '{"message": "DistBackendError: NCCL communicator was aborted on rank 3."}',
+        },
     ]
     assert [lost_a_peer(f) for f in failures] == [True, False, False, True]
     assert _root_cause(failures)["rank"] == 2
-    own = [*failures, {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.3, "message": "ValueError"}]
+    own = [
+        *failures,
+        {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "failed_at": 100.3, "message": "ValueError"},
+    ]
     assert _root_cause(own)["rank"] == 4, "of two own failures in one second, the earlier"
 
 
@@ -257,7 +278,9 @@ def test_config_errors_fail_before_any_process_starts(tmp_path: Path, data: Path
     text = good.read_text()
 
     (tmp_path / "typo.toml").write_text(text.replace("batch_size", "batch_sise"))
-    _assert_one_paragraph_error(dtrain("launch", "--gpus", "cpu", "typo.toml", cwd=tmp_path), "batch_sise", "batch_size")
+    _assert_one_paragraph_error(
+        dtrain("launch", "--gpus", "cpu", "typo.toml", cwd=tmp_path), "batch_sise", "batch_size"
+    )
 
     (tmp_path / "type.toml").write_text(text.replace("epochs = 2", 'epochs = "two"'))
     _assert_one_paragraph_error(dtrain("launch", "--gpus", "cpu", "type.toml", cwd=tmp_path), "epochs")
@@ -303,7 +326,13 @@ def test_a_killed_rank_is_the_cause_even_if_a_peer_raised_first() -> None:
     from launcher.execute import _root_cause
 
     failures = [
-        {"rank": 0, "exitcode": 1, "signal": None, "timestamp": 100, "message": "RuntimeError: Connection closed by peer"},
+        {
+            "rank": 0,
+            "exitcode": 1,
+            "signal": None,
+            "timestamp": 100,
+            "message": "RuntimeError: Connection closed by peer",
+        },
         {"rank": 1, "exitcode": -9, "signal": "SIGKILL", "timestamp": 101, "message": "Signal 9 (SIGKILL)"},
         {"rank": 2, "exitcode": -15, "signal": "SIGTERM", "timestamp": 99, "message": ""},
     ]
@@ -318,14 +347,30 @@ def test_a_report_of_victims_only_says_the_cause_is_elsewhere(tmp_path: Path) ->
 
     summary = tmp_path / "failures.json"
     gloo = "RuntimeError: [pair.cc:561] Connection closed by peer [10.0.0.2]:52890."
-    summary.write_text(json.dumps({"status": "failed", "failures": [
-        {"rank": 5, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
-        {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
-    ]}))
-    plan = LaunchPlan(argv=(), env=(), run_dir=str(tmp_path), backend="torchrun",
-                      topology=Topology(nproc_per_node=2, nnodes=2, node_rank=1), cuda_visible_devices=None,
-                      summary_file=str(summary))
+    summary.write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "failures": [
+                    {"rank": 5, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+                    {"rank": 4, "exitcode": 1, "signal": "", "timestamp": 100, "message": gloo},
+                ],
+            }
+        )
+    )
+    plan = LaunchPlan(
+        argv=(),
+        env=(),
+        run_dir=str(tmp_path),
+        backend="torchrun",
+        topology=Topology(nproc_per_node=2, nnodes=2, node_rank=1),
+        cuda_visible_devices=None,
+        summary_file=str(summary),
+    )
     report = failure_report(plan, 1)
     assert report.startswith("dtrain: rank 4 exited with code 1: RuntimeError:"), report
     assert "Rank 5 was cut off from it" in report
-    assert f"which failed first (on another node, or without an error record): look for it in the logs in {tmp_path / 'logs'}" in report
+    assert (
+        f"which failed first (on another node, or without an error record): look for it in the logs in {tmp_path / 'logs'}"
+        in report
+    )

@@ -31,7 +31,8 @@ def uuids(state: str) -> dict[int, str]:
 def cfg(tmp_path: Path) -> Path:
     data = make_image_h5(tmp_path / "d.h5", events=200)
     return write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": IN_FEATURES, "delay": 0.3},
         train={"epochs": 60, "log_every": 1, "precision": "fp32"},
         launch={"pg_timeout": 30},
@@ -127,7 +128,12 @@ def test_concurrent_launches_get_different_gpus_and_ports_and_release_them(cfg: 
         assert b_env["MASTER_PORT"] != a_env["MASTER_PORT"]
         assert b_env["DTRAIN_RUN_DIR"] != a_env["DTRAIN_RUN_DIR"]
         # Stop it only once it trains: a worker still starting up has no preemption handler yet.
-        wait_for_step(Path(b_env["DTRAIN_RUN_DIR"]).parent, 1, second, pattern=f"{Path(b_env['DTRAIN_RUN_DIR']).name}/metrics.jsonl")
+        wait_for_step(
+            Path(b_env["DTRAIN_RUN_DIR"]).parent,
+            1,
+            second,
+            pattern=f"{Path(b_env['DTRAIN_RUN_DIR']).name}/metrics.jsonl",
+        )
         assert len(list((tmp / "runs" / "t").iterdir())) == 2
 
         procs = psutil.Process(first.pid).children(recursive=True) + psutil.Process(second.pid).children(recursive=True)
@@ -183,15 +189,21 @@ def test_debug_takes_one_free_gpu_and_locks_it(cfg: Path, state: str, extra: tup
     assert "running on the CPU" not in proc.stderr
 
 
-@pytest.mark.parametrize(("state", "extra", "notice"), [("none.json", (), True), ("free8.json", ("--gpus", "cpu"), False)])
-def test_debug_runs_on_the_cpu_without_gpus_or_when_asked(cfg: Path, state: str, extra: tuple[str, ...], notice: bool) -> None:
+@pytest.mark.parametrize(
+    ("state", "extra", "notice"), [("none.json", (), True), ("free8.json", ("--gpus", "cpu"), False)]
+)
+def test_debug_runs_on_the_cpu_without_gpus_or_when_asked(
+    cfg: Path, state: str, extra: tuple[str, ...], notice: bool
+) -> None:
     proc, plan = debug_dry_run(cfg, state, *extra)
     assert proc.returncode == 0, proc.stderr
     assert_one_plain_process(plan)
     env_vars = dict(plan["env"])
     assert env_vars["CUDA_VISIBLE_DEVICES"] == "" and env_vars["DTRAIN_DEVICE"] == "cpu"
     # The same notice as a normal launch that finds no GPU; none when the CPU was asked for.
-    assert len([line for line in proc.stderr.splitlines() if "no GPUs found" in line and "running on the CPU" in line]) == int(notice)
+    assert len(
+        [line for line in proc.stderr.splitlines() if "no GPUs found" in line and "running on the CPU" in line]
+    ) == int(notice)
     assert "reserved GPU" not in proc.stderr
 
 
@@ -205,7 +217,9 @@ def test_debug_runs_on_the_cpu_without_gpus_or_when_asked(cfg: Path, state: str,
         ("free8.json", ("--gpus", "cpu", "--nproc", "2"), "--nproc 2 with --debug: debug mode runs one process"),
     ],
 )
-def test_debug_refuses_busy_gpus_and_more_than_one_process(cfg: Path, state: str, extra: tuple[str, ...], expected: str) -> None:
+def test_debug_refuses_busy_gpus_and_more_than_one_process(
+    cfg: Path, state: str, extra: tuple[str, ...], expected: str
+) -> None:
     proc, _ = debug_dry_run(cfg, state, *extra)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -229,7 +243,9 @@ def test_a_debug_run_holds_its_gpu_like_any_job_and_releases_it_on_ctrl_c(cfg: P
     from launcher.run_dirs import is_debug_run, is_in_use
 
     tmp = cfg.parent
-    launcher = start_dtrain("launch", str(cfg), "--debug", "--lock-dir", str(tmp / "locks"), cwd=tmp, env=env("free8.json"))
+    launcher = start_dtrain(
+        "launch", str(cfg), "--debug", "--lock-dir", str(tmp / "locks"), cwd=tmp, env=env("free8.json")
+    )
     try:
         run_dir = wait_for_step(tmp / "runs", 1, launcher)
         assert run_dir.name.endswith("-debug") and is_debug_run(run_dir)
@@ -259,8 +275,15 @@ def test_a_debug_run_holds_its_gpu_like_any_job_and_releases_it_on_ctrl_c(cfg: P
 
 def test_debug_inside_a_slurm_step_uses_the_first_gpu_slurm_gave_it(cfg: Path) -> None:
     """SLURM owns the allocation: no NVML search and no locks, one of this node's GPUs."""
-    step = {"SLURM_JOB_ID": "4711", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
-            "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NUM_TASKS": "1", "CUDA_VISIBLE_DEVICES": "2,3"}
+    step = {
+        "SLURM_JOB_ID": "4711",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_STEP_NUM_TASKS": "1",
+        "CUDA_VISIBLE_DEVICES": "2,3",
+    }
     args = ["launch", str(cfg), "--debug", "--lock-dir", str(cfg.parent / "locks"), "--dry-run"]
     proc = dtrain(*args, cwd=cfg.parent, env=env_for_tests({**step, "DTRAIN_NVML_RECORD": str(STATES / "free8.json")}))
     assert proc.returncode == 0, proc.stderr

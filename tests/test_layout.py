@@ -132,5 +132,11 @@ def test_no_import_cycles_in_launcher_or_dist_train() -> None:
 
 def test_dist_train_never_imports_the_launcher() -> None:
     graph = import_graph()
-    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("dist_train") for d in deps if d.startswith("launcher"))
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith("dist_train")
+        for d in deps
+        if d.startswith("launcher")
+    )
     assert not upward, "the workers must not depend on the launcher:\n" + "\n".join(upward)

@@ -84,8 +84,17 @@ def test_tensorboard_has_every_metric_of_metrics_jsonl_under_the_same_name(tmp_p
     run_dir = only_run_dir(tmp_path / "runs")
     jsonl, tb = _jsonl_metrics(run_dir), _tensorboard_scalars(run_dir / "tb")
     # What the issue found missing, and what was there before.
-    for key in ("lr", "samples_per_s", "data_wait_frac", "epoch_time_s", "peak_memory_mb",
-                "train/loss", "val/accuracy", "test/loss", "train/loss_running"):
+    for key in (
+        "lr",
+        "samples_per_s",
+        "data_wait_frac",
+        "epoch_time_s",
+        "peak_memory_mb",
+        "train/loss",
+        "val/accuracy",
+        "test/loss",
+        "train/loss_running",
+    ):
         assert key in jsonl, sorted(jsonl)
     assert set(tb) == set(jsonl), f"only in jsonl: {set(jsonl) - set(tb)}; only in TensorBoard: {set(tb) - set(jsonl)}"
     for tag, points in jsonl.items():

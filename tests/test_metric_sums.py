@@ -27,6 +27,8 @@ def test_restored_sums_keep_adding_where_they_left_off() -> None:
 
 
 def test_rank_sums_add_in_rank_order_and_missing_keys_count_as_zero() -> None:
-    total = add_sums([{"loss": np.float64(1.0), "count": np.float64(2)}, {}, {"loss": np.float64(0.5), "count": np.float64(1)}])
+    total = add_sums(
+        [{"loss": np.float64(1.0), "count": np.float64(2)}, {}, {"loss": np.float64(0.5), "count": np.float64(1)}]
+    )
     assert float(total["loss"]) == 1.5 and float(total["count"]) == 3
     assert float(add_sums([{}])["count"]) == 0.0

@@ -57,8 +57,11 @@ def _check(name: str, search_path: list[str] | None = None, **kwargs: object) ->
 def test_builtin_keys_and_names_are_checked_from_source() -> None:
     _check("mlp", hidden=[8], dropout=0.1)
     _check("cnn", in_channels=1, padding=2, hidden=4, dropout=0.0)
-    with pytest.raises(ConfigError, match=r"unknown key 'num_class' in \[model\] for model 'simple_mlp'\. "
-                                          r"Did you mean 'num_classes'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'num_class' in \[model\] for model 'simple_mlp'\. "
+        r"Did you mean 'num_classes'\?",
+    ):
         _check("simple_mlp", num_class=3)
     with pytest.raises(ConfigError, match=r"unknown key 'hiden'.*Did you mean 'hidden'\? Known: hidden, dropout\."):
         _check("mlp", hiden=[8])
@@ -93,7 +96,10 @@ def _write_module(root: Path, name: str, source: str) -> None:
 
 
 def test_imported_module_class_and_keys(tmp_path: Path) -> None:
-    _write_module(tmp_path, "user_nets", """
+    _write_module(
+        tmp_path,
+        "user_nets",
+        """
         import torch  # never imported by the check
         from torch import nn
 
@@ -108,7 +114,8 @@ def test_imported_module_class_and_keys(tmp_path: Path) -> None:
             pass
 
         Alias = Net
-    """)
+    """,
+    )
     path = [str(tmp_path)]
     _check("user_nets:Net", path, width=4)
     _check("user_nets:factory", path, anything=1, num_input_channels=38)  # **kwargs: everything goes through
@@ -128,31 +135,43 @@ def test_imported_module_class_and_keys(tmp_path: Path) -> None:
 
 
 def test_a_syntax_error_or_a_class_named_only_in_comments_is_found_from_source(tmp_path: Path) -> None:
-    _write_module(tmp_path, "broken_nets", """
+    _write_module(
+        tmp_path,
+        "broken_nets",
+        """
         import torch
 
         class Net(torch.nn.Module):
             def __init__(self, num_classes):
                 super().__init__(
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         _check("broken_nets:Net", [str(tmp_path)])
     message = str(info.value)
     assert f"syntax error in {tmp_path / 'broken_nets.py'}, line 6: '(' was never closed" in message, message
     assert "`super().__init__(`" in message
-    _write_module(tmp_path, "commented_nets", '''
+    _write_module(
+        tmp_path,
+        "commented_nets",
+        '''
         """Nets. TODO: EventNet, a bigger model."""
         from torch import nn
 
         # class EventNet(nn.Module): not written yet
         class SmallNet(nn.Module):
             pass
-    ''')
+    ''',
+    )
     with pytest.raises(ConfigError, match=r"has no attribute 'EventNet'"):
         _check("commented_nets:EventNet", [str(tmp_path)])
-    _write_module(tmp_path, "dynamic_nets", """
+    _write_module(
+        tmp_path,
+        "dynamic_nets",
+        """
         globals()["EventNet"] = object
-    """)
+    """,
+    )
     _check("dynamic_nets:EventNet", [str(tmp_path)])  # bound at run time: left to the worker
 
 
@@ -160,14 +179,18 @@ def test_a_syntax_error_or_a_class_named_only_in_comments_is_found_from_source(t
 def test_a_model_module_with_a_syntax_error_stops_the_launch_with_file_and_line(
     tmp_path: Path, data: Path, mode: str
 ) -> None:
-    _write_module(tmp_path, "user_models", """
+    _write_module(
+        tmp_path,
+        "user_models",
+        """
         from torch import nn
 
         class Net(nn.Module):
             def __init__(self, num_classes, in_features):
                 super().__init__(
                 self.fc = nn.Linear(in_features, num_classes)
-    """)
+    """,
+    )
     write_config(tmp_path / "c.toml", data, model={"name": "user_models:Net", "in_features": IN_FEATURES})
     flags = ["--dry-run"] if mode == "dry-run" else []
     proc = dtrain("launch", "--gpus", "cpu", "c.toml", *flags, cwd=tmp_path)
@@ -210,16 +233,21 @@ def test_an_open_factorys_own_error_is_shown_with_the_models_name() -> None:
     with pytest.raises(ConfigError) as info:
         build_model(cfg, (38, 16, 40))
     msg = str(info.value)
-    assert msg.startswith("model 'tests.helpers.hk_resnet:resnet18' failed when dtrain called it as "
-                          "resnet18(num_input_channel=38, num_classes=3): TypeError: ")
+    assert msg.startswith(
+        "model 'tests.helpers.hk_resnet:resnet18' failed when dtrain called it as "
+        "resnet18(num_input_channel=38, num_classes=3): TypeError: "
+    )
     assert "unexpected keyword argument 'num_input_channel'" in msg
 
 
 def test_a_closed_signature_keeps_the_unknown_key_check_with_a_hint() -> None:
     from dist_train.models import build_model
 
-    cfg = ModelConfig(name="tests.helpers.hk_resnet:ResNet", num_classes=3,
-                      kwargs={"block": None, "layers": [1, 1, 1, 1], "num_input_channel": 38})
+    cfg = ModelConfig(
+        name="tests.helpers.hk_resnet:ResNet",
+        num_classes=3,
+        kwargs={"block": None, "layers": [1, 1, 1, 1], "num_input_channel": 38},
+    )
     expected = r"unknown key 'num_input_channel'.*Did you mean 'num_input_channels'\?"
     with pytest.raises(ConfigError, match=expected):
         check_model_config(cfg, search_path=[str(REPO), *sys.path])
@@ -230,7 +258,8 @@ def test_a_closed_signature_keeps_the_unknown_key_check_with_a_hint() -> None:
 def test_the_tutorial_resnet_trains_from_config_alone(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=96, shape=(38, 4, 8))
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.hk_resnet:resnet18", "num_classes": 3, "num_input_channels": 38},
         train={"epochs": 1, "log_every": 1, "precision": "fp32"},
     )
@@ -245,7 +274,11 @@ def test_the_tutorial_resnet_trains_from_config_alone(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("model", "sets", "needles"),
     [
-        ({"name": "simple_mlp", "num_class": 3}, [], ["unknown key 'num_class'", "Did you mean 'num_classes'?", "c.toml"]),
+        (
+            {"name": "simple_mlp", "num_class": 3},
+            [],
+            ["unknown key 'num_class'", "Did you mean 'num_classes'?", "c.toml"],
+        ),
         ({"name": "simple_mpl"}, [], ["unknown model 'simple_mpl'", "Did you mean 'simple_mlp'?"]),
         ({"name": "user_models:Net"}, [], ["cannot import module 'user_models'", "PYTHONPATH"]),
         ({"name": "mlp"}, ["--set", "model.x=1"], ["--set model.x=1: unknown key 'x'"]),
@@ -265,13 +298,17 @@ def test_model_mistakes_stop_the_launch_before_anything_starts(
 
 
 def test_a_custom_model_importable_from_the_launch_directory_passes(tmp_path: Path, data: Path) -> None:
-    _write_module(tmp_path, "user_models", """
+    _write_module(
+        tmp_path,
+        "user_models",
+        """
         from torch import nn
 
         class Net(nn.Sequential):
             def __init__(self, num_classes, in_features):
                 super().__init__(nn.Flatten(), nn.Linear(in_features, num_classes))
-    """)
+    """,
+    )
     write_config(tmp_path / "c.toml", data, model={"name": "user_models:Net", "in_features": IN_FEATURES})
     assert_ok(dtrain("launch", "--gpus", "cpu", "c.toml", "--dry-run", cwd=tmp_path))
     # The same directory from elsewhere: the workers could not import it either.
@@ -285,7 +322,8 @@ def test_a_bad_input_error_in_a_worker_is_shown_once(tmp_path: Path, data: Path)
     """Found only by the workers (the model rejects a key through **kwargs): the paragraph once, exit 2,
     no torchrun failure banner; the rank log and torchrun's log keep the details."""
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         model={"name": "tests.helpers.hk_resnet:resnet18", "num_classes": 3, "num_input_channel": 2},
     )
     proc = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path)
@@ -296,8 +334,9 @@ def test_a_bad_input_error_in_a_worker_is_shown_once(tmp_path: Path, data: Path)
     assert "failed (exitcode: 2)" in (run_dir / "launcher" / "torchrun.log").read_text()
 
     # --verbose: torchrun's own lines and the worker's traceback reach the console too.
-    verbose = dtrain("--verbose", "launch", "--gpus", "cpu", "--nproc", "2", "--resume", "never", str(cfg),
-                     cwd=tmp_path)
+    verbose = dtrain(
+        "--verbose", "launch", "--gpus", "cpu", "--nproc", "2", "--resume", "never", str(cfg), cwd=tmp_path
+    )
     assert verbose.returncode == 2
     assert "failed (exitcode: 2)" in output(verbose) and "Traceback" in output(verbose)
 

@@ -215,9 +215,7 @@ def test_a_forward_that_raises_its_own_error_is_reported_as_such_not_as_a_shape_
         _build("tests.helpers.models:RaisingMLP", WCH5_SHAPE, in_features=16 * 40 * 38)
     msg = str(info.value)
     models_py = Path(__file__).resolve().parent / "helpers" / "models.py"
-    assert msg.startswith(
-        f"model 'tests.helpers.models:RaisingMLP' raised RuntimeError: boom at {models_py}:"
-    ), msg
+    assert msg.startswith(f"model 'tests.helpers.models:RaisingMLP' raised RuntimeError: boom at {models_py}:"), msg
     assert "(in forward: `raise RuntimeError(self.message)`)" in msg
     assert "cannot take samples" not in msg and "(5, 16, 40, 38)" not in msg and "(2, 16, 40, 38)" in msg
 

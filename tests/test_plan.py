@@ -38,7 +38,13 @@ def torchrun(topology: plans.Topology, cuda: str | None = "", **kw: Any) -> plan
 
 def accelerate(topology: plans.Topology, cuda: str | None, precision: str = "auto") -> plans.LaunchPlan:
     return plans.accelerate_plan(
-        CFG, RUN, topology, resume="auto", job_id="u@h:1", cuda_visible_devices=cuda, precision=precision,
+        CFG,
+        RUN,
+        topology,
+        resume="auto",
+        job_id="u@h:1",
+        cuda_visible_devices=cuda,
+        precision=precision,
         main_process_port=29555,
     )
 
@@ -77,8 +83,14 @@ def test_multi_node_plan_uses_c10d_rendezvous() -> None:
     topo = plans.Topology(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node001:29400", rdzv_id="job7")
     args = torchrun_args(torchrun(topo, cuda=None))
     assert "--standalone" not in args
-    for expected in ("--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:29400",
-                     "--rdzv-id=job7", "--nproc-per-node=4"):
+    for expected in (
+        "--nnodes=2",
+        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node001:29400",
+        "--rdzv-id=job7",
+        "--nproc-per-node=4",
+    ):
         assert expected in args
     assert "CUDA_VISIBLE_DEVICES" not in torchrun(topo, cuda=None).env_dict(), "SLURM's own devices are inherited"
 
@@ -122,8 +134,14 @@ def test_debug_plan_on_a_reserved_gpu_pins_it_and_does_not_force_the_cpu() -> No
 
 def test_inherited_rank_variables_are_scrubbed() -> None:
     plan = torchrun(plans.Topology(nproc_per_node=2))
-    base = {"PATH": "/bin", "RANK": "3", "WORLD_SIZE": "9", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x",
-            "CUDA_VISIBLE_DEVICES": "5"}
+    base = {
+        "PATH": "/bin",
+        "RANK": "3",
+        "WORLD_SIZE": "9",
+        "MASTER_PORT": "1",
+        "TORCHELASTIC_RUN_ID": "x",
+        "CUDA_VISIBLE_DEVICES": "5",
+    }
     env = plan.full_env(base)
     assert env["PATH"] == "/bin" and env["CUDA_VISIBLE_DEVICES"] == ""
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(env)
@@ -153,15 +171,24 @@ def test_accelerate_single_cpu_process_and_gpu_multi_node_mapping() -> None:
     assert "--cpu" in accelerate(plans.Topology(nproc_per_node=1), cuda="").argv
     topo = plans.Topology(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node001:29400")
     argv = accelerate(topo, cuda=None, precision="fp16").argv
-    for expected in ("--num_processes=8", "--num_machines=2", "--machine_rank=1", "--main_process_ip=node001",
-                     "--main_process_port=29555", "--mixed_precision=fp16", "--multi_gpu"):
+    for expected in (
+        "--num_processes=8",
+        "--num_machines=2",
+        "--machine_rank=1",
+        "--main_process_ip=node001",
+        "--main_process_port=29555",
+        "--mixed_precision=fp16",
+        "--multi_gpu",
+    ):
         assert expected in argv
     assert "--mixed_precision=bf16" in accelerate(plans.Topology(nproc_per_node=2), cuda=UUIDS).argv
 
 
 def test_launcher_modules_do_not_import_torch() -> None:
-    code = ("import sys, launcher.cli, launcher.plan, launcher.execute, launcher.run_dirs, launcher.cmd_launch; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys, launcher.cli, launcher.plan, launcher.execute, launcher.run_dirs, launcher.cmd_launch; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -250,16 +277,31 @@ def test_naming_a_run_of_the_other_kind_is_refused_with_the_way_out(tmp_path: Pa
 
 
 def _plan_with_failures(tmp_path: Path, failures: list[dict[str, Any]], hang_timeout: float = 0) -> plans.LaunchPlan:
-    plan = plans.torchrun_plan(CFG, tmp_path, plans.Topology(nproc_per_node=2), resume="auto", job_id="j",
-                               cuda_visible_devices="", hang_timeout=hang_timeout)
+    plan = plans.torchrun_plan(
+        CFG,
+        tmp_path,
+        plans.Topology(nproc_per_node=2),
+        resume="auto",
+        job_id="j",
+        cuda_visible_devices="",
+        hang_timeout=hang_timeout,
+    )
     Path(plan.summary_file).parent.mkdir(parents=True, exist_ok=True)
     Path(plan.summary_file).write_text(json.dumps({"status": "failed", "failures": failures}))
     return plan
 
 
-def _failure(rank: int, exitcode: int, *, signal: str = "", message: str = "", ts: int = 100, stderr: str = "") -> dict[str, Any]:
-    return {"rank": rank, "exitcode": exitcode, "signal": signal, "message": message, "timestamp": ts,
-            "stderr_file": stderr}
+def _failure(
+    rank: int, exitcode: int, *, signal: str = "", message: str = "", ts: int = 100, stderr: str = ""
+) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "exitcode": exitcode,
+        "signal": signal,
+        "message": message,
+        "timestamp": ts,
+        "stderr_file": stderr,
+    }
 
 
 def test_the_rank_that_failed_on_its_own_is_reported_before_torn_down_ranks(tmp_path: Path) -> None:
@@ -283,7 +325,7 @@ def test_a_config_error_in_the_worker_exits_2(tmp_path: Path) -> None:
 def test_hung_ranks_are_reported_together_with_their_stack_dumps(tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir(exist_ok=True)
     dump = tmp_path / "logs" / "rank1.stacks"  # where dist_train/watchdog.py writes
-    dump.write_text("Timeout (0:00:05)!\nThread 0x1 (most recent call first):\n  File \"m.py\", line 3 in forward\n")
+    dump.write_text('Timeout (0:00:05)!\nThread 0x1 (most recent call first):\n  File "m.py", line 3 in forward\n')
     plan = _plan_with_failures(tmp_path, [_failure(0, 1), _failure(1, 1)], hang_timeout=5)
     outcome = interpret(plan, 1, stop_requested=False)
     assert outcome.exit_code == 1
@@ -304,19 +346,37 @@ def test_preempted_marker_means_resumable(tmp_path: Path) -> None:
 def test_multi_node_flags_reach_the_plan_and_are_validated(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.toml", make_image_h5(tmp_path / "d.h5", events=50))
     run_dir = tmp_path / "shared" / "run"
-    proc = dtrain("launch", str(cfg), "--gpus", "cpu", "--nproc", "3", "--nnodes", "2", "--node-rank", "1",
-                  "--rdzv-endpoint", "node001:29400", "--run-dir", str(run_dir), "--dry-run", cwd=tmp_path)
+    proc = dtrain(
+        "launch",
+        str(cfg),
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "3",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "node001:29400",
+        "--run-dir",
+        str(run_dir),
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert "--nnodes=2" in plan["argv"] and "--node-rank=1" in plan["argv"] and "--nproc-per-node=3" in plan["argv"]
     assert "--rdzv-endpoint=node001:29400" in plan["argv"] and "--standalone" not in plan["argv"]
     assert not run_dir.exists() and not (tmp_path / "runs").exists(), "a dry run creates nothing"
 
-    missing = dtrain("launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--run-dir", str(run_dir), "--dry-run",
-                     cwd=tmp_path)
+    missing = dtrain(
+        "launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--run-dir", str(run_dir), "--dry-run", cwd=tmp_path
+    )
     assert missing.returncode == 2 and "--rdzv-endpoint" in missing.stderr
-    no_dir = dtrain("launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run",
-                    cwd=tmp_path)
+    no_dir = dtrain(
+        "launch", str(cfg), "--gpus", "cpu", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run", cwd=tmp_path
+    )
     assert no_dir.returncode == 2 and "--run-dir" in no_dir.stderr
 
 
@@ -330,7 +390,10 @@ def test_a_rank_torn_down_while_writing_its_error_file_still_leaves_the_culprit_
     (attempt / "0").mkdir(parents=True)
     (attempt / "0" / "error.json").write_text("")  # torn down mid-write
     (attempt / "1").mkdir()
-    message = {"message": "RuntimeError: injected failure on rank 1", "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1"}}
+    message = {
+        "message": "RuntimeError: injected failure on rank 1",
+        "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1"},
+    }
     (attempt / "1" / "error.json").write_text(json.dumps({"message": message}))
     (attempt / "1" / "stderr.log").write_text("Traceback ...\n")
     failures = _failures_from_error_files(str(tmp_path / "torchrun"), first_rank=0)
@@ -339,5 +402,7 @@ def test_a_rank_torn_down_while_writing_its_error_file_still_leaves_the_culprit_
     plan = _plan_with_failures(tmp_path, failures)
     outcome = interpret(plan, 1, stop_requested=False)
     assert outcome.exit_code == 1
-    assert outcome.message.startswith("dtrain: rank 1 exited with code 1: RuntimeError: injected failure on rank 1"), outcome.message
+    assert outcome.message.startswith("dtrain: rank 1 exited with code 1: RuntimeError: injected failure on rank 1"), (
+        outcome.message
+    )
     assert outcome.message.endswith("Rank 0 was stopped after it."), outcome.message

@@ -74,13 +74,33 @@ def held_out_metrics(run_dir: Path) -> list[dict]:
 # (a + b) + c != a + (b + c)), so 3 ranks catch a resumed process that reduces differently from the
 # uninterrupted run (issue 12; without the fix 3 and 4 ranks fail here, 2 pass). 1, 2 and 4 ranks run
 # with the slow tests, to keep the default suite short.
-@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "nproc",
+    [
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(2, marks=pytest.mark.slow),
+        3,
+        pytest.param(4, marks=pytest.mark.slow),
+    ],
+)
 def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, nproc: int) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=600)
     steps_per_epoch = -(-480 // (8 * nproc))
 
     ref_cfg = slow_config(tmp_path, "ref", data)
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(ref_cfg), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            str(nproc),
+            str(ref_cfg),
+            "--run-dir",
+            str(tmp_path / "ref"),
+            cwd=tmp_path,
+        )
+    )
 
     cut_cfg = slow_config(tmp_path, "cut", data)
     run_dir = tmp_path / "cut"
@@ -135,16 +155,42 @@ def test_incompatible_config_change_on_resume_is_refused_and_checkpoint_kept(tmp
     run_dir = tmp_path / "r"
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir), cwd=tmp_path))
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir),
-                  "--set", "model.hidden=[32]", "--set", "train.epochs=2", cwd=tmp_path)
+    proc = dtrain(
+        "launch",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "1",
+        str(cfg),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "model.hidden=[32]",
+        "--set",
+        "train.epochs=2",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     text = proc.stdout + proc.stderr
     assert "model.hidden: [16] -> [32]" in text
     assert "Traceback" not in text
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     # A harmless change (more epochs) resumes.
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), "--run-dir", str(run_dir),
-                     "--set", "train.epochs=2", cwd=tmp_path))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "1",
+            str(cfg),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.epochs=2",
+            cwd=tmp_path,
+        )
+    )
     assert [r["epoch"] for r in records(run_dir, "epoch")] == [1, 2]
 
 
@@ -193,7 +239,8 @@ def test_a_debug_run_and_a_normal_run_never_resume_each_other(tmp_path: Path) ->
     five-batch epochs continued (and the reverse). Each kind resumes its own runs; naming the other is refused."""
     data = make_image_h5(tmp_path / "d.h5", events=200)
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         run={"name": "mixed", "output_dir": str(tmp_path / "runs"), "seed": 1},
         data={"batch_size": 8, "num_workers": 0},
         model={"name": "tests.helpers.models:SlowMLP", "num_classes": 3, "in_features": 72, "delay": 0.2},

@@ -53,13 +53,32 @@ def trained(seed: int, hidden: int = 8) -> tuple[torch.nn.Module, torch.optim.Op
     return model, optimizer
 
 
-def save(manager: ShardedCheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, **kw: Any) -> Path:
+def save(
+    manager: ShardedCheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, **kw: Any
+) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    common = {"format_version": 1, "epoch": 0, "step": step, "reason": "epoch", "epoch_complete": True, "world_size": 1, "config": {"run": {"name": "unit"}}, "trainer": {"step": step}}
+    common = {
+        "format_version": 1,
+        "epoch": 0,
+        "step": step,
+        "reason": "epoch",
+        "epoch_complete": True,
+        "world_size": 1,
+        "config": {"run": {"name": "unit"}},
+        "trainer": {"step": step},
+    }
     rank_state = {"rng": {"torch": torch.get_rng_state()}, "meter": {"loss": float(step)}}
-    path = manager.save({"model": model_sd, "optimizer": optim_sd}, common, rank_state, epoch=0, step=step, metrics={"val/loss": 1.0 / step}, **kw)
+    path = manager.save(
+        {"model": model_sd, "optimizer": optim_sd},
+        common,
+        rank_state,
+        epoch=0,
+        step=step,
+        metrics={"val/loss": 1.0 / step},
+        **kw,
+    )
     manager.wait()
     assert path is not None
     return path
@@ -152,7 +171,9 @@ def test_stale_temp_directory_is_ignored_then_removed_at_the_next_start(tmp_path
 
 
 @pytest.mark.parametrize("damage", ["flip_shard", "truncate_shard", "drop_rank_file", "no_manifest"])
-def test_damaged_newest_falls_back_to_the_previous_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+def test_damaged_newest_falls_back_to_the_previous_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
     writer = manager(tmp_path)
     model, optimizer = trained(5)
     older = save(writer, model, optimizer, step=1)
@@ -167,7 +188,12 @@ def test_damaged_newest_falls_back_to_the_previous_with_a_warning(tmp_path: Path
     else:
         (newest / MANIFEST_NAME).unlink()
 
-    expected = {"flip_shard": "sha256 mismatch in __0_0.distcp", "truncate_shard": "__0_0.distcp is", "drop_rank_file": "rank-00000.pt is missing", "no_manifest": "no manifest.json"}[damage]
+    expected = {
+        "flip_shard": "sha256 mismatch in __0_0.distcp",
+        "truncate_shard": "__0_0.distcp is",
+        "drop_rank_file": "rank-00000.pt is missing",
+        "no_manifest": "no manifest.json",
+    }[damage]
     assert expected in (verify_sharded_checkpoint(newest) or "")
     with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
         assert latest_valid_checkpoint(tmp_path) == older
@@ -238,7 +264,9 @@ for step in range(2, 100):
 def test_sigkill_inside_a_save_leaves_the_previous_checkpoint(tmp_path: Path, phase: str, expected_step: int) -> None:
     env = env_for_tests({FAULT_ENV: f"{phase}:0:2"})
     directory = tmp_path / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(directory)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVER, str(directory)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "SAVED1"
         marker = tmp_path / f"fault-{phase}-rank0"
@@ -278,7 +306,12 @@ def test_cli_inspect_and_export_of_a_sharded_checkpoint(tmp_path: Path, capsys: 
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
     meta = json.loads(out_file.with_name("model.pt.sha256.json").read_text())
-    assert (meta["format"], meta["step"], meta["source"], meta["config"]) == ("dtrain-model-export", 5, str(path), {"run": {"name": "unit"}})
+    assert (meta["format"], meta["step"], meta["source"], meta["config"]) == (
+        "dtrain-model-export",
+        5,
+        str(path),
+        {"run": {"name": "unit"}},
+    )
 
     flip_byte(path / "__0_0.distcp")
     assert cli_main(["ckpt", "inspect", str(path)]) == 2
@@ -318,7 +351,10 @@ def kill_job(proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.parametrize(
     ("phase", "rank"),
-    [pytest.param("before_publish", 0, marks=pytest.mark.slow), pytest.param("after_shards", 1, marks=pytest.mark.slow)],
+    [
+        pytest.param("before_publish", 0, marks=pytest.mark.slow),
+        pytest.param("after_shards", 1, marks=pytest.mark.slow),
+    ],
     ids=["rank0-before-rename", "rank1-after-its-shard"],
 )
 def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_path: Path, phase: str, rank: int) -> None:
@@ -333,7 +369,9 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     marker = run_dir / f"fault-{phase}-rank{rank}"
     deadline = time.monotonic() + 240
     while not marker.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, f"fault point not reached: {proc.stdout.read() if proc.stdout else ''}"
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            f"fault point not reached: {proc.stdout.read() if proc.stdout else ''}"
+        )
         time.sleep(0.05)
     os.kill(int(marker.read_text()), signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
@@ -345,7 +383,10 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     assert_ok(relaunch)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert f"resumed from {checkpoints / 'ckpt-e0001-s00000004'} (epoch 1, step 4, mid-epoch" in log
-    assert list(checkpoints.glob(".ckpt-*.tmp")) == [] and "interrupted checkpoint save" in relaunch.stderr + relaunch.stdout
+    assert (
+        list(checkpoints.glob(".ckpt-*.tmp")) == []
+        and "interrupted checkpoint save" in relaunch.stderr + relaunch.stdout
+    )
     final = latest_valid_checkpoint(checkpoints)
     assert final is not None and final.is_dir() and len(read_sharded_state(final)["rank_states"]) == 2
 
@@ -359,7 +400,9 @@ def test_rank_killed_inside_a_sharded_save_resumes_from_the_previous_one(tmp_pat
     assert {k: v for k, v in a.items() if k != "checkpoint"} == {k: v for k, v in b.items() if k != "checkpoint"}
     best = dtrain("eval", str(run_dir), "--split", "test", "--checkpoint", "best", "--json", cwd=tmp_path)
     assert_ok(best)  # what the end-of-run test evaluates
-    assert json.loads(best.stdout)["test/loss"] == pytest.approx(records(run_dir, "test")[-1]["test/loss"], abs=1e-6)  # 1 process vs 2 ranks
+    assert json.loads(best.stdout)["test/loss"] == pytest.approx(
+        records(run_dir, "test")[-1]["test/loss"], abs=1e-6
+    )  # 1 process vs 2 ranks
     best = dtrain("eval", str(run_dir), "--checkpoint", "best", "--json", cwd=tmp_path)
     assert_ok(best)
     assert Path(json.loads(best.stdout)["checkpoint"]).name == pointer(checkpoints, BEST_POINTER)
@@ -382,12 +425,36 @@ def test_async_sharded_saves_on_gloo_then_sigterm_resume_is_bit_exact(tmp_path: 
     data = make_image_h5(tmp_path / "d.h5", events=600)
     steps_per_epoch = -(-480 // (8 * nproc))
     ref_cfg = _slow_fsdp_config(tmp_path, "ref", data)
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(ref_cfg), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            str(nproc),
+            str(ref_cfg),
+            "--run-dir",
+            str(tmp_path / "ref"),
+            cwd=tmp_path,
+        )
+    )
 
     cut_cfg = _slow_fsdp_config(tmp_path, "cut", data)
     run_dir = tmp_path / "cut"
-    args = ("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cut_cfg), "--run-dir", str(run_dir),
-            "--set", "checkpoint.async_save=on", "--set", "checkpoint.every_steps=3")
+    args = (
+        "launch",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        str(nproc),
+        str(cut_cfg),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "checkpoint.async_save=on",
+        "--set",
+        "checkpoint.every_steps=3",
+    )
     proc = start_dtrain(*args, cwd=tmp_path)
     wait_for_step(run_dir, steps_per_epoch + steps_per_epoch // 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -418,10 +485,34 @@ def test_random_sigkills_of_an_fsdp_job_never_leave_an_unloadable_latest(tmp_pat
     kills_wanted = 10
     data = make_image_h5(tmp_path / "d.h5", events=600)
     ref = fsdp_config(tmp_path, "ref", data, epochs=3)
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "3", str(ref), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path, timeout=600))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "3",
+            str(ref),
+            "--run-dir",
+            str(tmp_path / "ref"),
+            cwd=tmp_path,
+            timeout=600,
+        )
+    )
     cfg = fsdp_config(tmp_path, "killed", data, epochs=3)
     run_dir = tmp_path / "killed"
-    args = ("launch", "--gpus", "cpu", "--nproc", "3", str(cfg), "--run-dir", str(run_dir), "--set", "checkpoint.every_steps=2")
+    args = (
+        "launch",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "3",
+        str(cfg),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "checkpoint.every_steps=2",
+    )
     kills = 0
     steps_seen: list[int] = []
     while kills < kills_wanted:
@@ -451,7 +542,9 @@ def test_random_sigkills_of_an_fsdp_job_never_leave_an_unloadable_latest(tmp_pat
     assert metric_history(run_dir) == metric_history(tmp_path / "ref")
 
 
-def test_disk_full_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_during_a_sharded_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
 
     import torch.distributed.checkpoint.filesystem as dcp_fs
@@ -491,7 +584,9 @@ def test_async_reused_staging_buffers_never_leak_into_an_earlier_checkpoint(tmp_
     common = {"epoch": 0, "world_size": 1, "config": {}}
     first = writer.save({"model": weights}, {**common, "step": 1}, {}, epoch=0, step=1)
     weights["w"].fill_(1.0)
-    second = writer.save({"model": weights}, {**common, "step": 2}, {}, epoch=0, step=2)  # waits for `first`, reuses its buffers
+    second = writer.save(
+        {"model": weights}, {**common, "step": 2}, {}, epoch=0, step=2
+    )  # waits for `first`, reuses its buffers
     weights["w"].fill_(2.0)
     writer.close()
     assert first is not None and second is not None

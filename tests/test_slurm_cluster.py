@@ -167,7 +167,10 @@ def test_usr1_reaches_every_node_and_the_job_requeues_then_completes(
     cluster.run("scancel", "-s", "USR1", "-b", sub.job_id)
     _wait_for(lambda: _starts(run_dir, 1) == 2, "both nodes to start again after the requeue", 90, cluster, run_dir)
     lines = _log_lines(run_dir)
-    assert sorted(line for line in lines if line.startswith("usr1")) == ["usr1 node=0 restart=0", "usr1 node=1 restart=0"]
+    assert sorted(line for line in lines if line.startswith("usr1")) == [
+        "usr1 node=0 restart=0",
+        "usr1 node=1 restart=0",
+    ]
 
     (run_dir / "finish").touch()
     assert cluster.wait_done(sub.job_id, 60) == "COMPLETED"
@@ -178,7 +181,9 @@ def test_usr1_reaches_every_node_and_the_job_requeues_then_completes(
     assert status.job_id == sub.job_id and status.state == "COMPLETED" and status.restart_count == 1
 
 
-def test_a_finished_job_is_not_requeued(cluster: SlurmCluster, tmp_path: Path, jobs: list[str], fake_dtrain: list[str]) -> None:
+def test_a_finished_job_is_not_requeued(
+    cluster: SlurmCluster, tmp_path: Path, jobs: list[str], fake_dtrain: list[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "finish").touch()
@@ -188,7 +193,9 @@ def test_a_finished_job_is_not_requeued(cluster: SlurmCluster, tmp_path: Path, j
     assert "requeueing" not in sub.stdout_log.read_text()
 
 
-def test_requeues_stop_at_max_requeues(cluster: SlurmCluster, tmp_path: Path, jobs: list[str], fake_dtrain: list[str]) -> None:
+def test_requeues_stop_at_max_requeues(
+    cluster: SlurmCluster, tmp_path: Path, jobs: list[str], fake_dtrain: list[str]
+) -> None:
     run_dir = tmp_path / "run"
     sub = _submit(_cfg(tmp_path), SbatchOptions(nodes=1, max_requeues=0), run_dir, jobs, fake_dtrain)
     _wait_for(lambda: _starts(run_dir, 0) == 1, "the node to start", 60, cluster, run_dir)
@@ -227,8 +234,14 @@ def test_time_limit_warning_requeues_and_the_job_finishes(
     # The warning arrives 30..60 s before the 60 s limit, i.e. 0..30 s after the start.
     assert cluster.wait_done(sub.job_id, 150) == "COMPLETED"
     lines = _log_lines(run_dir)
-    assert sorted(line for line in lines if line.startswith("usr1")) == ["usr1 node=0 restart=0", "usr1 node=1 restart=0"]
-    assert sorted(line for line in lines if line.startswith("done")) == ["done node=0 restart=1", "done node=1 restart=1"]
+    assert sorted(line for line in lines if line.startswith("usr1")) == [
+        "usr1 node=0 restart=0",
+        "usr1 node=1 restart=0",
+    ]
+    assert sorted(line for line in lines if line.startswith("done")) == [
+        "done node=0 restart=1",
+        "done node=1 restart=1",
+    ]
 
 
 # ----------------------------------------------------------------------------- real training (needs `dtrain launch`)
@@ -246,14 +259,18 @@ def _training_config(tmp_path: Path, epochs: int = 3, events: int = 1200) -> Pat
     with `synth_if_missing` every node would write the same file at once."""
     data = tmp_path / "tiny.h5"
     if not data.exists():
-        done = subprocess.run([sys.executable, "-m", "launcher.cli", "data", "synth", str(data), "-n", str(events),
-                               "--seed", "3"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "data", "synth", str(data), "-n", str(events), "--seed", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     path = tmp_path / "tiny.toml"
     path.write_text(f"""
 [run]
 name = "slurmtiny"
-output_dir = "{tmp_path / 'runs'}"
+output_dir = "{tmp_path / "runs"}"
 seed = 3
 deterministic = true
 [data]
@@ -286,8 +303,22 @@ def _final_metrics(run_dir: Path) -> dict[str, float]:
 def _reference_metrics(config: Path, tmp_path: Path) -> dict[str, float]:
     ref_dir = tmp_path / "reference"
     done = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "launch", str(config), "--gpus", "cpu", "--nproc", "4", "--run-dir", str(ref_dir)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "launch",
+            str(config),
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "4",
+            "--run-dir",
+            str(ref_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return _final_metrics(ref_dir)
@@ -319,12 +350,23 @@ def _metric_lines(run_dir: Path) -> int:
 def _preempt_after_progress(cluster: SlurmCluster, sub: Submission, attempt: int) -> None:
     """Once this attempt has logged two new metric lines (mid-epoch), send the time-limit warning:
     USR1 to the batch shell, as `--signal=B:USR1@N` would."""
-    _wait_for(lambda: cluster.job_state(sub.job_id) == "RUNNING" and cluster.job_field(sub.job_id, "Restarts") == str(attempt),
-              f"attempt {attempt + 1} to run", 120, cluster, sub.run_dir)
+    _wait_for(
+        lambda: (
+            cluster.job_state(sub.job_id) == "RUNNING" and cluster.job_field(sub.job_id, "Restarts") == str(attempt)
+        ),
+        f"attempt {attempt + 1} to run",
+        120,
+        cluster,
+        sub.run_dir,
+    )
     baseline = _metric_lines(sub.run_dir)
-    _wait_for(lambda: _metric_lines(sub.run_dir) >= baseline + 2, "training to make progress", 300, cluster, sub.run_dir)
+    _wait_for(
+        lambda: _metric_lines(sub.run_dir) >= baseline + 2, "training to make progress", 300, cluster, sub.run_dir
+    )
     cluster.run("scancel", "-s", "USR1", "-b", sub.job_id)
-    _wait_for(lambda: cluster.job_field(sub.job_id, "Restarts") == str(attempt + 1), "the requeue", 120, cluster, sub.run_dir)
+    _wait_for(
+        lambda: cluster.job_field(sub.job_id, "Restarts") == str(attempt + 1), "the requeue", 120, cluster, sub.run_dir
+    )
 
 
 @pytest.mark.parametrize("preemptions", [1, 2])

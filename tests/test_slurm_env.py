@@ -46,8 +46,14 @@ def test_stale_job_variables_in_a_login_shell_are_ignored() -> None:
 
 def test_the_batch_shell_itself_is_not_a_step() -> None:
     # The batch script has SLURM_PROCID and SLURM_NODEID but no step id (measured on Slurm 22.05).
-    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "n1,n2", "SLURM_NTASKS": "2"}
+    env = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_PROCID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "n1,n2",
+        "SLURM_NTASKS": "2",
+    }
     assert not in_slurm_step(env)
     assert detect_slurm_step(env, _expand) is None
 
@@ -62,7 +68,11 @@ def test_multi_node_step_gives_rank_master_and_rendezvous() -> None:
     assert step.restart_count == 2
     assert step.gpus == () and step.nproc_per_node == 0
     assert step.torchrun_args() == [
-        "--nnodes=3", "--node-rank=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=gpu07:{step.rdzv_port}", "--rdzv-id=4242",
+        "--nnodes=3",
+        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=gpu07:{step.rdzv_port}",
+        "--rdzv-id=4242",
     ]
 
 
@@ -105,8 +115,16 @@ def test_single_node_step_needs_no_hostname_lookup() -> None:
     def refuse(nodelist: str) -> list[str]:
         raise AssertionError("no lookup expected")
 
-    env = _step_env(SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1", SLURM_STEP_NUM_NODES="1", SLURM_STEP_NUM_TASKS="1",
-                    SLURM_NODEID="0", SLURM_PROCID="0", SLURM_JOB_NODELIST="gpu07", SLURM_STEP_NODELIST="gpu07")
+    env = _step_env(
+        SLURM_NNODES="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_STEP_NUM_NODES="1",
+        SLURM_STEP_NUM_TASKS="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID="0",
+        SLURM_JOB_NODELIST="gpu07",
+        SLURM_STEP_NODELIST="gpu07",
+    )
     step = detect_slurm_step(env, refuse)
     assert step is not None and step.nnodes == 1 and step.master_addr == "127.0.0.1"
 

@@ -38,8 +38,17 @@ FIXED_RUN_DIR = Path("/scratch/runs/wch5/20250101-120000")
 
 def _golden_options() -> SbatchOptions:
     return SbatchOptions(
-        nodes=2, gpus_per_node=4, cpus_per_task=32, mem="256G", time="1-00:00:00", partition="gpu",
-        account="physics", qos="normal", constraint="a100", signal_grace=300, max_requeues=5,
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=32,
+        mem="256G",
+        time="1-00:00:00",
+        partition="gpu",
+        account="physics",
+        qos="normal",
+        constraint="a100",
+        signal_grace=300,
+        max_requeues=5,
         sbatch_args=("--exclusive", "--mail-type=FAIL"),
     )
 
@@ -73,8 +82,16 @@ def test_rendered_script_is_valid_bash() -> None:
 
 def test_fixed_directives_are_always_there() -> None:
     directives = _directives(render_script(SbatchOptions(), FIXED_RUN_DIR, job_name="r", dtrain_command=FIXED_COMMAND))
-    for expected in ("--requeue", "--open-mode=append", "--signal=B:USR1@120", "--ntasks-per-node=1", "--nodes=1",
-                     "--job-name=r", f"--output={FIXED_RUN_DIR}/slurm-%j.out", f"--error={FIXED_RUN_DIR}/slurm-%j.err"):
+    for expected in (
+        "--requeue",
+        "--open-mode=append",
+        "--signal=B:USR1@120",
+        "--ntasks-per-node=1",
+        "--nodes=1",
+        "--job-name=r",
+        f"--output={FIXED_RUN_DIR}/slurm-%j.out",
+        f"--error={FIXED_RUN_DIR}/slurm-%j.err",
+    ):
         assert expected in directives
     assert not any(d.startswith(("--gpus", "--mem", "--time", "--partition")) for d in directives)
 
@@ -158,8 +175,10 @@ def test_run_dir_with_a_newline_or_quote_is_refused(bad: str) -> None:
         render_script(SbatchOptions(), Path(bad), job_name="r", dtrain_command=FIXED_COMMAND)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 5400), ("10:30", 630), ("01:02:03", 3723), ("2-03", 183600),
-                                               ("1-00:30", 88200), ("1-00:00:05", 86405)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 5400), ("10:30", 630), ("01:02:03", 3723), ("2-03", 183600), ("1-00:30", 88200), ("1-00:00:05", 86405)],
+)
 def test_time_limit_formats(text: str, seconds: int) -> None:
     assert time_limit_seconds(text) == seconds
 
@@ -186,19 +205,35 @@ def _stand_ins(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run_script(tmp_path: Path, script: str, *, exit_code: int = 0, restart: int = 0, wait: bool = False,
-                signal_after_start: signal.Signals | None = None, signal_exit: int = 75) -> tuple[int, Path]:
+def _run_script(
+    tmp_path: Path,
+    script: str,
+    *,
+    exit_code: int = 0,
+    restart: int = 0,
+    wait: bool = False,
+    signal_after_start: signal.Signals | None = None,
+    signal_exit: int = 75,
+) -> tuple[int, Path]:
     bin_dir = _stand_ins(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_OUT": str(out), "FAKE_EXIT": str(exit_code),
-        "FAKE_WAIT": "1" if wait else "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_JOB_NODELIST": "n1", "SLURM_RESTART_COUNT": str(restart), "FAKE_SIG_EXIT": str(signal_exit),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_OUT": str(out),
+        "FAKE_EXIT": str(exit_code),
+        "FAKE_WAIT": "1" if wait else "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_RESTART_COUNT": str(restart),
+        "FAKE_SIG_EXIT": str(signal_exit),
     }
-    proc = subprocess.Popen(["bash", str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["bash", str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     if signal_after_start is not None:
         deadline = time.monotonic() + 30
         while not (out / "started").exists() and time.monotonic() < deadline:
@@ -210,14 +245,24 @@ def _run_script(tmp_path: Path, script: str, *, exit_code: int = 0, restart: int
 
 
 def _script(tmp_path: Path, run_dir: Path, **opts: object) -> str:
-    return render_script(SbatchOptions(**opts), run_dir, job_name="r", dtrain_command=[str(tmp_path / "bin" / "fake-dtrain")])  # type: ignore[arg-type]
+    return render_script(
+        SbatchOptions(**opts), run_dir, job_name="r", dtrain_command=[str(tmp_path / "bin" / "fake-dtrain")]
+    )  # type: ignore[arg-type]
 
 
 def test_finished_training_exits_zero_without_requeue(tmp_path: Path) -> None:
     rc, out = _run_script(tmp_path, _script(tmp_path, tmp_path / "run", nproc_per_node=2), exit_code=0)
     assert rc == 0
     assert json.loads((out / "argv.json").read_text()) == [
-        "launch", f"{tmp_path}/run/config.toml", "--run-dir", f"{tmp_path}/run", "--gpus", "cpu", "--nproc", "2"]
+        "launch",
+        f"{tmp_path}/run/config.toml",
+        "--run-dir",
+        f"{tmp_path}/run",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "2",
+    ]
     assert not (out / "scontrol.log").exists()
 
 
@@ -252,8 +297,9 @@ def test_signal_to_the_batch_shell_is_forwarded_and_the_job_requeued(tmp_path: P
 
 def test_stopped_before_a_checkpoint_after_a_signal_still_requeues(tmp_path: Path) -> None:
     # dtrain launch exits 130 when told to stop before the workers could checkpoint (e.g. during start-up).
-    rc, out = _run_script(tmp_path, _script(tmp_path, tmp_path / "run"), wait=True,
-                          signal_after_start=signal.SIGUSR1, signal_exit=130)
+    rc, out = _run_script(
+        tmp_path, _script(tmp_path, tmp_path / "run"), wait=True, signal_after_start=signal.SIGUSR1, signal_exit=130
+    )
     assert rc == 130 and (out / "scontrol.log").read_text() == "requeue 4242\n"
 
 
@@ -268,7 +314,9 @@ HOSTILE = ["$(touch PWNED)", "`touch PWNED`", "; touch PWNED;", "a&&touch PWNED|
 @pytest.mark.parametrize("hostile", HOSTILE)
 def test_hostile_run_dir_reaches_dtrain_verbatim_and_runs_nothing(tmp_path: Path, hostile: str) -> None:
     run_dir = tmp_path / f"run {hostile}"
-    script = render_script(SbatchOptions(), run_dir, job_name="r", dtrain_command=[str(tmp_path / "bin" / "fake-dtrain")])
+    script = render_script(
+        SbatchOptions(), run_dir, job_name="r", dtrain_command=[str(tmp_path / "bin" / "fake-dtrain")]
+    )
     rc, out = _run_script(tmp_path, script)
     assert rc == 0
     argv = json.loads((out / "argv.json").read_text())
@@ -292,7 +340,7 @@ def _fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str = 
     bin_dir.mkdir()
     log = tmp_path / "sbatch-argv.json"
     (bin_dir / "sbatch").write_text(
-        f"#!/bin/bash\npython3 -c 'import json,sys; json.dump(sys.argv[1:], open(\"{log}\",\"w\"))' \"$@\"\n"
+        f'#!/bin/bash\npython3 -c \'import json,sys; json.dump(sys.argv[1:], open("{log}","w"))\' "$@"\n'
         f"echo '{stdout}'\nexit {rc}\n"
     )
     (bin_dir / "sbatch").chmod(0o755)
@@ -302,12 +350,16 @@ def _fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str = 
 
 def _cfg_file(tmp_path: Path) -> Path:
     path = tmp_path / "cfg.toml"
-    path.write_text(f'[run]\nname = "demo"\noutput_dir = "{tmp_path / "runs"}"\n[data]\npath = "rel/data.h5"\n'
-                    '[slurm]\nnodes = 2\ngpus_per_node = 4\ntime = "04:00:00"\n')
+    path.write_text(
+        f'[run]\nname = "demo"\noutput_dir = "{tmp_path / "runs"}"\n[data]\npath = "rel/data.h5"\n'
+        '[slurm]\nnodes = 2\ngpus_per_node = 4\ntime = "04:00:00"\n'
+    )
     return path
 
 
-def test_submit_writes_the_run_dir_and_calls_sbatch_with_an_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_writes_the_run_dir_and_calls_sbatch_with_an_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv_log = _fake_sbatch(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(_cfg_file(tmp_path))
@@ -346,11 +398,33 @@ def test_status_of_a_job_slurm_no_longer_knows(tmp_path: Path, monkeypatch: pyte
 
 
 def test_cli_script_prints_the_script_with_cli_options(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["slurm", "script", str(_cfg_file(tmp_path)), "--nodes", "3", "--partition", "gpu",
-                                      "--run-dir", str(tmp_path / "r"), "--sbatch-arg=--exclusive", "--set", "run.name=other"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "slurm",
+            "script",
+            str(_cfg_file(tmp_path)),
+            "--nodes",
+            "3",
+            "--partition",
+            "gpu",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--sbatch-arg=--exclusive",
+            "--set",
+            "run.name=other",
+        ],
+    )
     assert result.exit_code == 0, result.output
     directives = _directives(result.output)
-    assert {"--nodes=3", "--gpus-per-node=4", "--time=04:00:00", "--partition=gpu", "--exclusive", "--job-name=other"} <= set(directives)
+    assert {
+        "--nodes=3",
+        "--gpus-per-node=4",
+        "--time=04:00:00",
+        "--partition=gpu",
+        "--exclusive",
+        "--job-name=other",
+    } <= set(directives)
     assert not (tmp_path / "r").exists()  # `script` creates nothing
 
 

@@ -116,9 +116,7 @@ STOPS = {
 FAST = ("at_the_last_step",)  # the rest run with the slow tests (CI runs both)
 
 
-@pytest.mark.parametrize(
-    "case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in STOPS]
-)
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in STOPS])
 def test_a_stop_ends_with_a_checkpoint_and_the_relaunch_is_bit_exact(tmp_path: Path, reference: Any, case: str) -> None:
     nproc, stop_at, step, epoch_end = STOPS[case]
     run_dir = tmp_path / "cut"

@@ -35,12 +35,14 @@ def batches(sizes: list[int], target_dtype: torch.dtype, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     out = []
     for b in sizes:
-        out.append({
-            "x": torch.randn(b, 8, generator=g),
-            "energies": (torch.rand(b, 1, generator=g) * 900 + 100).to(target_dtype),
-            "positions": (torch.randn(b, 1, 3, generator=g) * 80).to(target_dtype),
-            "angles": (torch.rand(b, 2, generator=g) * 3).to(target_dtype),
-        })
+        out.append(
+            {
+                "x": torch.randn(b, 8, generator=g),
+                "energies": (torch.rand(b, 1, generator=g) * 900 + 100).to(target_dtype),
+                "positions": (torch.randn(b, 1, 3, generator=g) * 80).to(target_dtype),
+                "angles": (torch.rand(b, 2, generator=g) * 3).to(target_dtype),
+            }
+        )
     return out
 
 
@@ -53,8 +55,14 @@ def old_step(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], window
     meter.add(task.metrics(outputs, batch))
 
 
-def new_step(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], window: int, meter: MetricSums,
-             seeds: dict[tuple[Any, ...], torch.Tensor]) -> None:
+def new_step(
+    task: Any,
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    window: int,
+    meter: MetricSums,
+    seeds: dict[tuple[Any, ...], torch.Tensor],
+) -> None:
     """What Trainer._micro_step does now (no loss scaler)."""
     step = task.train_step(model(batch["x"]), batch)
     backward_divided(step.loss, window, step.loss_divisor, seeds)
@@ -64,9 +72,16 @@ def new_step(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], window
         meter.defer(step.deferred)
 
 
-def run(task: Any, data: list[dict[str, torch.Tensor]], *, new: bool, width: int, read_at: tuple[int, ...] = (),
-        dtype: torch.dtype = torch.float32, device: str = "cpu",
-        ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
+def run(
+    task: Any,
+    data: list[dict[str, torch.Tensor]],
+    *,
+    new: bool,
+    width: int,
+    read_at: tuple[int, ...] = (),
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
     torch.manual_seed(3)
     model = nn.Linear(8, width).to(device, dtype)
     meter = MetricSums(torch.device(device))

@@ -36,7 +36,9 @@ def a_batch(size: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "energies": torch.rand(size, 1, generator=g) * 900 + 100,
         "positions": torch.randn(size, 1, 3, generator=g),
-        "angles": torch.stack((torch.rand(size, generator=g) * math.pi, (torch.rand(size, generator=g) * 2 - 1) * math.pi), 1),
+        "angles": torch.stack(
+            (torch.rand(size, generator=g) * math.pi, (torch.rand(size, generator=g) * 2 - 1) * math.pi), 1
+        ),
     }
 
 
@@ -107,7 +109,9 @@ def test_per_target_losses_and_weights_follow_the_documented_formula() -> None:
     batch = a_batch(11)
     true = joined(batch)
     outputs = normalised(true + torch.randn(true.shape, generator=torch.Generator().manual_seed(5)))
-    t = task(loss={"energies": "mse", "positions": "l1", "angles": "angular"}, loss_weights={"energies": 3.0, "angles": 0.5})
+    t = task(
+        loss={"energies": "mse", "positions": "l1", "angles": "angular"}, loss_weights={"energies": 3.0, "angles": 0.5}
+    )
     target = normalised(true).double()
     out = outputs.double()
     pred_file = (outputs * torch.tensor(STD) + torch.tensor(MEAN)).double()
@@ -168,8 +172,10 @@ def test_target_norm_defaults_to_auto() -> None:
 
 
 def finalized(t: RegressionTask, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    sums = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-            for k, v in t.eval_metrics(outputs, batch).items()}
+    sums = {
+        k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+        for k, v in t.eval_metrics(outputs, batch).items()
+    }
     sums["loss"] = np.asarray(float(t.loss(outputs, batch)))
     samples = {k: v.double().reshape(-1).numpy() for k, v in t.eval_samples(outputs, batch).items()}
     return {**t.finalize(sums), **t.finalize_samples(samples)}
@@ -188,7 +194,9 @@ def test_frac_rms_shows_the_bias_that_frac_resolution_hides() -> None:
 def test_binned_metrics_are_the_metrics_of_each_bins_samples() -> None:
     batch = a_batch(40)
     true = joined(batch)
-    pred = true + torch.randn(true.shape, generator=torch.Generator().manual_seed(2)) * torch.tensor([30.0, 0.1, 0.1, 0.1, 0.2, 0.2])
+    pred = true + torch.randn(true.shape, generator=torch.Generator().manual_seed(2)) * torch.tensor(
+        [30.0, 0.1, 0.1, 0.1, 0.2, 0.2]
+    )
     edges = [100.0, 400.0, 700.0, 1000.0]
     t = task(bins={"energies": edges}, columns={"positions": ["x", "y", "z"]})
     m = finalized(t, normalised(pred), batch)
@@ -199,10 +207,19 @@ def test_binned_metrics_are_the_metrics_of_each_bins_samples() -> None:
         sub = {k: v[chosen] for k, v in batch.items()}
         alone = finalized(task(columns={"positions": ["x", "y", "z"]}), normalised(pred[chosen]), sub)
         assert m[f"{label}/samples"] == int(chosen.sum()) > 0
-        for key in ("energies/frac_rms", "energies/frac_resolution", "positions/distance_68", "positions/rmse",
-                    "angles/angle_68_deg", "angles/bias"):
+        for key in (
+            "energies/frac_rms",
+            "energies/frac_resolution",
+            "positions/distance_68",
+            "positions/rmse",
+            "angles/angle_68_deg",
+            "angles/bias",
+        ):
             assert m[f"{label}/{key}"] == pytest.approx(alone[key], rel=1e-9, abs=1e-12), (label, key)
-    assert all("bin" in k for k in set(m) - set(finalized(task(columns={"positions": ["x", "y", "z"]}), normalised(pred), batch)))
+    assert all(
+        "bin" in k
+        for k in set(m) - set(finalized(task(columns={"positions": ["x", "y", "z"]}), normalised(pred), batch))
+    )
 
 
 # ----------------------------------------------------------------------------- warnings (in process)
@@ -265,12 +282,16 @@ def test_binned_named_metrics_per_target_losses_and_histograms_on_three_ranks(tm
     data = wch5(tmp_path / "d.h5", 307)
     edges = [50.0, 300.0, 600.0, 1000.0]
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         run={"name": "phys", "seed": 1},
         task={  # no target_norm: "auto" is the default
-            "name": "regression", "targets": TARGETS,
-            "loss": {"positions": "l1", "angles": "angular"}, "loss_weights": {"energies": 2.0},
-            "bins": {"energies": edges}, "columns": {"positions": ["x", "y", "z"]},
+            "name": "regression",
+            "targets": TARGETS,
+            "loss": {"positions": "l1", "angles": "angular"},
+            "loss_weights": {"energies": 2.0},
+            "bins": {"energies": edges},
+            "columns": {"positions": ["x", "y", "z"]},
         },
         model={"name": "mlp", "hidden": [16]},
         checkpoint={"monitor": "val/energies/frac_resolution"},
@@ -300,7 +321,10 @@ def test_binned_named_metrics_per_target_losses_and_histograms_on_three_ranks(tm
 
     # ...and a per-sample computation from the predictions (float32 rows: 1e-5).
     p = np.load(tmp_path / "p.npz")
-    e_true, e_pred = p["energies_true"].reshape(-1).astype(np.float64), p["energies_pred"].reshape(-1).astype(np.float64)
+    e_true, e_pred = (
+        p["energies_true"].reshape(-1).astype(np.float64),
+        p["energies_pred"].reshape(-1).astype(np.float64),
+    )
     dist = np.linalg.norm((p["positions_pred"] - p["positions_true"]).reshape(-1, 3).astype(np.float64), axis=1)
     angle = np.degrees(angles_rad(p["angles_pred"], p["angles_true"]))
     for lo, hi in zip(edges, edges[1:], strict=False):
@@ -310,15 +334,20 @@ def test_binned_named_metrics_per_target_losses_and_histograms_on_three_ranks(tm
         frac = (e_pred[chosen] - e_true[chosen]) / e_true[chosen]
         assert last[f"{label}/energies/frac_rms"] == pytest.approx(np.sqrt(np.mean(frac**2)), rel=1e-5)
         assert last[f"{label}/positions/distance_68"] == pytest.approx(np.quantile(dist[chosen], 0.68), rel=1e-5)
-        assert last[f"{label}/angles/angle_68_deg"] == pytest.approx(np.quantile(angle[chosen], 0.68), rel=1e-4, abs=1e-4)
+        assert last[f"{label}/angles/angle_68_deg"] == pytest.approx(
+            np.quantile(angle[chosen], 0.68), rel=1e-4, abs=1e-4
+        )
 
     # The evaluation loss is the documented per-target formula on the normalised outputs.
     mean, std = np.array(stats["mean"]), np.array(stats["std"])
     pred = np.concatenate([p[f"{k}_pred"].reshape(n_val, -1) for k in TARGETS], 1).astype(np.float64)
     true = np.concatenate([p[f"{k}_true"].reshape(n_val, -1) for k in TARGETS], 1).astype(np.float64)
     out_n, true_n = (pred - mean) / std, (true - mean) / std
-    loss = (2.0 * (out_n[:, 0] - true_n[:, 0]) ** 2 + np.abs(out_n[:, 1:4] - true_n[:, 1:4]).sum(1)
-            + 2 * angles_rad(pred[:, 4:6], true[:, 4:6])) / 6
+    loss = (
+        2.0 * (out_n[:, 0] - true_n[:, 0]) ** 2
+        + np.abs(out_n[:, 1:4] - true_n[:, 1:4]).sum(1)
+        + 2 * angles_rad(pred[:, 4:6], true[:, 4:6])
+    ) / 6
     assert last["val/loss"] == pytest.approx(loss.mean(), rel=1e-4)
 
     # A residual histogram per target and epoch in TensorBoard, counting every value of the split.

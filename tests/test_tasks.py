@@ -145,7 +145,11 @@ def test_regression_metrics_on_three_ranks_equal_one_process_eval_and_a_per_samp
 def test_energy_regression_learns_better_than_the_mean(tmp_path: Path) -> None:
     data = wch5(tmp_path / "d.h5", 1200, shape=(4, 16, 16))
     cfg = regression_config(
-        tmp_path, data, task={"targets": ["energies"], "loss": "mse"}, train={"epochs": 6}, optim={"lr": 0.003},
+        tmp_path,
+        data,
+        task={"targets": ["energies"], "loss": "mse"},
+        train={"epochs": 6},
+        optim={"lr": 0.003},
         data={"normalize": "auto"},
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(cfg), cwd=tmp_path, timeout=600))
@@ -166,7 +170,9 @@ def test_regression_kill_and_resume_is_bit_exact(tmp_path: Path) -> None:
         "data": {"batch_size": 8},
     }
     ref = regression_config(tmp_path, data, "ref", **common)
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(ref), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path))
+    assert_ok(
+        dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(ref), "--run-dir", str(tmp_path / "ref"), cwd=tmp_path)
+    )
     cut = regression_config(tmp_path, data, "cut", **common)
     run_dir = tmp_path / "cut"
     args = ("launch", "--gpus", "cpu", "--nproc", "2", str(cut), "--run-dir", str(run_dir))
@@ -190,8 +196,13 @@ def test_two_ranks_match_one_rank_with_double_batch_for_mse(tmp_path: Path) -> N
     runs = {}
     for name, nproc, batch in (("one", 1, 16), ("two", 2, 8)):
         cfg = regression_config(
-            tmp_path, data, name, task={"loss": "mse"}, data={"batch_size": batch, "normalize": "auto"},
-            optim={"name": "sgd", "lr": 0.02, "momentum": 0.9}, train={"epochs": 1, "max_steps_per_epoch": 6},
+            tmp_path,
+            data,
+            name,
+            task={"loss": "mse"},
+            data={"batch_size": batch, "normalize": "auto"},
+            optim={"name": "sgd", "lr": 0.02, "momentum": 0.9},
+            train={"epochs": 1, "max_steps_per_epoch": 6},
         )
         assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), cwd=tmp_path))
         runs[name] = load_final_model(next((tmp_path / "runs" / name).iterdir()))
@@ -221,8 +232,12 @@ def naive_custom_task_metrics(run_dir: Path, data: Path, rows: np.ndarray, toler
             abs_err.append(abs(out * 1000.0 - energy))
             losses.append(abs(out - energy / 1000.0))
     n = len(rows)
-    return {"mae": sum(abs_err) / n, "hit_rate": sum(e <= tolerance for e in abs_err) / n, "loss": sum(losses) / n,
-            "abs_errors": abs_err}
+    return {
+        "mae": sum(abs_err) / n,
+        "hit_rate": sum(e <= tolerance for e in abs_err) / n,
+        "loss": sum(losses) / n,
+        "abs_errors": abs_err,
+    }
 
 
 # 2 ranks in the default suite; 3 ranks (reduction-order bugs that 2 ranks hide) with the slow trials.
@@ -230,16 +245,31 @@ def naive_custom_task_metrics(run_dir: Path, data: Path, rows: np.ndarray, toler
 def test_custom_task_runs_on_several_ranks_and_its_metrics_are_exact(tmp_path: Path, nproc: int) -> None:
     data = wch5(tmp_path / "d.h5", 251)  # val and test: 25 events each, divisible by neither 2 nor 3
     cfg = regression_config(
-        tmp_path, data, "custom",
-        task={"name": "tests.helpers.tasks:QuantileTask", "targets": ["energies"], "target_norm": "none", "loss": "",
-              "kwargs": {"tolerance": 100.0}},
+        tmp_path,
+        data,
+        "custom",
+        task={
+            "name": "tests.helpers.tasks:QuantileTask",
+            "targets": ["energies"],
+            "target_norm": "none",
+            "loss": "",
+            "kwargs": {"tolerance": 100.0},
+        },
         checkpoint={"monitor": "val/mae"},
         train={"test_checkpoint": "last"},  # the naive reference below evaluates the final weights
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", str(nproc), str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")
     last = records(run_dir, "epoch")[-1]
-    assert {"train/mae", "train/hit_rate", "train/loss", "val/mae", "val/hit_rate", "val/loss", "val/abs_err_90"} <= set(last)
+    assert {
+        "train/mae",
+        "train/hit_rate",
+        "train/loss",
+        "val/mae",
+        "val/hit_rate",
+        "val/loss",
+        "val/abs_err_90",
+    } <= set(last)
     runs = {"val": last, "test": records(run_dir, "test")[0]}
     for split, record in runs.items():
         single = eval_json(run_dir, split, tmp_path, "--predictions", str(tmp_path / f"{split}.npz"))
@@ -250,7 +280,9 @@ def test_custom_task_runs_on_several_ranks_and_its_metrics_are_exact(tmp_path: P
         naive = naive_custom_task_metrics(run_dir, data, rows, tolerance=100.0)
         # Exact quantiles across ranks through eval_samples/finalize_samples (tests/helpers/tasks.py).
         abs_err = np.array(naive.pop("abs_errors"))
-        naive.update({"abs_err_median": float(np.quantile(abs_err, 0.5)), "abs_err_90": float(np.quantile(abs_err, 0.9))})
+        naive.update(
+            {"abs_err_median": float(np.quantile(abs_err, 0.5)), "abs_err_90": float(np.quantile(abs_err, 0.9))}
+        )
         for key, value in naive.items():
             name = f"{split}/{key}"
             # The run and `dtrain eval` compute in float32 per sample, the loop in float64.
@@ -309,7 +341,10 @@ def test_unknown_monitor_is_named_with_the_metrics_there_are(tmp_path: Path) -> 
 def test_regression_monitor_picks_best_checkpoint_and_plateau_schedule(tmp_path: Path) -> None:
     data = wch5(tmp_path / "d.h5", 200)
     cfg = regression_config(
-        tmp_path, data, task={"targets": ["energies"]}, train={"epochs": 3},
+        tmp_path,
+        data,
+        task={"targets": ["energies"]},
+        train={"epochs": 3},
         checkpoint={"monitor": "val/energies/rmse", "mode": "min"},
         sched={"name": "plateau", "monitor": "val/energies/frac_resolution", "patience": 0},
     )
@@ -328,8 +363,11 @@ def test_classification_reports_recall_and_confusion_matrices(tmp_path: Path) ->
 
     data = wch5(tmp_path / "d.h5", 300)
     cfg = write_config(
-        tmp_path / "c.toml", data, model={"name": "mlp", "num_classes": 3, "hidden": [16]},
-        task={"class_weights": "balanced", "label_smoothing": 0.05}, train={"epochs": 2, "precision": "fp32"},
+        tmp_path / "c.toml",
+        data,
+        model={"name": "mlp", "num_classes": 3, "hidden": [16]},
+        task={"class_weights": "balanced", "label_smoothing": 0.05},
+        train={"epochs": 2, "precision": "fp32"},
     )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path))
     run_dir = only_run_dir(tmp_path / "runs")
@@ -357,7 +395,8 @@ def test_classification_reports_recall_and_confusion_matrices(tmp_path: Path) ->
 def test_channels_first_cnn_with_38_channels_trains_on_a_channels_last_file(tmp_path: Path) -> None:
     data = wch5(tmp_path / "d.h5", 120, layout="wch5_channels_last", shape=(4, 5, 38))
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         data={"layout": "channels_last", "normalize": "auto"},
         model={"name": "tests.helpers.tasks:HKResNetLike", "num_input_channels": 38, "num_classes": 3},
         train={"epochs": 1, "precision": "fp32"},
@@ -388,14 +427,17 @@ def test_channels_last_batches_are_the_files_samples_transposed(tmp_path: Path) 
     for mode, workers in (("thread", 0), ("thread", 1), ("process", 1)):
         cfg.data.worker_mode, cfg.data.num_workers = mode, workers  # type: ignore[assignment]
         sampler = ShardedEvalBatchSampler(len(rows), num_replicas=1, rank=0, batch_size=4)
-        got = np.concatenate([b["x"].numpy() for b in make_loader(split, sampler, cfg.data, train=False, device_type="cpu")])
+        got = np.concatenate(
+            [b["x"].numpy() for b in make_loader(split, sampler, cfg.data, train=False, device_type="cpu")]
+        )
         np.testing.assert_array_equal(got, expected, err_msg=f"{mode} with {workers} workers")
 
 
 def test_input_keys_reach_the_model(tmp_path: Path) -> None:
     data = wch5(tmp_path / "d.h5", 80)
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         data={"input_keys": ["energies"]},
         model={"name": "tests.helpers.tasks:EnergyAwareMLP", "num_classes": 3, "in_features": 128},
         train={"epochs": 1, "precision": "fp32"},
@@ -404,7 +446,8 @@ def test_input_keys_reach_the_model(tmp_path: Path) -> None:
     assert records(only_run_dir(tmp_path / "runs"), "epoch")
     # Without the input the model cannot run: the start-up dry run says so before training.
     cfg2 = write_config(
-        tmp_path / "c2.toml", data,
+        tmp_path / "c2.toml",
+        data,
         run={"name": "t2", "output_dir": str(tmp_path / "runs2")},
         model={"name": "tests.helpers.tasks:EnergyAwareMLP", "num_classes": 3, "in_features": 128},
     )
@@ -419,5 +462,18 @@ def test_find_unused_parameters_lets_a_multi_head_model_train_on_two_ranks(tmp_p
     without = dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), cwd=tmp_path)
     assert without.returncode == 1, "DDP should refuse parameters that get no gradient"
     assert "unused" in (without.stdout + without.stderr).lower() or "find_unused_parameters" in without.stderr
-    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--set", "train.find_unused_parameters=true",
-                     "--resume", "never", cwd=tmp_path))
+    assert_ok(
+        dtrain(
+            "launch",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "2",
+            str(cfg),
+            "--set",
+            "train.find_unused_parameters=true",
+            "--resume",
+            "never",
+            cwd=tmp_path,
+        )
+    )

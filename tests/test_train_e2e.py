@@ -37,15 +37,33 @@ def read_tensorboard_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]
 def test_quickstart_two_processes_writes_every_output(tmp_path: Path) -> None:
     shutil.copy(REPO / "configs" / "quickstart.toml", tmp_path / "quickstart.toml")
     proc = dtrain(
-        "launch", "--gpus", "cpu", "--nproc", "2", "quickstart.toml",
-        "--set", "data.synth_events=800", "--set", "train.epochs=2", "--set", "data.num_workers=1",
-        cwd=tmp_path, timeout=600,
+        "launch",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "2",
+        "quickstart.toml",
+        "--set",
+        "data.synth_events=800",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.num_workers=1",
+        cwd=tmp_path,
+        timeout=600,
     )
     assert_ok(proc)
     assert (tmp_path / "data" / "demo_wch5.h5").is_file(), "launch should create the demo data when missing"
     run_dir = only_run_dir(tmp_path / "runs")
-    for name in ("config.toml", "metrics.jsonl", "completed", "logs/rank0.log", "logs/rank1.log",
-                 "checkpoints/latest", "checkpoints/best.pt"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "completed",
+        "logs/rank0.log",
+        "logs/rank1.log",
+        "checkpoints/latest",
+        "checkpoints/best.pt",
+    ):
         assert (run_dir / name).exists(), name
 
     saved = load_config(run_dir / "config.toml")
@@ -55,7 +73,15 @@ def test_quickstart_two_processes_writes_every_output(tmp_path: Path) -> None:
     epochs = records(run_dir, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:
-        for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "samples_per_s", "data_wait_frac"):
+        for key in (
+            "train/loss",
+            "train/accuracy",
+            "val/loss",
+            "val/accuracy",
+            "lr",
+            "samples_per_s",
+            "data_wait_frac",
+        ):
             assert key in r, key
     assert epochs[-1]["val/accuracy"] > 0.5, "the demo data should be learnable (3 classes, chance = 0.33)"
     test = records(run_dir, "test")
@@ -90,7 +116,9 @@ def test_two_rank_validation_equals_one_process_evaluation(tmp_path: Path) -> No
     last = records(run_dir, "epoch")[-1]
     assert last["val/samples"] == 61
 
-    out = dtrain("eval", str(run_dir), "--split", "val", "--json", "--predictions", str(tmp_path / "p.npz"), cwd=tmp_path)
+    out = dtrain(
+        "eval", str(run_dir), "--split", "val", "--json", "--predictions", str(tmp_path / "p.npz"), cwd=tmp_path
+    )
     assert_ok(out)
     single = json.loads(out.stdout)
     assert single["val/samples"] == 61
@@ -121,12 +149,22 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path: Path) -> None:
         "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9},
         "checkpoint": {"every_epochs": 1},
     }
-    one = write_config(tmp_path / "one.toml", data, **common,
-                       run={"name": "one", "output_dir": str(tmp_path / "runs"), "seed": 3},
-                       data={"batch_size": 16}, train={"epochs": 1, "max_steps_per_epoch": 6, "precision": "fp32"})
-    two = write_config(tmp_path / "two.toml", data, **common,
-                       run={"name": "two", "output_dir": str(tmp_path / "runs"), "seed": 3},
-                       data={"batch_size": 8}, train={"epochs": 1, "max_steps_per_epoch": 6, "precision": "fp32"})
+    one = write_config(
+        tmp_path / "one.toml",
+        data,
+        **common,
+        run={"name": "one", "output_dir": str(tmp_path / "runs"), "seed": 3},
+        data={"batch_size": 16},
+        train={"epochs": 1, "max_steps_per_epoch": 6, "precision": "fp32"},
+    )
+    two = write_config(
+        tmp_path / "two.toml",
+        data,
+        **common,
+        run={"name": "two", "output_dir": str(tmp_path / "runs"), "seed": 3},
+        data={"batch_size": 8},
+        train={"epochs": 1, "max_steps_per_epoch": 6, "precision": "fp32"},
+    )
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "1", str(one), cwd=tmp_path))
     assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(two), cwd=tmp_path))
     w1 = load_final_model(next((tmp_path / "runs" / "one").iterdir()))["model"]
@@ -163,7 +201,8 @@ def test_bf16_histograms_and_time_based_checkpoints(tmp_path: Path) -> None:
 
     data = make_image_h5(tmp_path / "d.h5", events=300)
     cfg = write_config(
-        tmp_path / "c.toml", data,
+        tmp_path / "c.toml",
+        data,
         train={"epochs": 1, "precision": "bf16", "max_steps_per_epoch": 6, "stop_check_every": 1},
         log={"histograms": True},
         checkpoint={"every_minutes": 0.0001, "keep_last": 10},

@@ -62,7 +62,9 @@ def parse_sharded_name(name: str) -> tuple[int, int, int] | None:
     return _parse(_SHARDED_RE, name)
 
 
-def _entries_newest_first(directory: Path, parse: Callable[[str], tuple[int, int, int] | None], *, dirs: bool) -> list[Path]:
+def _entries_newest_first(
+    directory: Path, parse: Callable[[str], tuple[int, int, int] | None], *, dirs: bool
+) -> list[Path]:
     if not Path(directory).is_dir():
         return []
     found = []

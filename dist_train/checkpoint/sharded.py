@@ -179,7 +179,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ValueError(f"no {MANIFEST_NAME} (the save did not finish, or not written by dtrain)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{MANIFEST_NAME} is unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != SHARDED_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ValueError(f"{MANIFEST_NAME} is not a dtrain sharded-checkpoint manifest")
     if manifest.get("name") != Path(path).name:
         raise ValueError(f"{MANIFEST_NAME} describes {manifest.get('name')!r}, not {Path(path).name}")
@@ -329,11 +333,15 @@ class ShardedCheckpointManager:
             with self._failures_named(tmp, final_name):
                 dcp.save(tensors, storage_writer=writer, process_group=self.group)
             return self._finish(tmp, meta, common if self.rank == 0 else {}, is_best)
-        staged = dcp.async_save(tensors, storage_writer=writer, process_group=self.group, async_stager=self._async_stager())
+        staged = dcp.async_save(
+            tensors, storage_writer=writer, process_group=self.group, async_stager=self._async_stager()
+        )
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-ckpt")
         upload = staged.upload_completion if hasattr(staged, "upload_completion") else staged
-        self._pending = self._executor.submit(self._finish_after, upload, tmp, meta, common if self.rank == 0 else {}, is_best)
+        self._pending = self._executor.submit(
+            self._finish_after, upload, tmp, meta, common if self.rank == 0 else {}, is_best
+        )
         return self.directory / final_name if self.rank == 0 else None
 
     def _async_stager(self) -> Any:
@@ -347,11 +355,15 @@ class ShardedCheckpointManager:
                 return None
             gpu = torch.cuda.is_available()
             self._stager = DefaultStager(
-                StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=gpu)
+                StagingOptions(
+                    use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=gpu
+                )
             )
         return self._stager
 
-    def _finish_after(self, upload: Any, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool) -> Path | None:
+    def _finish_after(
+        self, upload: Any, tmp: Path, meta: dict[str, Any], common: dict[str, Any], is_best: bool
+    ) -> Path | None:
         with self._failures_named(tmp, meta["name"]):
             upload.result()
         return self._finish(tmp, meta, common, is_best)
@@ -388,7 +400,9 @@ class ShardedCheckpointManager:
             fsync_file(path)  # DCP fsyncs its files; the rank files and a rename of .metadata need it too
         entries = {p.name: dict(zip(("size", "sha256"), hash_file(p), strict=True)) for p in own}
         _fault_point("after_shards", self.rank, self._saves, self.directory.parent)
-        gathered = gather_objects_to_rank_zero(entries, group=self.group)  # every rank's files are durable and hashed once this returns
+        gathered = gather_objects_to_rank_zero(
+            entries, group=self.group
+        )  # every rank's files are durable and hashed once this returns
         if self.rank != 0:
             return None
         assert gathered is not None
@@ -425,7 +439,9 @@ class ShardedCheckpointManager:
 
     def _prune(self, keep: set[str]) -> None:
         """Keep the newest ``keep_last`` complete directories, and the ones ``latest``/``best`` name."""
-        protected = keep | {n for n in (read_pointer(self.directory, LATEST_POINTER), read_pointer(self.directory, BEST_POINTER)) if n}
+        protected = keep | {
+            n for n in (read_pointer(self.directory, LATEST_POINTER), read_pointer(self.directory, BEST_POINTER)) if n
+        }
         complete_seen = 0
         for path in sharded_checkpoint_dirs(self.directory):
             complete = (path / MANIFEST_NAME).is_file()

@@ -132,7 +132,9 @@ class CheckpointStore(Protocol):
 
 
 class FileStore:
-    def __init__(self, directory: Path, *, keep_last: int, async_save: bool, strategy: Strategy, is_main: bool, group: Any) -> None:
+    def __init__(
+        self, directory: Path, *, keep_last: int, async_save: bool, strategy: Strategy, is_main: bool, group: Any
+    ) -> None:
         self.strategy = strategy
         self.group = group
         self.manager = CheckpointManager(directory, keep_last=keep_last, async_save=async_save) if is_main else None
@@ -220,14 +222,28 @@ class ShardedStore:
 
 
 def build_checkpoint_store(
-    *, directory: Path, strategy: Strategy, dist_info: DistInfo, keep_last: int, async_save: bool, barrier_timeout: float, control_group: Any
+    *,
+    directory: Path,
+    strategy: Strategy,
+    dist_info: DistInfo,
+    keep_last: int,
+    async_save: bool,
+    barrier_timeout: float,
+    control_group: Any,
 ) -> CheckpointStore:
     if strategy.name == "fsdp":
         # Its own gloo group (never the default group, which is NCCL-only on GPUs): an async save's
         # collectives run in a background thread and must not share a group with the training thread's.
         group = new_checkpoint_group(barrier_timeout)
         return ShardedStore(directory, keep_last=keep_last, async_save=async_save, dist_info=dist_info, group=group)
-    return FileStore(directory, keep_last=keep_last, async_save=async_save, strategy=strategy, is_main=dist_info.is_main, group=control_group)
+    return FileStore(
+        directory,
+        keep_last=keep_last,
+        async_save=async_save,
+        strategy=strategy,
+        is_main=dist_info.is_main,
+        group=control_group,
+    )
 
 
 @dataclass
@@ -237,10 +253,14 @@ class OpenedCheckpoint:
     path: Path
     state: dict[str, Any]
 
-    def restore_model_and_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, group: Any = None) -> None:
+    def restore_model_and_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, group: Any = None
+    ) -> None:
         """``group``: the gloo group a sharded load's collectives run on (the checkpoint store's)."""
         if self.path.is_dir():
-            load_sharded_model_and_optimizer(self.path, model, optimizer, self.state.get("model_and_optimizer_rest", {}), group=group)
+            load_sharded_model_and_optimizer(
+                self.path, model, optimizer, self.state.get("model_and_optimizer_rest", {}), group=group
+            )
         else:
             strategy.load_state_dicts(model, optimizer, self.state)
 
@@ -259,4 +279,3 @@ def open_checkpoint(path: Path, *, verify: bool = True, for_rank: tuple[int, int
     if path.is_dir():
         return OpenedCheckpoint(path, read_sharded_state(path, verify=verify, for_rank=for_rank))
     return OpenedCheckpoint(path, load_checkpoint(path, map_location="cpu", verify=verify))
-

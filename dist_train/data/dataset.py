@@ -53,7 +53,9 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         self.name = name
         # (H, W, C) samples are permuted to (C, H, W) once per batch, before transforms and normalisation.
         self.channels_last = layout == "channels_last"
-        self.transforms = BatchTransforms(list(transforms or []), f"data.{'train' if name == 'train' else 'eval'}_transforms")
+        self.transforms = BatchTransforms(
+            list(transforms or []), f"data.{'train' if name == 'train' else 'eval'}_transforms"
+        )
         self.hits = hits
         # Readers hold no handle until the first read in the process that reads (see RowReader).
         self._x = self._new_x_reader()

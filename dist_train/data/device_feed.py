@@ -155,4 +155,3 @@ class DeviceFeed:
             x = x.contiguous()
         batch["x"] = x
         return batch
-

@@ -163,7 +163,9 @@ def _require(arrays: dict[str, np.ndarray], key: str, where: str, why: str) -> n
 def _image_positions(arrays: dict[str, np.ndarray], where: str) -> np.ndarray:
     pos = _require(arrays, IMAGE_POSITIONS_KEY, where, "the (row, col) pixel of each mPMT module, needed for images")
     if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) == 0:
-        raise DataError(f"{where}: {IMAGE_POSITIONS_KEY!r} has shape {pos.shape}; expected (modules, 2) rows and columns.")
+        raise DataError(
+            f"{where}: {IMAGE_POSITIONS_KEY!r} has shape {pos.shape}; expected (modules, 2) rows and columns."
+        )
     if pos.dtype.kind == "f" and np.all(np.isfinite(pos)) and np.all(np.mod(pos, 1) == 0):
         pos = pos.astype(np.int64)
     if pos.dtype.kind not in "iu":
@@ -171,7 +173,9 @@ def _image_positions(arrays: dict[str, np.ndarray], where: str) -> np.ndarray:
     pos = pos.astype(np.int64)
     if pos.min() < 0:
         m = int(np.flatnonzero((pos < 0).any(axis=1))[0])
-        raise DataError(f"{where}: module {m} has a negative pixel {tuple(pos[m].tolist())} in {IMAGE_POSITIONS_KEY!r}.")
+        raise DataError(
+            f"{where}: module {m} has a negative pixel {tuple(pos[m].tolist())} in {IMAGE_POSITIONS_KEY!r}."
+        )
     width = int(pos[:, 1].max()) + 1
     pixel = pos[:, 0] * width + pos[:, 1]
     order = np.argsort(pixel, kind="stable")
@@ -281,7 +285,9 @@ class _BlockBuilder:
                 a, z = (ends[lo - 1] if lo else 0), ends[hi - 1]
                 self._build_block(pmt[a:z], time[a:z], charge[a:z], counts[lo:hi], out[lo:hi])
 
-    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _build_block(
+        self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray
+    ) -> None:
         raise NotImplementedError
 
 
@@ -307,16 +313,27 @@ class ImageBuilder(_BlockBuilder):
         self.charge_offset = channels.index("charge") * group if "charge" in channels else None
         self.time_offset = channels.index("time") * group if "time" in channels else None
 
-    def build_ranges(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                     out: np.ndarray) -> int:
+    def build_ranges(
+        self,
+        pmt: np.ndarray,
+        time: np.ndarray,
+        charge: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        out: np.ndarray,
+    ) -> int:
         """Compiled: the images of hits ``starts[b]:starts[b] + counts[b]``; -1 or the first hit with a bad id."""
         assert self.kernels is not None
         charge_at = -1 if self.charge_offset is None else self.charge_offset
         time_at = -1 if self.time_offset is None else self.time_offset
         flat = out.reshape(len(out), self.sample_size)
-        return int(self.kernels.build_images(pmt, time, charge, starts, counts, self.compact_pixel, charge_at, time_at, flat))
+        return int(
+            self.kernels.build_images(pmt, time, charge, starts, counts, self.compact_pixel, charge_at, time_at, flat)
+        )
 
-    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _build_block(
+        self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray
+    ) -> None:
         out.fill(0.0)
         if len(pmt) == 0:
             return
@@ -356,7 +373,9 @@ class PointCloudBuilder(_BlockBuilder):
         # The compiled builder's form of the sources: one (PMTs, columns) table, each PMT's values
         # side by side (one cache line per hit, not one per column), and a code per channel.
         tables = [src for src in self.sources if not isinstance(src, str)]
-        self.table = np.ascontiguousarray(np.stack(tables, axis=1) if tables else np.zeros((self.num_pmts, 0), np.float32))
+        self.table = np.ascontiguousarray(
+            np.stack(tables, axis=1) if tables else np.zeros((self.num_pmts, 0), np.float32)
+        )
         codes, row = [], 0
         for src in self.sources:
             if isinstance(src, str):
@@ -366,15 +385,26 @@ class PointCloudBuilder(_BlockBuilder):
                 row += 1
         self.source_codes = np.array(codes, dtype=np.int64)
 
-    def build_ranges(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                     out: np.ndarray) -> int:
+    def build_ranges(
+        self,
+        pmt: np.ndarray,
+        time: np.ndarray,
+        charge: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        out: np.ndarray,
+    ) -> int:
         """Compiled: the clouds of hits ``starts[b]:starts[b] + counts[b]``; -1 or the first hit with a bad id."""
         assert self.kernels is not None
-        bad, truncated = self.kernels.build_clouds(pmt, time, charge, starts, counts, self.table, self.source_codes, out)
+        bad, truncated = self.kernels.build_clouds(
+            pmt, time, charge, starts, counts, self.table, self.source_codes, out
+        )
         self.truncated_events += int(truncated)
         return int(bad)
 
-    def _build_block(self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    def _build_block(
+        self, pmt: np.ndarray, time: np.ndarray, charge: np.ndarray, counts: np.ndarray, out: np.ndarray
+    ) -> None:
         out.fill(0.0)
         n = self.n_points
         counts = np.asarray(counts, dtype=np.int64)
@@ -438,8 +468,11 @@ def compiled_kernels() -> ModuleType | None:
     try:  # numba (optional, heavy) only when a hit-list file is read; the launcher's checks stay without it
         from dist_train.data import hits_jit
     except ImportError as exc:
-        log.info("hit-list files: samples built by the numpy builder (numba is not importable: %s); "
-                 "`pip install 'dtrain[hits]'` adds the compiled one, several times faster per hit", exc)
+        log.info(
+            "hit-list files: samples built by the numpy builder (numba is not importable: %s); "
+            "`pip install 'dtrain[hits]'` adds the compiled one, several times faster per hit",
+            exc,
+        )
         return None
     log.info("hit-list files: samples built by the compiled numba builder")
     return hits_jit
@@ -454,8 +487,10 @@ def builder_kind(requested: str) -> str:
     if compiled_kernels() is not None:
         return "numba"
     if requested == "numba":
-        raise DataError("The numba hit-list builder was requested but numba is not importable; "
-                        "`pip install 'dtrain[hits]'` or use the numpy builder.")
+        raise DataError(
+            "The numba hit-list builder was requested but numba is not importable; "
+            "`pip install 'dtrain[hits]'` or use the numpy builder."
+        )
     return "numpy"
 
 
@@ -580,8 +615,9 @@ class HitReader:
     def _pmt_where(self) -> str:
         return f"{self.path!r}: {self.spec.pmt_key!r}"
 
-    def _build_compiled(self, readers: dict[str, RowReader], builder: Builder, starts: np.ndarray, counts: np.ndarray,
-                        out: np.ndarray) -> None:
+    def _build_compiled(
+        self, readers: dict[str, RowReader], builder: Builder, starts: np.ndarray, counts: np.ndarray, out: np.ndarray
+    ) -> None:
         """The fused kernel over the memory maps themselves, or over gathered copies of the batch's hits.
 
         The maps are used as they are when they hold the common dtypes (int32 ids, float32 time and
@@ -593,8 +629,14 @@ class HitReader:
             hit_arrays = self._gathered_hit_arrays(readers, builder.num_pmts, starts, counts)
             starts = np.cumsum(counts) - counts
         pmt, time, charge = hit_arrays
-        bad = builder.build_ranges(pmt, time, charge, np.ascontiguousarray(starts, dtype=np.int64),
-                                   np.ascontiguousarray(counts, dtype=np.int64), out)
+        bad = builder.build_ranges(
+            pmt,
+            time,
+            charge,
+            np.ascontiguousarray(starts, dtype=np.int64),
+            np.ascontiguousarray(counts, dtype=np.int64),
+            out,
+        )
         if bad >= 0:
             check_pmt_ids(np.asarray(pmt[bad : bad + 1]), builder.num_pmts, self._pmt_where)
             raise AssertionError(f"the compiled builder rejected PMT id {int(pmt[bad])}, which is within the geometry")
@@ -609,8 +651,9 @@ class HitReader:
             return None
         return pmt, time, charge
 
-    def _gathered_hit_arrays(self, readers: dict[str, RowReader], num_pmts: int, starts: np.ndarray,
-                             counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _gathered_hit_arrays(
+        self, readers: dict[str, RowReader], num_pmts: int, starts: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's hits gathered one array after the other as int32 / float32 (read-only)."""
         hits = concat_ranges(starts, counts)
         pmt = readers["pmt"].read(hits)
@@ -713,7 +756,9 @@ def check_hit_arrays(f: Any, path: Path | str, spec: HitSpec) -> tuple[dict[str,
         integer = role in ("index", "pmt")
         if dset.dtype.kind not in ("iu" if integer else "iuf"):
             kind = "integers" if integer else "numbers"
-            raise DataError(f"{str(path)!r}: {spec.key_of(role)!r} (hit_keys.{role}) has dtype {dset.dtype}; expected {kind}.")
+            raise DataError(
+                f"{str(path)!r}: {spec.key_of(role)!r} (hit_keys.{role}) has dtype {dset.dtype}; expected {kind}."
+            )
     num_hits = int(dsets["pmt"].shape[0])
     for role in ("time", "charge"):
         if dsets[role].shape[0] != num_hits:
@@ -727,7 +772,9 @@ def check_hit_arrays(f: Any, path: Path | str, spec: HitSpec) -> tuple[dict[str,
     try:
         index = np.asarray(index_dset[...], dtype=np.int64)
     except OSError as exc:
-        raise DataError(f"{str(path)!r}: reading {spec.index_key!r} failed ({exc}); the file is corrupt or truncated.") from None
+        raise DataError(
+            f"{str(path)!r}: reading {spec.index_key!r} failed ({exc}); the file is corrupt or truncated."
+        ) from None
     _check_index(index, num_hits, path, spec.index_key)
     return dsets, index, num_hits
 

@@ -185,20 +185,24 @@ def _nontemporal_store(builder, value, pointer):  # type: ignore[no-untyped-def]
 @intrinsic
 def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
     """8 float32 zeros to ``dst_address`` (32-byte aligned) with one streaming store."""
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         vector = ir.VectorType(ir.FloatType(), _VECTOR)
         zeros = ir.Constant(vector, [0.0] * _VECTOR)
         _nontemporal_store(builder, zeros, builder.inttoptr(args[0], vector.as_pointer()))
         return context.get_dummy_value()
+
     return types.void(types.uint64), codegen
 
 
 @intrinsic
 def _store_fence(typingctx):  # type: ignore[no-untyped-def]
     """Orders the streaming stores before anything this thread does next (they are weakly ordered)."""
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 

@@ -173,8 +173,8 @@ def worker_mode(cfg: DataConfig) -> str:
     mode = getattr(cfg, "worker_mode", "auto")
     if mode not in WORKER_MODES:
         raise ConfigError(
-            f"data.worker_mode = {mode!r} is not one of {', '.join(map(repr, WORKER_MODES))}. Use \"auto\" "
-            "(threads for contiguous uncompressed files, worker processes otherwise), \"process\" or \"thread\"."
+            f'data.worker_mode = {mode!r} is not one of {", ".join(map(repr, WORKER_MODES))}. Use "auto" '
+            '(threads for contiguous uncompressed files, worker processes otherwise), "process" or "thread".'
         )
     return str(mode)
 

@@ -94,7 +94,7 @@ def inspect_config_data(cfg: Config, *, at_launch: bool = False) -> tuple[Datase
     d = cfg.data
     path = resolve_data_path(cfg)
     if not d.path:
-        raise DataError("data.path is empty: set it to an HDF5 file, e.g. data.path = \"data/events.h5\".")
+        raise DataError('data.path is empty: set it to an HDF5 file, e.g. data.path = "data/events.h5".')
     parse_transforms(d.train_transforms, "data.train_transforms")
     parse_transforms(d.eval_transforms, "data.eval_transforms")
     y_key = label_key(cfg)
@@ -239,7 +239,9 @@ def read_labels(y: Any, path: Path | str, key: str, what: str = "labels") -> np.
                 )
             out[lo : lo + len(block)] = block
     except OSError as exc:
-        raise DataError(f"{str(path)!r}: reading {what} {key!r} failed ({exc}); the file is corrupt or truncated.") from None
+        raise DataError(
+            f"{str(path)!r}: reading {what} {key!r} failed ({exc}); the file is corrupt or truncated."
+        ) from None
     return out
 
 
@@ -248,7 +250,8 @@ def _check_label_range(labels: np.ndarray, num_classes: int, path: Path, key: st
     if lo < 0 or hi >= num_classes:
         raise DataError(
             f"{str(path)!r}: labels {key!r} range from {lo} to {hi}, but model.num_classes = {num_classes} allows "
-            f"0..{num_classes - 1}. Set model.num_classes = {hi + 1}" + (" and remap negative labels." if lo < 0 else ".")
+            f"0..{num_classes - 1}. Set model.num_classes = {hi + 1}"
+            + (" and remap negative labels." if lo < 0 else ".")
         )
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
@@ -257,7 +260,7 @@ def _check_given_stats(mean: list[float], std: list[float], channels: int) -> No
     if len(mean) not in (1, channels):
         raise DataError(
             f"data.mean has {len(mean)} values but the samples have {channels} channels (axis 1 of the data); "
-            f"give 1 or {channels} values, or use normalize = \"auto\"."
+            f'give 1 or {channels} values, or use normalize = "auto".'
         )
     if any(s <= 0 for s in std):
         raise DataError(f"data.std = {std} must be positive.")
@@ -363,7 +366,9 @@ def normalization_for(
         return _load_stats(target, info, fingerprint)
     spec = hit_spec(d, resolve_geometry_path(cfg))
     reader = HitReader(info.path, spec) if spec is not None else None
-    mean, std, used = compute_channel_stats(info.path, d.x_key, splits.train, seed=d.split_seed, reader=reader, layout=d.layout)
+    mean, std, used = compute_channel_stats(
+        info.path, d.x_key, splits.train, seed=d.split_seed, reader=reader, layout=d.layout
+    )
     if target is not None:
         record = {
             "version": 1,
@@ -394,4 +399,3 @@ def _load_stats(target: Path, info: DatasetInfo, fingerprint: str) -> tuple[list
             f"directory, or delete {target.name} to recompute on purpose."
         )
     return mean, std
-

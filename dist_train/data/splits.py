@@ -132,7 +132,9 @@ def _read_h5_split_arrays(path: Path, group: str, where: str) -> dict[str, np.nd
     with open_h5(path) as f:
         g = f.get(group)
         if g is None or not hasattr(g, "keys"):
-            raise DataError(f"split group {where!r} does not exist in {str(path)!r}; set data.split_file to an existing group.")
+            raise DataError(
+                f"split group {where!r} does not exist in {str(path)!r}; set data.split_file to an existing group."
+            )
         return {name: np.asarray(g[f"{name}_idxs"][()]) for name in SPLIT_NAMES if f"{name}_idxs" in g}
 
 
@@ -181,7 +183,9 @@ def _check_index_array(arr: np.ndarray, name: str, num_rows: int, where: str) ->
         uniq, counts = np.unique(arr, return_counts=True)
         dup = uniq[counts > 1]
         if dup.size:
-            raise DataError(f"{label} has {dup.size} duplicate indices (e.g. {dup[:5].tolist()}); each row may appear once.")
+            raise DataError(
+                f"{label} has {dup.size} duplicate indices (e.g. {dup[:5].tolist()}); each row may appear once."
+            )
     return arr
 
 

@@ -96,11 +96,13 @@ def check_task_keys(f: Any, cfg: Config, path: Path, num_rows: int, *, hits: boo
 def _hit_count_spec(f: Any, cfg: Config, path: Path, origin: str) -> dict[str, Any]:
     if HIT_COUNT_KEY in f:
         raise DataError(
-            f"{str(path)!r} has its own dataset {HIT_COUNT_KEY!r}, but in a hit-list file (data.format = \"hits\") "
+            f'{str(path)!r} has its own dataset {HIT_COUNT_KEY!r}, but in a hit-list file (data.format = "hits") '
             f"{origin} = {HIT_COUNT_KEY!r} means the hits of each sample, counted by dtrain. Rename the dataset."
         )
     if HIT_COUNT_KEY in regression_targets(cfg):
-        raise DataError(f"task.targets names {HIT_COUNT_KEY!r}, the integer hit count of a hit-list file; regression targets must be float datasets.")
+        raise DataError(
+            f"task.targets names {HIT_COUNT_KEY!r}, the integer hit count of a hit-list file; regression targets must be float datasets."
+        )
     return {"shape": [], "dtype": "int64"}
 
 
@@ -146,14 +148,23 @@ def target_normalization_for(
         return None
     widths = target_widths(cfg, shapes)
     if t.target_norm == "given":
-        return expand_given_stats(t.target_mean, widths, "target_mean"), expand_given_stats(t.target_std, widths, "target_std")
+        return expand_given_stats(t.target_mean, widths, "target_mean"), expand_given_stats(
+            t.target_std, widths, "target_std"
+        )
     keys = regression_targets(cfg)
     target = Path(run_dir) / TARGET_NORMALIZATION_FILE if run_dir is not None else None
     if target is not None and target.is_file():
         return _load_target_stats(target, keys, fingerprint, sum(widths))
     mean, std = compute_target_stats(cfg.data.path, keys, train_rows)
     if target is not None:
-        record = {"version": 1, "targets": keys, "widths": widths, "mean": mean, "std": std, "train_rows_sha256": fingerprint}
+        record = {
+            "version": 1,
+            "targets": keys,
+            "widths": widths,
+            "mean": mean,
+            "std": std,
+            "train_rows_sha256": fingerprint,
+        }
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, json.dumps(record, indent=2) + "\n")
     return mean, std

@@ -52,7 +52,7 @@ def parse_transform(text: str, where: str = "data.train_transforms") -> Transfor
     def reject(why: str) -> ConfigError:
         return ConfigError(
             f"{where}: {text!r} {why} Write a call of a torchvision.transforms.v2 transform with literal "
-            f"arguments, e.g. \"RandomCrop(24)\". Allowed names: {', '.join(sorted(ALLOWED_TRANSFORMS))}."
+            f'arguments, e.g. "RandomCrop(24)". Allowed names: {", ".join(sorted(ALLOWED_TRANSFORMS))}.'
         )
 
     try:

@@ -82,7 +82,9 @@ def init_distributed(pg_timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world, device=device)
 
 
-def settle_gradient_buckets(ddp: Any, example_input: torch.Tensor, example_kwargs: dict[str, torch.Tensor] | None = None) -> None:
+def settle_gradient_buckets(
+    ddp: Any, example_input: torch.Tensor, example_kwargs: dict[str, torch.Tensor] | None = None
+) -> None:
     """One forward/backward of ``ddp`` on ``example_input`` (and keyword inputs) before training, undone afterwards, so
     that every process of a run (fresh or resumed) reduces every training step with the same
     gradient bucket layout.
@@ -107,7 +109,11 @@ def settle_gradient_buckets(ddp: Any, example_input: torch.Tensor, example_kwarg
     cuda_devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
         module.train()
-        outputs = [t for t in tree_leaves(ddp(example_input, **(example_kwargs or {}))) if isinstance(t, torch.Tensor) and t.requires_grad]
+        outputs = [
+            t
+            for t in tree_leaves(ddp(example_input, **(example_kwargs or {})))
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
         torch.stack([t.float().sum() for t in outputs]).sum().backward()
     module.train(was_training)
     with torch.no_grad():

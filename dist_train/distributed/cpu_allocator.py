@@ -45,7 +45,9 @@ def return_large_frees_to_os(strategy: str, device_type: str) -> int | None:
     if mallopt(M_MMAP_THRESHOLD, threshold) != 1:
         log.debug("malloc: mallopt(M_MMAP_THRESHOLD, %d) refused", threshold)
         return None
-    log.debug("malloc: mallopt(M_MMAP_THRESHOLD, %d): freed CPU buffers of that size or more go back to the OS", threshold)
+    log.debug(
+        "malloc: mallopt(M_MMAP_THRESHOLD, %d): freed CPU buffers of that size or more go back to the OS", threshold
+    )
     return threshold
 
 
@@ -57,14 +59,18 @@ def _requested_threshold() -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        log.warning("%s=%r is not a number of bytes; using %d", envvars.CPU_MALLOC_THRESHOLD, raw, DEFAULT_THRESHOLD_BYTES)
+        log.warning(
+            "%s=%r is not a number of bytes; using %d", envvars.CPU_MALLOC_THRESHOLD, raw, DEFAULT_THRESHOLD_BYTES
+        )
         return DEFAULT_THRESHOLD_BYTES
     return value if value > 0 else None
 
 
 def _user_set_mmap_threshold() -> bool:
     """glibc read the user's own threshold at start-up (env variable or tunable): theirs wins."""
-    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    )
 
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:

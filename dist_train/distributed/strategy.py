@@ -33,6 +33,7 @@ from dist_train.errors import ConfigError
 
 log = logging.getLogger("dtrain")
 
+
 class Strategy(Protocol):
     name: str
 
@@ -173,14 +174,28 @@ class FSDPStrategy:
         if norms:
             # Leaves first (fully_shard needs children before parents), as one group: one all-gather
             # and one reduce-scatter for all of them instead of one pair per norm layer.
-            fully_shard(norms, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=_norm_policy(mp), offload_policy=offload)
+            fully_shard(
+                norms,
+                mesh=mesh,
+                reshard_after_forward=self.cfg.reshard_after_forward,
+                mp_policy=_norm_policy(mp),
+                offload_policy=offload,
+            )
         units = self._choose_units(model, already_sharded=norms)
         checkpointed = self._activation_checkpoint_names(units)
         for path, unit in units:
             if type(unit).__name__ in checkpointed:
                 unit = _replace_with_checkpoint_wrapper(model, path, unit)
-            fully_shard(unit, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
-        fully_shard(model, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
+            fully_shard(
+                unit,
+                mesh=mesh,
+                reshard_after_forward=self.cfg.reshard_after_forward,
+                mp_policy=mp,
+                offload_policy=offload,
+            )
+        fully_shard(
+            model, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=mp, offload_policy=offload
+        )
         log.info(
             "FSDP: %d sharded unit(s) + root over %d rank(s)%s%s%s",
             len(units),
@@ -267,7 +282,9 @@ class FSDPStrategy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         options = StateDictOptions(full_state_dict=True)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
 
     def load_model_state_dict(self, model: nn.Module, model_state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -307,7 +324,11 @@ def _ensure_process_group(device: torch.device) -> None:
 
 
 def _is_norm_with_running_stats(module: nn.Module) -> bool:
-    return isinstance(module, _NormBase) and module.track_running_stats and any(True for _ in module.parameters(recurse=False))
+    return (
+        isinstance(module, _NormBase)
+        and module.track_running_stats
+        and any(True for _ in module.parameters(recurse=False))
+    )
 
 
 def _norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
@@ -328,7 +349,9 @@ def _norm_policy(mp: Any) -> Any:
     (the next layer receives what it would receive from any other layer)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, output_dtype=mp.param_dtype, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(
+        param_dtype=None, reduce_dtype=torch.float32, output_dtype=mp.param_dtype, cast_forward_inputs=False
+    )
 
 
 def _fsdp_modules(model: nn.Module) -> list[Any]:
@@ -358,7 +381,9 @@ def _replace_with_checkpoint_wrapper(model: nn.Module, path: str, unit: nn.Modul
     return wrapped
 
 
-def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+def _recompute_contexts(
+    unit: nn.Module,
+) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
     """(forward, recomputation) contexts of torch.utils.checkpoint for ``unit``."""
     return contextlib.nullcontext(), _running_statistics_kept(unit)
 
@@ -366,5 +391,10 @@ def _recompute_contexts(unit: nn.Module) -> tuple[contextlib.AbstractContextMana
 def _running_statistics_kept(unit: nn.Module) -> contextlib.AbstractContextManager[None]:
     """The recomputation in backward runs the forward again in training mode: without this, every
     BatchNorm's running statistics (and num_batches_tracked) would be updated twice per step."""
-    buffers = [b for m in unit.modules() if isinstance(m, _NormBase) and m.track_running_stats for b in m.buffers(recurse=False)]
+    buffers = [
+        b
+        for m in unit.modules()
+        if isinstance(m, _NormBase) and m.track_running_stats
+        for b in m.buffers(recurse=False)
+    ]
     return values_restored(buffers)

@@ -88,10 +88,10 @@ def regression_warnings(cfg: Config, task: RegressionTask, data: DataBundle) -> 
         largest, smallest = max(scales, key=scales.__getitem__), min(scales, key=scales.__getitem__)
         if scales[smallest] > 0 and scales[largest] / scales[smallest] > TARGET_SCALE_RATIO:
             warnings.append(
-                f"task.target_norm = \"none\": the targets' scales differ by {scales[largest] / scales[smallest]:.3g}x "
+                f'task.target_norm = "none": the targets\' scales differ by {scales[largest] / scales[smallest]:.3g}x '
                 f"({largest} ~ {scales[largest]:.3g}, {smallest} ~ {scales[smallest]:.3g}, root mean square on the "
                 f"training split), so the loss is nearly all {largest!r} and the others are barely learned. Use "
-                "target_norm = \"auto\" (the default; metrics stay in file units) or task.loss_weights."
+                'target_norm = "auto" (the default; metrics stay in file units) or task.loss_weights.'
             )
     monitors = (
         ("checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.save_best),

@@ -166,7 +166,9 @@ class CustomTask(Task):
             return {}
         result = self._call("finalize_samples", samples)
         if not isinstance(result, dict):
-            raise ConfigError(f"task {self.spec}: {self.name}.finalize_samples() returned {_describe(result)}, not a dict.")
+            raise ConfigError(
+                f"task {self.spec}: {self.name}.finalize_samples() returned {_describe(result)}, not a dict."
+            )
         return {str(k): float(v) for k, v in result.items()}
 
     def predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -182,5 +184,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
-
-

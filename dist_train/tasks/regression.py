@@ -83,7 +83,7 @@ def layout_targets(shapes: dict[str, tuple[int, ...]], kinds: dict[str, str]) ->
         if kind != "plain" and width not in _KIND_WIDTHS[kind]:
             raise ConfigError(
                 f"task.kinds.{name} = {kind!r} needs {' or '.join(map(str, _KIND_WIDTHS[kind]))} values per sample, "
-                f"but {name!r} has shape {shape} ({width}). Declare it \"plain\" or fix task.targets."
+                f'but {name!r} has shape {shape} ({width}). Declare it "plain" or fix task.targets.'
             )
         targets.append(Target(name, tuple(shape), start, kind))
         start += width
@@ -108,7 +108,9 @@ _ANGLE_EPS = 1e-20
 _ASIN_MAX = 1.0 - 1e-7
 
 
-def _loss_function(name: str, delta: float, reduction: str = "sum") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _loss_function(
+    name: str, delta: float, reduction: str = "sum"
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The elementwise loss ``name`` summed over the batch (``reduction="none"``: per element)."""
     if name == "l1":
         return lambda o, t: F.l1_loss(o, t, reduction=reduction)
@@ -151,7 +153,7 @@ def loss_terms(targets: list[Target], loss: str | Mapping[str, str], weights: Ma
         name = str(per_target.get(t.name) or default)
         if name == ANGULAR and t.width not in (2, 3):
             raise ConfigError(
-                f"task.loss for {t.name!r} is \"angular\", which needs a direction: 2 columns (zenith, azimuth in "
+                f'task.loss for {t.name!r} is "angular", which needs a direction: 2 columns (zenith, azimuth in '
                 f"radians) or 3 (a vector), but {t.name!r} has shape {t.shape} ({t.width} columns). Give it an "
                 "elementwise loss (mse, l1, huber, smooth_l1) in the table task.loss = { ... }."
             )
@@ -238,7 +240,9 @@ class RegressionTask(Task):
         self._uniform = all(term.loss == first != ANGULAR and term.weight == 1.0 for term in self.terms)
         self._loss = _loss_function(first, huber_delta) if self._uniform else self._combined_loss
         # The combined loss: per elementwise loss, its per-column weights; the angular terms.
-        self._unreduced = {term.loss: _loss_function(term.loss, huber_delta, "none") for term in self.terms if term.loss != ANGULAR}
+        self._unreduced = {
+            term.loss: _loss_function(term.loss, huber_delta, "none") for term in self.terms if term.loss != ANGULAR
+        }
         self._column_weights = {name: _column_weights(self.terms, name, self.width) for name in self._unreduced}
         self._angular = [term for term in self.terms if term.loss == ANGULAR]
         self.binnings = binnings(targets, bins or {})
@@ -247,7 +251,9 @@ class RegressionTask(Task):
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ targets and units
-    def _norm(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _norm(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean, std) on ``device``: float32 for the loss, float64 for metrics in file units."""
         if self._mean_list is None or self._std_list is None:
             return None
@@ -363,7 +369,10 @@ class RegressionTask(Task):
 
     def eval_metrics(self, outputs: torch.Tensor, batch: Batch) -> Sums:
         pred, true, err = self._errors(outputs, batch)
-        sums: Sums = {"err": torch.stack((err.sum(0), err.square().sum(0), err.abs().sum(0))), "count": int(true.shape[0])}
+        sums: Sums = {
+            "err": torch.stack((err.sum(0), err.square().sum(0), err.abs().sum(0))),
+            "count": int(true.shape[0]),
+        }
         per_sample: dict[str, torch.Tensor] = {}  # what the binned sums add up, one row per sample
         for t in self.targets:
             if t.kind == "energy":
@@ -412,14 +421,25 @@ class RegressionTask(Task):
                 n_i = float(counts[i])
                 out[f"{label}/samples"] = n_i
                 # This bin's row of every binned sum, under the unbinned sums' names.
-                row = {key.split(":", 2)[2]: value[i] for key, value in sums.items() if key.startswith(f"bin:{b.target.name}:")}
+                row = {
+                    key.split(":", 2)[2]: value[i]
+                    for key, value in sums.items()
+                    if key.startswith(f"bin:{b.target.name}:")
+                }
                 for t in self.targets:
                     out.update(self._target_metrics(t, f"{label}/{t.name}", row["err"], n_i, row))
         out["samples"] = float(sums["count"])
         return out
 
     def _target_metrics(
-        self, t: Target, prefix: str, err: np.ndarray, n: float, sums: Mapping[str, np.ndarray], *, per_column: bool = False
+        self,
+        t: Target,
+        prefix: str,
+        err: np.ndarray,
+        n: float,
+        sums: Mapping[str, np.ndarray],
+        *,
+        per_column: bool = False,
     ) -> dict[str, float]:
         """mae/rmse/bias (per column too) and the kind's derived metrics of ``n`` samples (NaN when none)."""
         n = n if n > 0 else math.nan
@@ -470,8 +490,10 @@ class RegressionTask(Task):
         """What an evaluation reports: the task's own answer on one zero sample (bins and derived metrics included)."""
         outputs = torch.zeros(1, self.width, dtype=torch.float64)
         batch = {t.name: torch.zeros(1, *t.shape, dtype=torch.float64) for t in self.targets}
-        sums = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-                for k, v in self.eval_metrics(outputs, batch).items()}
+        sums = {
+            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+            for k, v in self.eval_metrics(outputs, batch).items()
+        }
         sums["loss"] = np.zeros(())
         samples = {k: v.double().reshape(-1).numpy() for k, v in self.eval_samples(outputs, batch).items()}
         return list(self.finalize(sums)) + list(self.finalize_samples(samples))
@@ -518,7 +540,6 @@ def angle_between_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Angle in degrees between unit vectors, row by row (atan2 form: accurate near 0 and 180)."""
     cross = torch.linalg.vector_norm(torch.cross(a, b, dim=1), dim=1)
     return torch.rad2deg(torch.atan2(cross, (a * b).sum(1)))
-
 
 
 def direction_angles_rad(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,13 @@ def main(out: Path, backend: str, mode: str) -> None:
     info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=cpu)
     strategy = FSDPStrategy(FSDPConfig(), None, cpu, 1)
     store = build_checkpoint_store(
-        directory=out, strategy=strategy, dist_info=info, keep_last=2, async_save=mode == "async", barrier_timeout=60.0, control_group=None
+        directory=out,
+        strategy=strategy,
+        dist_info=info,
+        keep_last=2,
+        async_save=mode == "async",
+        barrier_timeout=60.0,
+        control_group=None,
     )
     model, optimizer = _model_and_optimizer(0)
     common = {"config": {}, "epoch_complete": True, "world_size": 1}
@@ -44,7 +50,10 @@ def main(out: Path, backend: str, mode: str) -> None:
     assert path is not None
     fresh, fresh_optimizer = _model_and_optimizer(1)
     open_checkpoint(path).restore_model_and_optimizer(fresh, fresh_optimizer, strategy, group=store.group)
-    diff = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
     print(f"RESTORED {diff}")
     dist.destroy_process_group()
 

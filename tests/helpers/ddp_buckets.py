@@ -35,7 +35,9 @@ def main(out: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     # BatchNorm (buffers) and Dropout (random stream): what settling must leave untouched.
-    base = nn.Sequential(nn.Flatten(), nn.Linear(72, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    base = nn.Sequential(
+        nn.Flatten(), nn.Linear(72, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+    )
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(8, 72, generator=g), torch.randint(0, 3, (8,), generator=g)
 
@@ -56,7 +58,9 @@ def main(out: str) -> None:
     settle_gradient_buckets(settled, torch.zeros(2, 72))
     report: dict[str, Any] = {
         "rng_unchanged": torch.equal(rng_before, torch.get_rng_state()),
-        "buffers_unchanged": all(torch.equal(a, b) for a, b in zip(buffers_before, settled_model.buffers(), strict=True)),
+        "buffers_unchanged": all(
+            torch.equal(a, b) for a, b in zip(buffers_before, settled_model.buffers(), strict=True)
+        ),
         "grads_dropped": all(p.grad is None for p in settled_model.parameters()),
         "mode_restored": not settled_model.training,
     }

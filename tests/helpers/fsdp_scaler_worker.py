@@ -33,10 +33,14 @@ def main() -> None:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        changed = any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, model.parameters(), strict=True))  # type: ignore[operator]
+        changed = any(
+            not torch.equal(b, p.detach().to_local()) for b, p in zip(before, model.parameters(), strict=True)
+        )  # type: ignore[operator]
         results.append((changed, scaler.get_scale()))
     (first_changed, first_scale), (second_changed, _) = results
-    print(f"SCALER rank={rank} skipped={not first_changed} scale={first_scale} finite_step={second_changed}", flush=True)
+    print(
+        f"SCALER rank={rank} skipped={not first_changed} scale={first_scale} finite_step={second_changed}", flush=True
+    )
     dist.destroy_process_group()
 
 

@@ -11,7 +11,9 @@ import numpy as np
 Event = tuple[np.ndarray, np.ndarray, np.ndarray]  # (pmt, time, charge) of one event, in file order
 
 
-def random_geometry(rng: np.random.Generator, *, modules: int, height: int, width: int, pmts_per_module: int) -> dict[str, np.ndarray]:
+def random_geometry(
+    rng: np.random.Generator, *, modules: int, height: int, width: int, pmts_per_module: int
+) -> dict[str, np.ndarray]:
     """Modules on distinct random pixels (not every pixel used), random PMT positions and orientations."""
     # The last pixel is always used, so the image spans the whole grid.
     pixels = np.append(rng.choice(height * width - 1, size=modules - 1, replace=False), height * width - 1)
@@ -24,7 +26,9 @@ def random_geometry(rng: np.random.Generator, *, modules: int, height: int, widt
     }
 
 
-def random_events(rng: np.random.Generator, n_events: int, num_pmts: int, *, max_hits: int, empty_every: int = 5) -> list[Event]:
+def random_events(
+    rng: np.random.Generator, n_events: int, num_pmts: int, *, max_hits: int, empty_every: int = 5
+) -> list[Event]:
     """Events with repeated PMTs, equal times (rounded), -0.0 and +0.0 times, and empty events."""
     events = []
     for i in range(n_events):
@@ -38,8 +42,15 @@ def random_events(rng: np.random.Generator, n_events: int, num_pmts: int, *, max
     return events
 
 
-def write_hit_file(path: Path, events: list[Event], *, labels: np.ndarray | None = None, chunked: bool = False,
-                   keys: dict[str, str] | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+def write_hit_file(
+    path: Path,
+    events: list[Event],
+    *,
+    labels: np.ndarray | None = None,
+    chunked: bool = False,
+    keys: dict[str, str] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
     k = {"index": "event_hits_index", "pmt": "hit_pmt", "time": "hit_time", "charge": "hit_charge", **(keys or {})}
     counts = np.array([len(e[0]) for e in events], dtype=np.int64)
     index = np.cumsum(counts) - counts
@@ -70,7 +81,9 @@ def write_geometry(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 # ----------------------------------------------------------------------------- references (one hit at a time)
 
 
-def reference_image(event: Event, positions: np.ndarray, pmts_per_module: int, channels: tuple[str, ...] = ("charge", "time")) -> np.ndarray:
+def reference_image(
+    event: Event, positions: np.ndarray, pmts_per_module: int, channels: tuple[str, ...] = ("charge", "time")
+) -> np.ndarray:
     """The documented rules, one hit at a time: a PMT's charges add in file order, its time is the earliest.
 
     "Earliest" is ``np.minimum`` over the PMT's hits in file order, to the bit: a NaN time wins, and
@@ -93,12 +106,17 @@ def reference_image(event: Event, positions: np.ndarray, pmts_per_module: int, c
     return image
 
 
-def reference_cloud(event: Event, geometry: dict[str, np.ndarray], n_points: int,
-                    channels: tuple[str, ...] = ("position", "orientation", "time", "charge")) -> np.ndarray:
+def reference_cloud(
+    event: Event,
+    geometry: dict[str, np.ndarray],
+    n_points: int,
+    channels: tuple[str, ...] = ("position", "orientation", "time", "charge"),
+) -> np.ndarray:
     """File order; more than n_points hits: the n_points earliest (equal times: earlier in the file; NaN: latest), in file order."""
     pmt, time, charge = event
     keep = list(range(len(pmt)))
     if len(keep) > n_points:
+
         def key(i: int) -> tuple[float, int]:
             return (float("inf") if np.isnan(time[i]) else float(time[i]), i)
 

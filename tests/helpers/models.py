@@ -51,7 +51,9 @@ class RaisingMLP(nn.Module):
     """Raises ``RuntimeError(message)`` in its forward on one rank (-1: every rank) from forward call ``after + 1``
     on; the worker's dry forward pass is call 1."""
 
-    def __init__(self, num_classes: int, in_features: int, rank: int = -1, after: int = 0, message: str = "boom") -> None:
+    def __init__(
+        self, num_classes: int, in_features: int, rank: int = -1, after: int = 0, message: str = "boom"
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
         self.fail_rank, self.after, self.message = rank, after, message
@@ -92,7 +94,9 @@ class BNConvNet(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Linear(channels, channels), nn.BatchNorm1d(channels), nn.ReLU(), nn.Linear(channels, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(channels, channels), nn.BatchNorm1d(channels), nn.ReLU(), nn.Linear(channels, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -187,7 +191,11 @@ class BatchNormMLP(nn.Module):
     def __init__(self, num_classes: int, in_features: int, hidden: int = 16) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

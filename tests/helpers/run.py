@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 DTRAIN = [sys.executable, "-m", "launcher.cli"]
 
 
-def make_image_h5(path: Path, *, events: int = 600, shape: tuple[int, ...] = (2, 6, 6), classes: int = 3, seed: int = 0) -> Path:
+def make_image_h5(
+    path: Path, *, events: int = 600, shape: tuple[int, ...] = (2, 6, 6), classes: int = 3, seed: int = 0
+) -> Path:
     from dist_train.data.writers.synth import synth_dataset
 
     return synth_dataset(path, layout="image", events=events, seed=seed, shape=shape, num_classes=classes)
@@ -61,7 +63,9 @@ def env_for_tests(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def dtrain(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def dtrain(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*DTRAIN, *args], cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout
     )
@@ -69,7 +73,12 @@ def dtrain(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | No
 
 def start_dtrain(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*DTRAIN, *args], cwd=cwd, env=env or env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*DTRAIN, *args],
+        cwd=cwd,
+        env=env or env_for_tests(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -100,7 +109,9 @@ def assert_ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> None:
     assert proc.returncode == code, f"exit {proc.returncode} != {code}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
 
 
-def metric_history(run_dir: Path, keys: tuple[str, ...] = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")) -> list[tuple[Any, ...]]:
+def metric_history(
+    run_dir: Path, keys: tuple[str, ...] = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
+) -> list[tuple[Any, ...]]:
     return [(r["epoch"], r["step"], *(r[k] for k in keys)) for r in records(run_dir, "epoch")]
 
 

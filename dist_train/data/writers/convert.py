@@ -36,7 +36,14 @@ from dist_train.fsutil import atomic_replace
 
 _BLOCK_BYTES = 32 << 20
 _CHUNK_BYTES = 1 << 20
-_NPZ_PAIRS = [("x", "y"), ("X", "y"), ("images", "labels"), ("data", "labels"), ("event_data", "labels"), ("x_train", "y_train")]
+_NPZ_PAIRS = [
+    ("x", "y"),
+    ("X", "y"),
+    ("images", "labels"),
+    ("data", "labels"),
+    ("event_data", "labels"),
+    ("x_train", "y_train"),
+]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -75,7 +82,13 @@ def convert(
     finally:
         for s in (x, y, *extras.values()):
             s.close()
-    return {"source": kind, "rows": x.shape[0], "sample_shape": list(x.shape[1:]), "x_dtype": str(x.dtype), "out": str(out)}
+    return {
+        "source": kind,
+        "rows": x.shape[0],
+        "sample_shape": list(x.shape[1:]),
+        "x_dtype": str(x.dtype),
+        "out": str(out),
+    }
 
 
 def _open_source(

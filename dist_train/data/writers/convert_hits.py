@@ -41,7 +41,8 @@ def convert_hits(
         info = check_hit_file(f, src, spec, scan_ids=True)
         hit_keys = {spec.index_key, spec.pmt_key, spec.time_key, spec.charge_key}
         per_event = {
-            name: d for name, d in list_datasets(f).items()
+            name: d
+            for name, d in list_datasets(f).items()
             if name not in hit_keys and d.ndim >= 1 and d.shape[0] == info.num_events
         }
         if x_key in per_event:

@@ -68,8 +68,14 @@ def synth_dataset(
     if layout == "hits":
         grid = (int(shape[-2]), int(shape[-1])) if shape else None
         write_hits_demo(
-            Path(path), events=events, seed=seed, classes=int(num_classes or WCH5_CLASSES), grid=grid,
-            hits_per_event=hits_per_event, geometry_path=geometry_path, progress=progress,
+            Path(path),
+            events=events,
+            seed=seed,
+            classes=int(num_classes or WCH5_CLASSES),
+            grid=grid,
+            hits_per_event=hits_per_event,
+            geometry_path=geometry_path,
+            progress=progress,
         )
         return Path(path)
     wch5 = layout.startswith("wch5")
@@ -150,7 +156,7 @@ def _write_wch5(
         cy = rng.uniform(0.3 * h, 0.7 * h, n).astype(np.float32)
         cx = rng.uniform(0.3 * w, 0.7 * w, n).astype(np.float32)
         vertex_z = rng.uniform(-1.0, 1.0, n).astype(np.float32)  # the farther from the wall, the bigger the ring
-        radius = (base_radius[labels] * (1.0 + 0.25 * vertex_z) + 1.5 * scale * rng.standard_normal(n))
+        radius = base_radius[labels] * (1.0 + 0.25 * vertex_z) + 1.5 * scale * rng.standard_normal(n)
         radius = radius.clip(1.0).astype(np.float32)
         sharp = width[labels].astype(np.float32) * rng.uniform(0.8, 1.25, n).astype(np.float32)
         dist = np.sqrt((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
@@ -180,7 +186,11 @@ def _vertex_and_direction(
     noise = rng.standard_normal((n, 5)).astype(np.float32)
     # Positions in metres in a 4 m detector: x/y from the ring centre, z from the ring size.
     positions = np.stack(
-        (4.0 * (fx - 0.5) + 0.05 * noise[:, 0], 4.0 * (fy - 0.5) + 0.05 * noise[:, 1], 1.5 * vertex_z + 0.05 * noise[:, 2]),
+        (
+            4.0 * (fx - 0.5) + 0.05 * noise[:, 0],
+            4.0 * (fy - 0.5) + 0.05 * noise[:, 1],
+            1.5 * vertex_z + 0.05 * noise[:, 2],
+        ),
         axis=1,
     )
     # Zenith in [0.5, 2.6] rad from the centre's height, azimuth in [-pi, pi] from its column.
@@ -190,7 +200,9 @@ def _vertex_and_direction(
     return {"positions": positions[:, None, :].astype(np.float32), "angles": angles.astype(np.float32)}
 
 
-def _write_image(path: Path, events: int, seed: int, shape: tuple[int, ...], classes: int, progress: bool | None) -> None:
+def _write_image(
+    path: Path, events: int, seed: int, shape: tuple[int, ...], classes: int, progress: bool | None
+) -> None:
     c, h, w = shape
     class_rng = np.random.default_rng(54321)
     blobs = 3

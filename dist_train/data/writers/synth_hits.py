@@ -69,7 +69,9 @@ def demo_geometry(grid: tuple[int, int] = GRID) -> dict[str, np.ndarray]:
     }
 
 
-def _event_params(rng: np.random.Generator, labels: np.ndarray, hits_per_event: int, pmts: int) -> dict[str, np.ndarray]:
+def _event_params(
+    rng: np.random.Generator, labels: np.ndarray, hits_per_event: int, pmts: int
+) -> dict[str, np.ndarray]:
     n = len(labels)
     energy = rng.uniform(100.0, 1000.0, n)
     r = 0.75 * RADIUS * np.sqrt(rng.uniform(0, 1, n))
@@ -83,8 +85,12 @@ def _event_params(rng: np.random.Generator, labels: np.ndarray, hits_per_event: 
     # such repeats, and the readers' rule for them (charges add, earliest time) must be exercised.
     repeats = rng.binomial(counts, 0.01)
     return {
-        "energy": energy, "vertex": vertex, "theta": theta, "phi": phi,
-        "pmts_hit": counts.astype(np.int64), "repeats": repeats.astype(np.int64),
+        "energy": energy,
+        "vertex": vertex,
+        "theta": theta,
+        "phi": phi,
+        "pmts_hit": counts.astype(np.int64),
+        "repeats": repeats.astype(np.int64),
         "counts": (counts + repeats).astype(np.int64),
     }
 
@@ -164,7 +170,9 @@ def write_hits_demo(
     # Both written in full before either is published; the geometry goes first (the inner block ends
     # first), so a reader that finds the new hit-list file finds its geometry too.
     with atomic_replace(path, mode=0o644) as tmp, atomic_replace(geometry_path, mode=0o644) as geo_tmp:
-        _write_hit_file(tmp, geo, labels, blocks, params, seed=seed, progress=progress, geometry_name=geometry_path.name)
+        _write_hit_file(
+            tmp, geo, labels, blocks, params, seed=seed, progress=progress, geometry_name=geometry_path.name
+        )
         _write_geometry(geo_tmp, geo)
     return path, geometry_path
 
@@ -201,7 +209,9 @@ def _write_hit_file(
         f.create_dataset("labels", data=labels)
         f.create_dataset("energies", data=np.concatenate([p["energy"] for p in params])[:, None].astype(np.float32))
         f.create_dataset("positions", data=np.concatenate([p["vertex"] for p in params])[:, None].astype(np.float32))
-        angles = np.stack([np.concatenate([p["theta"] for p in params]), np.concatenate([p["phi"] for p in params])], axis=1)
+        angles = np.stack(
+            [np.concatenate([p["theta"] for p in params]), np.concatenate([p["phi"] for p in params])], axis=1
+        )
         f.create_dataset("angles", data=angles.astype(np.float32))
         f.create_dataset("event_ids", data=np.arange(events, dtype=np.int32))
         f.attrs["dtrain_synthetic"] = "hits"
@@ -210,5 +220,9 @@ def _write_hit_file(
 
 def _write_geometry(path: Path, geo: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a name without it
-        np.savez(fh, mpmt_image_positions=geo["mpmt_image_positions"], position=geo["position"],
-                 orientation=geo["orientation"])
+        np.savez(
+            fh,
+            mpmt_image_positions=geo["mpmt_image_positions"],
+            position=geo["position"],
+            orientation=geo["orientation"],
+        )
