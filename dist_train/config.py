@@ -242,6 +242,11 @@ class TrainConfig:
     # instead of each rank's own: torch.nn.SyncBatchNorm, one all-gather per BatchNorm layer and step.
     # GPUs and DDP only (PyTorch has no CPU kernels for it); a no-op in one process.
     sync_batchnorm: bool = False
+    # The model's 4-d weights and 4-d input batches in torch.channels_last memory format (NHWC): faster
+    # convolutions on recent GPUs (tensor cores); on CPUs measure first (benchmarks/host_step.py). The numbers
+    # may differ in the last bits (other convolution kernels), so it is off by default. DDP only (FSDP2 shards
+    # contiguous parameters only).
+    channels_last: bool = False
 
 
 @dataclass
@@ -606,6 +611,12 @@ def validate(cfg: Config, origin: str) -> None:
             f"{origin}: train.sync_batchnorm = true with train.strategy = 'fsdp' is not supported: SyncBatchNorm is "
             "untested under FSDP2 (its parameters are sharded and cast by FSDP's mixed precision). Use "
             "train.strategy = 'ddp' for synchronised BatchNorm, or set train.sync_batchnorm = false."
+        )
+    if t.channels_last and t.strategy == "fsdp":
+        raise ConfigError(
+            f"{origin}: train.channels_last = true with train.strategy = 'fsdp' is not supported: FSDP2 shards only "
+            "contiguous parameters (torch raises 'FSDP does not support non-contiguous parameters' for channels_last "
+            "convolution weights). Use train.strategy = 'ddp', or set train.channels_last = false."
         )
     f = cfg.fsdp
     if f.min_params < 1:

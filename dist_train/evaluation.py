@@ -12,19 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_train.data.device_feed import batch_to_device
 from dist_train.metrics import HistogramCollector
 from dist_train.tasks import MetricSums, SampleCollector, Task
 
 #: Buckets of each evaluation histogram (regression's residuals).
 HISTOGRAM_BINS = 50
-
-
-def batch_to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of a batch on ``device`` (asynchronous copies from pinned memory on CUDA)."""
-    if device.type == "cpu":  # the loaders' batches are there already: no .to() per key and step
-        return dict(batch)
-    nb = device.type == "cuda"
-    return {k: v.to(device, non_blocking=nb) for k, v in batch.items()}
 
 
 def forward(model: nn.Module, batch: Mapping[str, torch.Tensor], input_keys: Sequence[str]) -> Any:
@@ -70,8 +63,11 @@ def evaluate_batches(
     prefix: str,
     limit: int | None = None,
     predictions: Predictions | None = None,
+    to_device: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> EvalResult:
-    """The task's metrics over every sample of every rank's shard (a collective: all ranks call it)."""
+    """The task's metrics over every sample of every rank's shard (a collective: all ranks call it).
+
+    ``to_device``: the loader's :class:`~dist_train.data.device_feed.DeviceFeed` (default: plain copies)."""
     was_training = model.training
     model.eval()
     sums = MetricSums(device)
@@ -81,7 +77,7 @@ def evaluate_batches(
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
                 break
-            on_device = batch_to_device(batch, device)
+            on_device = to_device(batch) if to_device is not None else batch_to_device(batch, device)
             with autocast():
                 outputs = forward(model, on_device, input_keys)
             sums.add({"loss": task.loss(outputs, on_device).detach()})

@@ -40,6 +40,7 @@ from dist_train.checkpoint.store import (
 from dist_train.compile import Compiler, build_compiler
 from dist_train.config import Config, config_to_dict
 from dist_train.data import ensure_normalization
+from dist_train.data.device_feed import DeviceFeed
 from dist_train.data.loader import build_data, make_loader
 from dist_train.distributed.comm import (
     AsyncFlags,
@@ -58,7 +59,7 @@ from dist_train.distributed.precision import autocast, resolve_precision
 from dist_train.distributed.strategy import Strategy, build_strategy, use_sync_batchnorm
 from dist_train.early_stopping import build_early_stopping
 from dist_train.errors import CheckpointError, ConfigError
-from dist_train.evaluation import batch_to_device, evaluate_batches, forward
+from dist_train.evaluation import evaluate_batches, forward
 from dist_train.fsutil import atomic_write_text
 from dist_train.logs import NullMetricsLogger, Progress, RunMetricsLogger
 from dist_train.metrics import StepTimer, add_sums, peak_memory_mb, rss_anon_mb, training_state_mb
@@ -103,6 +104,8 @@ class Trainer:
         # Before the model's tensors exist, so that all of FSDP's large buffers follow the new threshold.
         return_large_frees_to_os(cfg.train.strategy, self.device.type)
         model = build_model_for_task(cfg, self.data, self.task).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # 4-d weights only; the feed sends x in that layout
         self.model: nn.Module = use_sync_batchnorm(model, cfg, self.device, dist_info.world_size)
         self.strategy: Strategy = build_strategy(cfg, self.device, dist_info.world_size, dist_info.distributed)
         self.compiler: Compiler = build_compiler(cfg, run_dir)
@@ -120,6 +123,11 @@ class Trainer:
         )
         self.train_loader = self._make_train_loader()
         self.eval_loaders = self._make_eval_loaders()
+        # Host batch -> device batch: copies (on a side stream on CUDA), then what the loader left to the device.
+        self.feeds = {
+            name: DeviceFeed(self.device, loader.device_prep, channels_last=cfg.train.channels_last)
+            for name, loader in (("train", self.train_loader), *self.eval_loaders.items())
+        }
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = build_scheduler(
             cfg.sched, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs
@@ -166,7 +174,14 @@ class Trainer:
         return x, dry_inputs(specs, str(self.device), batch=2)
 
     def _make_train_loader(self) -> Any:
-        return make_loader(self.data.train, self.sampler, self.cfg.data, train=True, device_type=self.device.type)
+        return make_loader(
+            self.data.train,
+            self.sampler,
+            self.cfg.data,
+            train=True,
+            device_type=self.device.type,
+            channels_last=self.cfg.train.channels_last,
+        )
 
     def _make_eval_loaders(self) -> dict[str, Any]:
         """Unpadded, contiguous shards of val and test: every sample is evaluated exactly once."""
@@ -177,7 +192,14 @@ class Trainer:
                 sampler = ShardedEvalBatchSampler(
                     len(split), num_replicas=self.dist.world_size, rank=self.dist.rank, batch_size=batch_size
                 )
-                loaders[name] = make_loader(split, sampler, self.cfg.data, train=False, device_type=self.device.type)
+                loaders[name] = make_loader(
+                    split,
+                    sampler,
+                    self.cfg.data,
+                    train=False,
+                    device_type=self.device.type,
+                    channels_last=self.cfg.train.channels_last,
+                )
         return loaders
 
     def _prepare_normalization(self) -> None:
@@ -424,7 +446,7 @@ class Trainer:
             batches = self._fetch_window(loader_iter, window)
             window_samples = sum(len(b["index"]) for b in batches)
             for i, batch in enumerate(batches):
-                self._micro_step(batch_to_device(batch, self.device), window_samples, sync=(i == window - 1))
+                self._micro_step(self.feeds["train"](batch), window_samples, sync=(i == window - 1))
                 self.sampler.record_consumed(1)
                 self.timer.step_done(len(batch["index"]))
             del batches
@@ -516,6 +538,7 @@ class Trainer:
                 autocast=functools.partial(autocast, self.precision, self.device),
                 prefix=split,
                 limit=DEBUG_MAX_STEPS if self.debug else None,
+                to_device=self.feeds[split],
             )
         self._write_reports(split, result.reports, epoch)
         return result.metrics

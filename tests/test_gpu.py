@@ -23,6 +23,7 @@ import torch
 
 from dist_train.checkpoint.file import CheckpointManager, load_checkpoint
 from dist_train.checkpoint.sharded import ShardedCheckpointManager, consolidate, verify_sharded_checkpoint
+from dist_train.data.device_feed import CudaStreams, DeviceFeed
 from dist_train.envvars import PREEMPTED_EXIT_CODE
 from tests.helpers.run import (
     REPO,
@@ -36,6 +37,9 @@ from tests.helpers.run import (
     start_dtrain,
     write_config,
 )
+from tests.test_device_feed import batches as feed_batches
+from tests.test_device_feed import config_for as feed_config
+from tests.test_device_feed import write_h5 as write_feed_h5
 from tests.test_launch_failures import wait_for_step as wait_for_new_run
 from tests.test_resume import assert_same_state, wait_for_step
 
@@ -401,3 +405,30 @@ def test_async_sharded_save_from_gpu_memory_keeps_the_values_of_the_save_moment(
         expected = {"w": weights.cpu(), "m": moments.cpu()}
     manager.close()
     assert torch.equal(weights[0, 0, :3].cpu(), torch.full((3,), 14.0))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_feed_side_stream_equals_the_host_path(tmp_path: Path, channels_last: bool) -> None:
+    """uint8 channels-last batches from pinned memory: copied on the side stream, widened, permuted and normalised
+    there while the compute stream is busy, then read on the compute stream: the host path's float32 batches, bit
+    for bit (and channels_last memory format when asked)."""
+    path = write_feed_h5(tmp_path / "f.h5", "uint8", "channels_last")
+    cfg = feed_config(path, "channels_last")
+    host, _ = feed_batches(cfg)  # the CPU path: normalised on the host
+    sent, prep = feed_batches(cfg, device_type="cuda")
+    assert prep is not None and sent[0]["x"].dtype == torch.uint8 and sent[0]["x"].is_pinned()
+    device = torch.device("cuda", 0)
+    feed = DeviceFeed(device, prep, channels_last=channels_last)
+    assert isinstance(feed.streams, CudaStreams)
+    busy = torch.randn(2048, 2048, device=device)
+    for want, batch in zip(host, sent, strict=True):
+        for _ in range(20):  # keeps the compute stream busy while the side stream copies
+            busy = torch.tanh(busy @ busy)
+        out = feed(batch)
+        assert out["x"].device == device and out["x"].dtype == torch.float32
+        assert out["x"].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        got = {k: (v * 1).cpu() for k, v in out.items()}  # read by a kernel on the compute stream, then copied back
+        del out  # freed with pending use on the compute stream: record_stream keeps the memory from the side stream
+        assert torch.equal(got["x"], want["x"])
+        assert all(torch.equal(got[k], want[k]) for k in ("y", "index", "energies"))
+    torch.cuda.synchronize()

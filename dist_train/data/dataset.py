@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from dist_train.data.device_feed import NARROW_DTYPES, DevicePrep
 from dist_train.data.h5io import RowReader
 from dist_train.data.hits import HitReader, HitSpec, extra_reader
 from dist_train.data.transforms import BatchTransforms
@@ -68,6 +69,8 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         # Set by make_loader: batches read in a worker travel as one PackedBatch, which the
         # loader unpacks; a bare DataLoader over this dataset gets plain dicts.
         self.pack_in_workers = False
+        # Set by defer_to_device: x leaves the host as read (no normalisation, maybe the file's dtype and layout).
+        self.deferred = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,9 +106,37 @@ class H5Split(Dataset):  # type: ignore[type-arg]
 
     def _as_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """A batch as (B, C, H, W): for channels-last files one permuting copy of the whole batch."""
-        if not self.channels_last or x.ndim < 3:
+        if not self.channels_last or x.ndim < 3 or self._permutes_on_device():
             return x
         return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1)).contiguous()
+
+    # ------------------------------------------------------------------ work left to the device
+    def defer_to_device(self) -> DevicePrep:
+        """Leave the normalisation (and, without transforms, the cast and the channels-last permutation)
+        to the device: returns what the device does after the copy (see ``dist_train.data.device_feed``).
+
+        Call before the first read in this process (the batch specs are worked out once)."""
+        self.deferred = True
+        self._specs = None
+        return DevicePrep(self.mean, self.std, from_channels_last=self._permutes_on_device())
+
+    def _sends_as_stored(self) -> bool:
+        """Deferred, no transforms (they work in float32) and a narrow file dtype: x is sent as stored."""
+        if not self.deferred or self.transforms or not isinstance(self._x, RowReader):
+            return False
+        return self._x.dtype_after_open().name in NARROW_DTYPES
+
+    def _permutes_on_device(self) -> bool:
+        return self.deferred and self.stored_batch_is_channels_last()
+
+    def stored_batch_is_channels_last(self) -> bool:
+        """Whether a batch as stored, (B, H, W, C), viewed as (B, C, H, W) is what the model takes: a
+        channels-last file without transforms (they need (C, H, W) samples, so with transforms the host permutes)."""
+        return self.channels_last and not self.transforms
+
+    def x_dtype(self) -> np.dtype:
+        """The dtype of the buffer :meth:`gather` reads x into (float32, or the file's when sent as stored)."""
+        return self._x.dtype_after_open() if self._sends_as_stored() else np.dtype(np.float32)
 
     # ------------------------------------------------------------------ reading
     def __getitem__(self, batch: Any) -> dict[str, torch.Tensor] | PackedBatch:
@@ -154,13 +185,13 @@ class H5Split(Dataset):  # type: ignore[type-arg]
 
         The in-process loader calls this in the consuming thread and :meth:`gather` in a reader
         thread, so the reader thread holds the GIL only briefly (the gather itself releases it).
-        ``raw`` is the float32 buffer for the samples (shape :meth:`raw_x_shape`); None: a new one.
+        ``raw`` is the buffer for the samples (shape :meth:`raw_x_shape`, dtype :meth:`x_dtype`); None: a new one.
         """
         positions = _positions(batch)
         # Fancy indexing raises IndexError past the end; samplers never produce negative positions.
         rows = self.rows[positions]
         if raw is None:
-            raw = np.empty((len(rows), *self._x.sample_shape()), dtype=np.float32)
+            raw = np.empty((len(rows), *self._x.sample_shape()), dtype=self.x_dtype())
         out: dict[str, torch.Tensor | None] = {"x": None}  # x: filled by gather()
         if self._y is not None:
             out["y"] = torch.from_numpy(self._split_labels()[positions])  # fancy indexing: a new array
@@ -194,7 +225,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
     def _transform_and_normalize(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
         """Transforms, then per-channel normalisation; ``raw`` belongs to this batch and may be reused."""
         x = self.transforms(raw, seed).contiguous() if self.transforms else raw
-        if self.mean is not None and self.std is not None:
+        if self.mean is not None and self.std is not None and not self.deferred:
             mean, std = self._norm_tensors(x.ndim)
             x.sub_(mean).div_(std)  # in place: on the batch's own memory (raw or the transforms' output)
         return x
@@ -206,14 +237,14 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         packed = PackedBatch.allocate(specs)
         out = packed.unpack()
         x = out["x"]
-        if self.transforms or self.channels_last:
+        if self.transforms or (self.channels_last and not self._permutes_on_device()):
             raw = _empty((b, *self._x.sample_shape()), torch.float32)
             self._x.read(rows, out=raw.numpy())
             raw = self._as_channels_first(raw)
             x.copy_(self.transforms(raw, seed) if self.transforms else raw)
         else:
             self._x.read(rows, out=x.numpy())
-        if self.mean is not None and self.std is not None:
+        if self.mean is not None and self.std is not None and not self.deferred:
             mean, std = self._norm_tensors(x.ndim)
             x.sub_(mean).div_(std)  # after the transforms, in place on memory this batch owns
         if self._y is not None:
@@ -226,8 +257,11 @@ class H5Split(Dataset):  # type: ignore[type-arg]
     def _sample_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(key, dtype, per-sample shape) of each batch entry; worked out once per process."""
         if self._specs is None:
-            x_shape = self.transforms.output_shape(self._channels_first_shape())
-            specs = [("x", torch.float32, x_shape)]
+            if self._permutes_on_device():
+                x_shape = self._x.sample_shape()  # as stored: the device permutes
+            else:
+                x_shape = self.transforms.output_shape(self._channels_first_shape())
+            specs = [("x", _torch_dtype(self.x_dtype()), x_shape)]
             if self._y is not None:
                 specs.append(("y", torch.int64, ()))
             specs.append(("index", torch.int64, ()))

@@ -54,6 +54,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from dist_train.data.device_feed import DevicePrep
+
 Batch = dict[str, torch.Tensor]
 # plan(index_batch, buffers) -> a job, in the consuming thread (bookkeeping, allocation);
 # gather(job) -> a batch, in a reader thread (the reads; releases the GIL);
@@ -98,6 +100,7 @@ class PrefetchLoader:
         self.buffers = RecycledBuffers(limit=self.depth + 3)
         self.pin_memory = pin_memory
         self.name = name
+        self.device_prep: DevicePrep | None = None  # set by make_loader
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -327,7 +330,7 @@ def _fill(slot: _Slot, gather: GatherFn, pin: bool) -> None:
 
 
 class RecycledBuffers:
-    """float32 batch buffers, handed out again once nothing uses the previous hand-out.
+    """Batch buffers (float32, or a file's own dtype), handed out again once nothing uses the previous hand-out.
 
     Why: page faults. A fresh buffer of a few megabytes per batch is faulted in page by page
     whenever glibc has given the freed space back (it does when other batch buffers are alive in
@@ -356,21 +359,22 @@ class RecycledBuffers:
         self._bytes = 0
         self._lock = threading.Lock()  # iterators of one loader may be consumed from different threads
 
-    def get(self, shape: tuple[int, ...]) -> np.ndarray:
-        self.last_nbytes = nbytes = math.prod(shape) * 4
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        self.last_nbytes = nbytes = math.prod(shape) * dtype.itemsize
         self.largest_nbytes = max(self.largest_nbytes, nbytes)
         with self._lock:
             for i, block in enumerate(self._blocks):
                 ref = self._handouts[i]
-                if block.shape == shape and (ref is None or ref() is None):
+                if block.shape == shape and block.dtype == dtype and (ref is None or ref() is None):
                     return self._hand_out(i)
             fits = self._bytes + nbytes <= self._keep_bytes()
             if len(self._blocks) < self.limit and fits:
-                self._blocks.append(np.empty(shape, dtype=np.float32))
+                self._blocks.append(np.empty(shape, dtype=dtype))
                 self._handouts.append(None)
                 self._bytes += nbytes
                 return self._hand_out(len(self._blocks) - 1)
-        return np.empty(shape, dtype=np.float32)
+        return np.empty(shape, dtype=dtype)
 
     def trim(self) -> None:
         """Let go of the buffers past what a pass may keep (one still in use lives on through its hand-out).
