@@ -187,3 +187,44 @@ def test_compiled_fsdp_compiles_each_block_and_checkpoints_plain_keys_with_a_cus
     final = load_final_model(run_dir)
     assert final["model"].keys() == ResidualMLP(1, 72).state_dict().keys()
     assert all(torch.isfinite(v).all() for v in final["model"].values())
+
+
+@pytest.mark.slow  # three compiled 2-rank runs of a BatchNorm CNN: about two minutes on 2 cores
+def test_compiled_bn_cnn_in_bf16_and_channels_last_stopped_in_its_last_steps_resumes_bit_exact(tmp_path: Path) -> None:
+    """What physicists run, compiled: BatchNorm (running statistics in the checkpoint), bf16 autocast,
+    channels_last weights and inputs, 2 ranks, epochs of a handful of steps, and a stop three steps
+    before the end. The relaunch must finish the run exactly as the uninterrupted one did."""
+    data = make_image_h5(tmp_path / "d.h5", events=200)
+    steps_per_epoch, epochs = 160 // 16, 3  # 160 training events, global batch 16
+    cache = env_for_tests({"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # one cold compile in all
+
+    def config(name: str) -> Path:
+        return compiled_config(
+            tmp_path,
+            name,
+            data,
+            data={"batch_size": 8, "num_workers": 0},
+            model={"name": "tests.helpers.models:BNConvNet", "num_classes": 3, "channels": 8, "delay": 0.2},
+            train={"epochs": epochs, "precision": "bf16", "channels_last": True, "log_every": 1, "stop_check_every": 1},
+        )
+
+    ref = tmp_path / "ref"
+    assert_ok(launch(tmp_path, config("ref"), ref, nproc=2, env=cache))
+    run_dir = tmp_path / "cut"
+    args = ("launch", "--gpus", "cpu", "--nproc", "2", str(config("cut")), "--run-dir", str(run_dir))
+    proc = start_dtrain(*args, cwd=tmp_path, env=cache)
+    last = steps_per_epoch * epochs
+    wait_for_step(run_dir, last - 3, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    cut = load_final_model(run_dir)
+    assert last - 3 <= cut["step"] < last, "the stop must land in the last steps"
+    assert_plain_keys(cut["model"])
+    assert any(k.endswith("running_mean") for k in cut["model"])
+
+    assert_ok(dtrain(*args, cwd=tmp_path, env=cache))
+    assert_same_state(load_final_model(ref), load_final_model(run_dir))
+    assert metric_history(ref) == metric_history(run_dir)
+    assert step_history(ref, cut["step"]) == step_history(run_dir, cut["step"])
+    assert held_out_metrics(ref) == held_out_metrics(run_dir) != []

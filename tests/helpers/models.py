@@ -82,8 +82,9 @@ class BNConvNet(nn.Module):
     """A small CNN with BatchNorm (2-D after each conv, 1-D before the head): the norm layers with
     running statistics that mixed precision under FSDP must keep in fp32."""
 
-    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, channels: int = 8) -> None:
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, channels: int = 8, delay: float = 0.0) -> None:
         super().__init__()
+        self.delay = delay  # seconds of sleep per training forward: lets a signal land mid-run
         self.features = nn.Sequential(
             nn.Conv2d(sample_shape[0], channels, 3, padding=1),
             nn.BatchNorm2d(channels),
@@ -99,6 +100,8 @@ class BNConvNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.delay:
+            time.sleep(self.delay)
         return self.head(self.features(x))
 
 
