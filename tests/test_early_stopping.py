@@ -168,7 +168,7 @@ def _bn_config(tmp_path: Path, name: str, data: Path, **train: Any) -> Path:
         tmp_path,
         name,
         data,
-        model={"name": "tests.helpers.bn_net:BNConvNet", "num_classes": 3, "channels": 4},
+        model={"name": "tests.helpers.models:TinyBNConvNet", "num_classes": 3, "channels": 4},
         train={"epochs": 4, **train},
         optim={"name": "adam", "lr": 0.05},
         # The highest validation loss is "best": training lowers it, so best.pt is an early epoch, not the last.

@@ -13,7 +13,7 @@ import torch
 from dist_train.checkpoint.catalog import latest_valid_checkpoint
 from dist_train.checkpoint.file import load_checkpoint, verify_checkpoint
 from launcher.cli import main as cli_main
-from tests.helpers.bn_net import BNConvNet
+from tests.helpers.models import TinyBNConvNet
 from tests.helpers.run import assert_ok, dtrain, make_image_h5, write_config
 
 
@@ -32,7 +32,7 @@ def test_export_writes_what_load_state_dict_takes_and_eval_reads_it_with_the_sid
     cfg = write_config(
         tmp_path / "c.toml",
         data,
-        model={"name": "tests.helpers.bn_net:BNConvNet", "num_classes": 3, "channels": 4},
+        model={"name": "tests.helpers.models:TinyBNConvNet", "num_classes": 3, "channels": 4},
         train={"epochs": 2, "precision": "fp32", "log_every": 5},
     )
     run_dir = tmp_path / "run"
@@ -42,14 +42,14 @@ def test_export_writes_what_load_state_dict_takes_and_eval_reads_it_with_the_sid
 
     out = tmp_path / "export" / "model.pt"
     _cli(capsys, "ckpt", "export", str(run_dir), str(out))
-    model = BNConvNet((2, 6, 6), 3, channels=4)
+    model = TinyBNConvNet((2, 6, 6), 3, channels=4)
     model.load_state_dict(torch.load(out, weights_only=True))  # strict: exactly the model's keys
     for key, value in load_checkpoint(latest)["model"].items():
         assert torch.equal(model.state_dict()[key], value), key  # BatchNorm buffers included
     assert verify_checkpoint(out) is None
     meta = json.loads((out.parent / "model.pt.sha256.json").read_text())
     assert (meta["format"], meta["epoch"], meta["source"]) == ("dtrain-model-export", 2, str(latest))
-    assert meta["config"]["model"]["name"] == "tests.helpers.bn_net:BNConvNet" and "val/loss" in meta["metrics"]
+    assert meta["config"]["model"]["name"] == "tests.helpers.models:TinyBNConvNet" and "val/loss" in meta["metrics"]
 
     a = json.loads(_cli(capsys, "eval", str(run_dir), "--split", "test", "--json"))
     b = json.loads(_cli(capsys, "eval", str(out), "--split", "test", "--json"))

@@ -105,6 +105,24 @@ class BNConvNet(nn.Module):
         return self.head(self.features(x))
 
 
+class TinyBNConvNet(nn.Module):
+    """One conv, BatchNorm2d, pooling and a linear head: for tests whose answer depends on the running
+    statistics (buffers) and that want the smallest such model."""
+
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int, channels: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(sample_shape[0], channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class SlowResNet18(nn.Module):
     """torchvision's ResNet-18 with the small-input stem (3x3 stride-1 conv, no max-pool) and a sleep per
     training forward: the physicists' BatchNorm model, slow enough for a signal to land mid-epoch on a GPU."""
