@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,32 @@ def test_a_model_the_compiler_rejects_stops_with_one_paragraph_naming_it(tmp_pat
     assert not (run_dir / "completed").exists()
 
 
+def stop_then_resume_matches_uninterrupted(
+    tmp_path: Path, config: Callable[[str], Path], stop_after: int, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], Path]:
+    """A 2-rank run "ref" uninterrupted; the same run "cut" stopped by SIGTERM once it logged step
+    ``stop_after`` (exit 75), then relaunched: the relaunch must end exactly as ref did (state, metric and
+    step histories, held-out metrics). Returns the stop's checkpoint and the cut run's directory."""
+    ref = tmp_path / "ref"
+    assert_ok(launch(tmp_path, config("ref"), ref, nproc=2, env=env))
+    run_dir = tmp_path / "cut"
+    args = ("launch", "--gpus", "cpu", "--nproc", "2", str(config("cut")), "--run-dir", str(run_dir))
+    proc = start_dtrain(*args, cwd=tmp_path, env=env)
+    wait_for_step(run_dir, stop_after, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    cut = load_final_model(run_dir)
+    assert_plain_keys(cut["model"])
+
+    assert_ok(dtrain(*args, cwd=tmp_path, env=env))
+    assert_same_state(load_final_model(ref), load_final_model(run_dir))
+    assert metric_history(ref) == metric_history(run_dir)
+    assert step_history(ref, cut["step"]) == step_history(run_dir, cut["step"])
+    assert held_out_metrics(ref) == held_out_metrics(run_dir) != []
+    return cut, run_dir
+
+
 @pytest.mark.slow  # two compiled 2-rank runs and a relaunch: about a minute on 2 cores
 def test_compiled_ddp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None:
     data = make_image_h5(tmp_path / "d.h5", events=600)
@@ -146,24 +173,9 @@ def test_compiled_ddp_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path)
             train={"log_every": 1, "stop_check_every": 2},
         )
 
-    assert_ok(launch(tmp_path, config("ref"), tmp_path / "ref", nproc=2))
-    run_dir = tmp_path / "cut"
-    args = ("launch", "--gpus", "cpu", "--nproc", "2", str(config("cut")), "--run-dir", str(run_dir))
-    proc = start_dtrain(*args, cwd=tmp_path)
-    wait_for_step(run_dir, steps_per_epoch + 2, proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out
-    cut = load_final_model(run_dir)
+    cut, run_dir = stop_then_resume_matches_uninterrupted(tmp_path, config, steps_per_epoch + 2)
     assert steps_per_epoch < cut["step"] < 2 * steps_per_epoch, "the stop must land mid-epoch"
-    assert_plain_keys(cut["model"])
-
-    assert_ok(dtrain(*args, cwd=tmp_path))
     assert cache_hits((run_dir / "logs" / "rank0.log").read_text())[-1] > 0
-    assert_same_state(load_final_model(tmp_path / "ref"), load_final_model(run_dir))
-    assert metric_history(tmp_path / "ref") == metric_history(run_dir)
-    assert step_history(tmp_path / "ref", cut["step"]) == step_history(run_dir, cut["step"])
-    assert held_out_metrics(tmp_path / "ref") == held_out_metrics(run_dir) != []
 
 
 @pytest.mark.slow  # a compiled 2-rank FSDP run
@@ -196,6 +208,7 @@ def test_compiled_bn_cnn_in_bf16_and_channels_last_stopped_in_its_last_steps_res
     before the end. The relaunch must finish the run exactly as the uninterrupted one did."""
     data = make_image_h5(tmp_path / "d.h5", events=200)
     steps_per_epoch, epochs = 160 // 16, 3  # 160 training events, global batch 16
+    last = steps_per_epoch * epochs
     cache = env_for_tests({"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # one cold compile in all
 
     def config(name: str) -> Path:
@@ -208,23 +221,6 @@ def test_compiled_bn_cnn_in_bf16_and_channels_last_stopped_in_its_last_steps_res
             train={"epochs": epochs, "precision": "bf16", "channels_last": True, "log_every": 1, "stop_check_every": 1},
         )
 
-    ref = tmp_path / "ref"
-    assert_ok(launch(tmp_path, config("ref"), ref, nproc=2, env=cache))
-    run_dir = tmp_path / "cut"
-    args = ("launch", "--gpus", "cpu", "--nproc", "2", str(config("cut")), "--run-dir", str(run_dir))
-    proc = start_dtrain(*args, cwd=tmp_path, env=cache)
-    last = steps_per_epoch * epochs
-    wait_for_step(run_dir, last - 3, proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out
-    cut = load_final_model(run_dir)
+    cut, _ = stop_then_resume_matches_uninterrupted(tmp_path, config, last - 3, env=cache)
     assert last - 3 <= cut["step"] < last, "the stop must land in the last steps"
-    assert_plain_keys(cut["model"])
     assert any(k.endswith("running_mean") for k in cut["model"])
-
-    assert_ok(dtrain(*args, cwd=tmp_path, env=cache))
-    assert_same_state(load_final_model(ref), load_final_model(run_dir))
-    assert metric_history(ref) == metric_history(run_dir)
-    assert step_history(ref, cut["step"]) == step_history(run_dir, cut["step"])
-    assert held_out_metrics(ref) == held_out_metrics(run_dir) != []
