@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_train
 from dist_train import envvars
-from dist_train.checkpoint.catalog import best_checkpoint, latest_valid_checkpoint
+from dist_train.checkpoint.catalog import best_checkpoint, latest_valid_checkpoint, verify
 from dist_train.checkpoint.layout import CHECKPOINT_GLOB, CHECKPOINTS_SUBDIR, FORMAT_VERSION
 from dist_train.checkpoint.store import (
     CheckpointStore,
+    OpenedCheckpoint,
     build_checkpoint_store,
     check_config_compatible,
     open_checkpoint,
@@ -334,6 +335,19 @@ class Trainer:
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
 
+    def _open_verified(self, path: Path) -> OpenedCheckpoint:
+        """Rank 0 checks sizes and sha256s (of every shard) before anything is loaded and tells the others,
+        so that every rank stops with the same error: a rank that went on alone would read a damaged file
+        (an unpickling error, or garbage weights) or wait in a collective load for a rank 0 that has left."""
+        problem = broadcast_object(verify(path) if self.dist.is_main else None)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {path} failed verification: {problem}. Nothing was loaded. Resume from another "
+                "checkpoint: --resume PATH of an older one, or --resume auto (the newest valid one of the run "
+                "directory; `dtrain ckpt inspect PATH` checks one)."
+            )
+        return open_checkpoint(path, verify=False, for_rank=(self.dist.rank, self.dist.world_size))
+
     def _say_if_starting_over(self) -> None:
         """A run directory with earlier training but no checkpoint to resume from starts at step 0: say so."""
         if not self.dist.is_main or self.run_dir is None or envvars.get(envvars.RESUME, "auto") == "never":
@@ -353,8 +367,7 @@ class Trainer:
         if path is None:
             self._say_if_starting_over()
             return None
-        # Rank 0 checks sizes and sha256s (of every shard) before anything is loaded.
-        opened = open_checkpoint(path, verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
+        opened = self._open_verified(path)
         state = opened.state
         check_config_compatible(path, state, config_to_dict(self.cfg))
         try:
@@ -727,7 +740,7 @@ class Trainer:
                 self.cfg.checkpoint.monitor,
             )
             return last
-        opened = open_checkpoint(Path(path), verify=self.dist.is_main, for_rank=(self.dist.rank, self.dist.world_size))
+        opened = self._open_verified(Path(path))
         opened.restore_model(self.model, self.strategy, group=self.ckpt_store.group)
         state = opened.state
         return {"which": "best", "epoch": int(state["epoch"]), "step": int(state["step"]), "path": path}

@@ -77,6 +77,28 @@ def test_a_damaged_only_checkpoint_restarts_from_scratch_says_so_and_rewinds_the
     assert [r["epoch"] for r in records(run_dir, "epoch")] == [1, 2]
 
 
+def test_an_explicit_resume_of_a_damaged_checkpoint_stops_every_rank_with_the_same_paragraph(tmp_path: Path) -> None:
+    # Rank 0 verifies; the others must hear its verdict rather than read the damaged file themselves.
+    cfg = config(tmp_path, epochs=1)
+    first = tmp_path / "first"
+    assert_ok(dtrain("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--run-dir", str(first), cwd=tmp_path))
+    checkpoint = sorted((first / "checkpoints").glob("ckpt-*.pt"))[-1]
+    before = checkpoint.read_bytes()
+    damaged = bytearray(before)
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte inside the tensors: torch.load alone would not notice
+    checkpoint.write_bytes(bytes(damaged))
+    again = tmp_path / "again"
+    args = ("launch", "--gpus", "cpu", "--nproc", "2", str(cfg), "--run-dir", str(again), "--resume", str(checkpoint))
+    proc = dtrain(*args, cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert f"checkpoint {checkpoint} failed verification: sha256 mismatch" in text and "Traceback" not in text
+    for rank in (0, 1):
+        assert "failed verification" in (again / "logs" / f"rank{rank}.log").read_text(), rank
+    assert checkpoint.read_bytes() == bytes(damaged)  # nothing written over the user's file
+    assert not any((again / "checkpoints").glob("ckpt-*"))  # no training step ran from it
+
+
 # ----------------------------------------------------------------------------------- the logger alone
 
 
