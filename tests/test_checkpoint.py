@@ -219,9 +219,14 @@ def test_async_background_error_surfaces_on_wait_and_next_save(tmp_path: Path, m
     with pytest.raises(CheckpointError, match="No space left"):
         manager.save(make_state(4), epoch=0, step=4)  # the next save() re-raises the previous failure
 
+    manager.save(make_state(5), epoch=0, step=5)
+    with pytest.raises(CheckpointError, match="No space left"):
+        manager.close()  # close() waits for the pending save, so its failure is raised here too
+    manager.close()  # a failure is raised once; closing again does nothing
+
     monkeypatch.undo()
     assert latest_valid_checkpoint(manager.directory) == good
-    later = manager.save(make_state(5), epoch=0, step=5)
+    later = manager.save(make_state(6), epoch=0, step=6)  # a save after close() starts a new thread
     manager.close()
     assert latest_valid_checkpoint(manager.directory) == later
 
