@@ -39,6 +39,7 @@ from dist_train.checkpoint.layout import (
     checkpoint_files,
     checkpoint_name,
     hash_file,
+    make_checkpoint_directory,
     read_pointer,
     sidecar_path,
     write_pointer,
@@ -428,12 +429,7 @@ class CheckpointManager:
         self.close()
 
     def _ensure_directory(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc.strerror}. Pick a writable run.output_dir."
-            ) from None
+        make_checkpoint_directory(self.directory)
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(
                 f"checkpoint directory {self.directory} is not writable; pick another run.output_dir."

@@ -56,6 +56,7 @@ from dist_train.checkpoint.layout import (
     LATEST_POINTER,
     MANIFEST_NAME,
     hash_file,
+    make_checkpoint_directory,
     read_pointer,
     sharded_checkpoint_dirs,
     sharded_checkpoint_name,
@@ -264,19 +265,11 @@ class ShardedCheckpointManager:
         self._background: BackgroundWriter[Path | None] = BackgroundWriter()
         self._stager: Any = None
         if self.rank == 0:
-            self._ensure_directory()
+            make_checkpoint_directory(self.directory)
             self.remove_stale_temp_dirs()
         barrier(group=self.group)  # no rank writes into the directory before the sweep is done
 
     # ---- housekeeping
-
-    def _ensure_directory(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc.strerror}. Pick a writable run.output_dir."
-            ) from None
 
     def remove_stale_temp_dirs(self) -> None:
         """Temporary directories of saves that a crash interrupted (never loaded; safe to delete at start)."""
