@@ -12,7 +12,9 @@ from dist_train.config import Config, load_config
 
 
 def _resource_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by `script` and `submit`; unset ones fall back to the config's [slurm] section."""
+    """Options shared by `script` and `submit`; unset ones fall back to the config's [slurm] section.
+
+    Each option the commands do not take by name is named after the SbatchOptions field it overrides."""
     options = [
         click.argument("config", type=click.Path(dir_okay=False, path_type=Path)),
         click.option("--nodes", type=int, help="Nodes to allocate (one `dtrain launch` per node)."),
@@ -20,7 +22,7 @@ def _resource_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--nproc-per-node", type=int, help="Workers per node (default: the GPUs per node, or 1 on CPU)."),
         click.option("--cpus-per-task", type=int, help="CPU cores per node task (shared by that node's workers)."),
         click.option("--mem", help="Memory per node, e.g. 64G."),
-        click.option("--time", "time_limit", help="Time limit, e.g. 04:00:00 or 1-00:00:00."),
+        click.option("--time", help="Time limit, e.g. 04:00:00 or 1-00:00:00."),
         click.option("--partition", help="SLURM partition."),
         click.option("--account", help="SLURM account to charge."),
         click.option("--qos", help="Quality of service."),
@@ -53,25 +55,10 @@ def _resource_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _options(cfg: Config, kw: dict[str, Any]) -> Any:
+    """The config's [slurm] section with the options given on the command line (``kw``: field -> value)."""
     from launcher.slurm import SbatchOptions
 
-    return SbatchOptions.from_config(
-        cfg.slurm,
-        nodes=kw["nodes"],
-        gpus_per_node=kw["gpus_per_node"],
-        nproc_per_node=kw["nproc_per_node"],
-        cpus_per_task=kw["cpus_per_task"],
-        mem=kw["mem"],
-        time=kw["time_limit"],
-        partition=kw["partition"],
-        account=kw["account"],
-        qos=kw["qos"],
-        constraint=kw["constraint"],
-        job_name=kw["job_name"],
-        signal_grace=kw["signal_grace"],
-        max_requeues=kw["max_requeues"],
-        sbatch_args=list(kw["sbatch_args"]) or None,
-    )
+    return SbatchOptions.from_config(cfg.slurm, **{**kw, "sbatch_args": list(kw["sbatch_args"]) or None})
 
 
 @click.group(name="slurm")

@@ -22,6 +22,7 @@ from dist_train.checkpoint import file as ckpt
 from dist_train.checkpoint.catalog import describe_checkpoint, latest_valid_checkpoint, list_checkpoints
 from dist_train.checkpoint.file import CheckpointManager, load_checkpoint, verify_checkpoint
 from dist_train.checkpoint.layout import BEST_NAME, LATEST_POINTER, sidecar_path
+from dist_train.checkpoint.sharded import ShardedCheckpointManager
 from dist_train.errors import CheckpointError
 from launcher.cli import main as cli_main
 
@@ -152,6 +153,16 @@ def test_second_save_at_same_step_never_rewrites_a_published_file(tmp_path: Path
     assert load_checkpoint(second)["reason"] == "final"
 
 
+def test_a_directory_that_cannot_be_created_is_one_clear_error_in_both_managers(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    expected = r"cannot create checkpoint directory .*a-file/checkpoints: Not a directory\. Pick a writable"
+    with pytest.raises(CheckpointError, match=expected):
+        CheckpointManager(blocker / "checkpoints").save(make_state(1), epoch=0, step=1)
+    with pytest.raises(CheckpointError, match=expected):
+        ShardedCheckpointManager(blocker / "checkpoints", rank=0, group=None)
+
+
 def test_state_that_would_not_load_safely_is_refused_before_writing(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
     state = make_state(1)
@@ -219,9 +230,14 @@ def test_async_background_error_surfaces_on_wait_and_next_save(tmp_path: Path, m
     with pytest.raises(CheckpointError, match="No space left"):
         manager.save(make_state(4), epoch=0, step=4)  # the next save() re-raises the previous failure
 
+    manager.save(make_state(5), epoch=0, step=5)
+    with pytest.raises(CheckpointError, match="No space left"):
+        manager.close()  # close() waits for the pending save, so its failure is raised here too
+    manager.close()  # a failure is raised once; closing again does nothing
+
     monkeypatch.undo()
     assert latest_valid_checkpoint(manager.directory) == good
-    later = manager.save(make_state(5), epoch=0, step=5)
+    later = manager.save(make_state(6), epoch=0, step=6)  # a save after close() starts a new thread
     manager.close()
     assert latest_valid_checkpoint(manager.directory) == later
 

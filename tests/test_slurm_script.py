@@ -428,6 +428,26 @@ def test_cli_script_prints_the_script_with_cli_options(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()  # `script` creates nothing
 
 
+def test_every_cli_resource_option_overrides_its_sbatch_field(tmp_path: Path) -> None:
+    """The commands hand their options to SbatchOptions by name: each must name a field, and win over [slurm]."""
+    argv = (
+        "--nodes=2 --gpus-per-node=8 --nproc-per-node=2 --cpus-per-task=6 --mem=32G --time=1-00:00:00 "
+        "--partition=big --account=acct --qos=high --constraint=h100 --job-name=named --signal-grace=77 --max-requeues=5"
+    ).split()
+    fields = {arg[2:].split("=")[0].replace("-", "_") for arg in argv}
+    taken_by_name = {"config", "run_dir", "overrides", "sbatch_args", "help"}
+    script_params = [p.name for p in cli.commands["slurm"].commands["script"].params]  # type: ignore[attr-defined]
+    assert {name for name in script_params if name not in taken_by_name} == fields
+
+    result = CliRunner().invoke(cli, ["slurm", "script", str(_cfg_file(tmp_path)), "--run-dir", str(tmp_path), *argv])
+    assert result.exit_code == 0, result.output
+    directives = set(_directives(result.output))
+    not_directives = ("--nproc-per-node", "--signal-grace", "--max-requeues")
+    assert {arg for arg in argv if not arg.startswith(not_directives)} <= directives  # the same #SBATCH option
+    assert "--signal=B:USR1@77" in directives
+    assert "LAUNCH_ARGS=(--nproc 2)" in result.output and "MAX_REQUEUES=5" in result.output
+
+
 def test_cli_submit_reports_job_and_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_sbatch(tmp_path, monkeypatch, stdout="31337")
     result = CliRunner().invoke(cli, ["slurm", "submit", str(_cfg_file(tmp_path)), "--gpus-per-node", "0"])

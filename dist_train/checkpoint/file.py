@@ -15,7 +15,6 @@ ever named are never rewritten in place: a second save at the same (epoch, step)
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import hashlib
 import json
@@ -32,6 +31,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import torch
 
+from dist_train.checkpoint.background import BackgroundWriter
 from dist_train.checkpoint.layout import (
     BEST_NAME,
     FORMAT_VERSION,
@@ -39,6 +39,7 @@ from dist_train.checkpoint.layout import (
     checkpoint_files,
     checkpoint_name,
     hash_file,
+    make_checkpoint_directory,
     read_pointer,
     sidecar_path,
     write_pointer,
@@ -385,8 +386,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: concurrent.futures.Future[Path] | None = None
+        self._background: BackgroundWriter[Path] = BackgroundWriter()
         self._staging = StagingArea() if async_save else None
 
     # ---- writing
@@ -413,23 +413,14 @@ class CheckpointManager:
         snapshot = snapshot_state(state, self._staging)
         if not self.async_save:
             return self._write_checkpoint(snapshot, final, meta, is_best)
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-ckpt")
-        self._pending = self._executor.submit(self._write_checkpoint, snapshot, final, meta, is_best)
+        self._background.submit(self._write_checkpoint, snapshot, final, meta, is_best)
         return final
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # re-raises the background write's CheckpointError
+        self._background.wait()  # re-raises the background write's CheckpointError
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        self._background.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -438,12 +429,7 @@ class CheckpointManager:
         self.close()
 
     def _ensure_directory(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc.strerror}. Pick a writable run.output_dir."
-            ) from None
+        make_checkpoint_directory(self.directory)
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(
                 f"checkpoint directory {self.directory} is not writable; pick another run.output_dir."

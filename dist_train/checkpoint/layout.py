@@ -1,4 +1,4 @@
-"""Where checkpoints live and what they are called: names, name parsing, hashing and pointer files.
+"""Where checkpoints live and what they are called: the directory, names, name parsing, hashing and pointer files.
 
 Torch-free, so the launcher imports these names instead of spelling them out. Layout of a run's
 checkpoints (``<run_dir>/checkpoints/``)::
@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from dist_train.errors import CheckpointError
 from dist_train.fsutil import atomic_write_text
 
 # The version of the checkpoint state's layout; written into every checkpoint and export, and the most this dtrain reads.
@@ -32,6 +33,16 @@ READ_CHUNK_BYTES = 8 << 20  # hashing reads in slices, so memory stays flat what
 
 _FILE_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?\.pt$")
 _SHARDED_RE = re.compile(r"^ckpt-e(?P<epoch>\d+)-s(?P<step>\d+)(?:-(?P<dup>\d+))?$")
+
+
+def make_checkpoint_directory(directory: Path) -> None:
+    """Create a checkpoint directory (and its parents); a CheckpointError saying what to do when that fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create checkpoint directory {directory}: {exc.strerror}. Pick a writable run.output_dir."
+        ) from None
 
 
 def sharded_checkpoint_name(epoch: int, step: int, duplicate: int = 0) -> str:

@@ -34,7 +34,6 @@ module without ever touching a sharded checkpoint.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -50,12 +49,14 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.background import BackgroundWriter
 from dist_train.checkpoint.file import snapshot_state, torch_load_safely
 from dist_train.checkpoint.layout import (
     BEST_POINTER,
     LATEST_POINTER,
     MANIFEST_NAME,
     hash_file,
+    make_checkpoint_directory,
     read_pointer,
     sharded_checkpoint_dirs,
     sharded_checkpoint_name,
@@ -261,23 +262,14 @@ class ShardedCheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self._saves = 0
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: concurrent.futures.Future[Path | None] | None = None
+        self._background: BackgroundWriter[Path | None] = BackgroundWriter()
         self._stager: Any = None
         if self.rank == 0:
-            self._ensure_directory()
+            make_checkpoint_directory(self.directory)
             self.remove_stale_temp_dirs()
         barrier(group=self.group)  # no rank writes into the directory before the sweep is done
 
     # ---- housekeeping
-
-    def _ensure_directory(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc.strerror}. Pick a writable run.output_dir."
-            ) from None
 
     def remove_stale_temp_dirs(self) -> None:
         """Temporary directories of saves that a crash interrupted (never loaded; safe to delete at start)."""
@@ -336,12 +328,8 @@ class ShardedCheckpointManager:
         staged = dcp.async_save(
             tensors, storage_writer=writer, process_group=self.group, async_stager=self._async_stager()
         )
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-ckpt")
         upload = staged.upload_completion if hasattr(staged, "upload_completion") else staged
-        self._pending = self._executor.submit(
-            self._finish_after, upload, tmp, meta, common if self.rank == 0 else {}, is_best
-        )
+        self._background.submit(self._finish_after, upload, tmp, meta, common if self.rank == 0 else {}, is_best)
         return self.directory / final_name if self.rank == 0 else None
 
     def _async_stager(self) -> Any:
@@ -455,16 +443,12 @@ class ShardedCheckpointManager:
                 log.warning("could not remove old checkpoint %s: %s", path, exc.strerror)
 
     def wait(self) -> Path | None:
-        pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else None
+        return self._background.wait()
 
     def close(self) -> None:
         try:
-            self.wait()
+            self._background.close()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
