@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 BENCH_DIR = REPO / ".bench_tmp"
+MPMT_SHAPE = (38, 16, 40)  # channels (19 charges + 19 times), module rows, module columns
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,16 @@ class Workload:
 
     ``targets`` empty: classification of ``labels``; else regression (MSE) of those datasets of the
     wch5 layout, flattened per sample and concatenated (the model's output width is their total).
+
+    ``layout = "hits"``: a hit-list file (synth_hits's demo detector on the ``shape[1:]`` pixel grid)
+    that dtrain reads with ``data.format = "hits"``, building 19 charge + 19 time channels per module
+    pixel, so ``shape`` is (38, H, W). Other readers have no hit-list reader: they get the same events
+    already converted to images (:func:`peer_data`, ``dtrain data convert``).
     """
 
     name: str
     model: dict[str, Any]
-    layout: str  # synth_dataset layout: "image" or "wch5"
+    layout: str  # synth_dataset layout: "image", "wch5" or "hits"
     shape: tuple[int, int, int]
     num_classes: int  # classes in the synthetic file (the model's width is in ``model``)
     targets: tuple[str, ...] = ()
@@ -43,6 +49,10 @@ class Workload:
     def data_file(self, events: int) -> Path:
         shape = "x".join(str(s) for s in self.shape)
         return BENCH_DIR / "data" / f"{self.layout}-{shape}-{events}.h5"
+
+    @property
+    def hits(self) -> bool:
+        return self.layout == "hits"
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -66,7 +76,51 @@ WORKLOADS: dict[str, Workload] = {
         3,
         targets=("energies", "positions", "angles"),
     ),
+    # Issue 24's goal workloads: water-Cherenkov mPMT images, 38 channels (19 PMT charges + 19 times) on
+    # the 16 x 40 module grid, 3 classes. ResNet-18 with its small-input stem (3x3 stride 1, no max-pool)
+    # on an image file (the wch5 demo layout, channels first)...
+    "resnet18_mpmt": Workload(
+        "resnet18_mpmt", {"name": "resnet18", "num_classes": 3, "small_input": True}, "wch5", MPMT_SHAPE, 3
+    ),
+    # ...on a hit-list file (configs/hits_resnet.toml's data: dtrain builds the images while reading;
+    # the other contenders read the same events converted to images, see Workload)...
+    "resnet18_hits": Workload(
+        "resnet18_hits", {"name": "resnet18", "num_classes": 3, "small_input": True}, "hits", MPMT_SHAPE, 3
+    ),
+    # ...and the tutorial's SimpleCNN (configs/tutorial_cnn.toml's model) on resnet18_mpmt's file. The
+    # tutorial's file is channels last; here every contender reads the channels-first file, so no one
+    # pays a per-batch permute the others skip.
+    "tutorial_cnn": Workload(
+        "tutorial_cnn",
+        {"name": "cnn", "num_classes": 3, "in_channels": 38, "padding": 2, "hidden": 64},
+        "wch5",
+        MPMT_SHAPE,
+        3,
+    ),
 }
+GOAL_WORKLOADS = ("resnet18_mpmt", "resnet18_hits", "tutorial_cnn")  # issue 24: compiled, busy GPU
+
+
+def peer_data(workload: Workload, events: int) -> Path:
+    """The file the non-dtrain contenders read: the workload's file, or for a hit-list workload the same
+    events as (N, 38, H, W) images (written once beside it by ``convert_hits``, then reused)."""
+    from dist_train.data.hits import HitSpec
+    from dist_train.data.writers.convert_hits import convert_hits
+
+    path = ensure_data(workload, events)
+    if not workload.hits:
+        return path
+    images = path.with_name(f"{path.stem}-images.h5")
+    if not images.exists():
+        convert_hits(path, images, HitSpec(**hit_data_keys(path)), progress=False)
+    return images
+
+
+def hit_data_keys(path: Path) -> dict[str, Any]:
+    """The [data] keys of a hit-list workload's file (configs/hits_resnet.toml's, with the demo geometry)."""
+    from dist_train.data.writers.synth_hits import geometry_path_for
+
+    return {"geometry_file": str(geometry_path_for(path)), "representation": "mpmt_image"}
 
 
 def ensure_data(workload: Workload, events: int) -> Path:
@@ -74,7 +128,8 @@ def ensure_data(workload: Workload, events: int) -> Path:
     from dist_train.data.writers.synth import synth_dataset
 
     path = workload.data_file(events)
-    # A wch5 file cached by an older dtrain has no regression targets: write it again.
+    # A wch5 file cached by an older dtrain has no regression targets: write it again. A hit-list file
+    # comes with its geometry (synth_hits publishes the geometry first, then the data file).
     if not path.exists() or (workload.targets and not _has_datasets(path, workload.targets)):
         synth_dataset(
             path,
@@ -238,6 +293,8 @@ def dtrain_config(
     }
     if workload.targets:
         sections["task"] = {"name": "regression", "targets": list(workload.targets), "loss": "mse"}
+    if workload.hits:
+        sections["data"].update(format="hits", **hit_data_keys(data_path))
     for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)

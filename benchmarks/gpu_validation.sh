@@ -3,6 +3,11 @@
 #
 #   bash benchmarks/gpu_validation.sh [OUT_DIR] [STEP ...]
 #
+# Issue 24's measurement (compiled dtrain >= 1.3x in-memory DDP, GPU busy >= 95%, bf16, batch 256) in one call,
+# about 10 minutes on one H100/H200 (env ~10 s, goal ~6-8 min, host_step ~1-2 min; estimates, not yet timed):
+#
+#   bash benchmarks/gpu_validation.sh docs/gpu-YYYY-MM-DD env goal host_step
+#
 # Steps (default: all, in this order):
 #   env         driver, GPU, Python packages, `dtrain gpus` through the real NVML
 #   tests       pytest tests/test_gpu.py (NVML, busy GPU, reservation, bf16/fp16 training, NCCL preemption + resume)
@@ -17,6 +22,17 @@
 #               peak memory, checkpoints on; sharded and async DCP saves from GPU memory: the time a save blocks,
 #               the values of the save moment); skipped without CUDA; at most ~6 min on an H100/H200
 #   suite       the default test suite (must pass with a GPU present too)
+#   goal        (not in the default list) issue 24: compare.py --device cuda --precision bf16 --nprocs 1 --quick --repeats 1
+#               on resnet18 (3x32x32) and the goal's workloads resnet18_mpmt (38x16x40 mPMT images), resnet18_hits
+#               (a hit-list file; the peers read the same events converted to images) and tutorial_cnn, all at
+#               batch 256, with the compiled contender in each mode of $GOAL_MODES (default "default"; add
+#               reduce-overhead for CUDA graphs: GOAL_MODES="default reduce-overhead", about twice as long).
+#               ~6-8 min per mode: 24 runs of a few seconds each, cold compiles of the three networks, writing
+#               the 2 GB image files. Output: goal_<mode>.log/.json/.png with the RESULT lines
+#               compare_cuda_bf16_<w>_dtrain_compiled_vs_ddp_mem_min_over_P (>= 1.3) and
+#               cuda_bf16_<w>_dtrain_compiled_gpu_busy_pct_min_over_P (>= 95).
+#   host_step   (not in the default list) benchmarks/host_step.py --device cuda --quick: the host side of a step,
+#               A/B per change (DeviceFeed, pinned uint8, side stream, channels_last); ~1-2 min
 # Needs torch with CUDA, h5py, nvidia-ml-py, accelerate, lightning, tensorboard, click, psutil, tqdm,
 # matplotlib, pytest, pytest-timeout in `python3` (or $PYTHON); dtrain runs from this checkout.
 set -u -o pipefail
@@ -27,6 +43,9 @@ STEPS=${*:-env tests checkpoint compare loader startup fsdp suite}
 PY=${PYTHON:-python3}
 COMPARE_ARGS=${COMPARE_ARGS:-}  # e.g. "--quick --repeats 1"
 PRECISIONS=${PRECISIONS:-bf16 fp16}
+GOAL_MODES=${GOAL_MODES:-default}  # compile modes of the goal step's dtrain-compiled contender
+GOAL_WORKLOADS=${GOAL_WORKLOADS:-resnet18,resnet18_mpmt,resnet18_hits,tutorial_cnn}
+GOAL_ARGS=${GOAL_ARGS:---quick --repeats 1}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -68,6 +87,12 @@ for name in $STEPS; do
             else
                 echo "=== fsdp: skipped, torch sees no CUDA device"
             fi ;;
+        goal) for mode in $GOAL_MODES; do
+                step "goal_$mode" $PY benchmarks/compare.py --device cuda --precision bf16 --nprocs 1 --sections throughput \
+                    --workloads "$GOAL_WORKLOADS" --compile-mode "$mode" \
+                    --json "$OUT_DIR/goal_$mode.json" --plot "$OUT_DIR/goal_$mode.png" $GOAL_ARGS
+            done ;;
+        host_step) step host_step $PY benchmarks/host_step.py --device cuda --quick ${HOST_STEP_ARGS:-} ;;
         suite) step suite $PY -m pytest -q -p no:cacheprovider -x --timeout 300 ;;
         *) echo "unknown step $name" ;;
     esac

@@ -115,3 +115,80 @@ def test_the_compiled_contender_runs_beside_dtrain_and_the_in_memory_loop_stays(
         ("ddp", "mem"),
     ]
     assert ("dtrain-compiled", "h5") not in compare.contender_list(["h5", "mem"], compiled=False)
+
+
+GOAL = ("resnet18_mpmt", "resnet18_hits", "tutorial_cnn")  # issue 24's workloads, by the names users type
+
+
+def test_issue_24_goal_workloads_are_known_everywhere_and_run_at_batch_256_on_the_gpu(compare) -> None:  # type: ignore[no-untyped-def]
+    assert set(GOAL) <= set(compare.GOAL_WORKLOADS)
+    for table in (compare.GLOBAL_BATCH, compare.STEPS, compare.QUICK_STEPS, compare.GPU_STEPS, compare.GPU_QUICK_STEPS):
+        assert set(GOAL) <= set(table)
+    assert {name: compare.GPU_GLOBAL_BATCH[name] for name in GOAL} == dict.fromkeys(GOAL, 256)
+    for name in GOAL:
+        assert compare.WORKLOADS[name].shape == (38, 16, 40)  # mPMT images: 19 charges + 19 times, 16 x 40 modules
+    assert compare.WORKLOADS["resnet18_hits"].hits and not compare.WORKLOADS["resnet18_mpmt"].hits
+    assert compare.parse_args(["--workloads", ",".join(GOAL)]).workloads == ",".join(GOAL)
+
+
+def test_an_unknown_workload_stops_before_any_run(compare, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert compare.main(["--workloads", "resnet18_mpmt,resnet_hits", "--sections", "throughput"]) == 2
+    assert "unknown workload(s) resnet_hits" in capsys.readouterr().err
+
+
+def test_every_goal_workload_gets_its_compiled_and_gpu_busy_result_lines(compare, capsys) -> None:  # type: ignore[no-untyped-def]
+    summary = {}
+    for name in GOAL:
+        summary[f"{name}/dtrain-compiled-h5/P1"] = {"samples_per_s": 140.0, "gpu_util_pct": float("nan")}
+        summary[f"{name}/ddp-mem/P1"] = {"samples_per_s": 100.0, "gpu_util_pct": float("nan")}
+    lines = compare.compiled_results(summary, list(GOAL), [1], "", gpu=False)
+    assert lines == [
+        f"RESULT compare_{name}_dtrain_compiled_vs_ddp_mem_min_over_P value=1.400 target=>=1.3 met" for name in GOAL
+    ]
+    printed = capsys.readouterr().out
+    for name in GOAL:
+        assert f"{name}: GPU busy (target >= 95%) is not measured on the CPU" in printed
+        summary[f"{name}/dtrain-compiled-h5/P1"]["gpu_util_pct"] = 90.0
+    lines = compare.compiled_results(summary, list(GOAL), [1], "cuda_bf16_", gpu=True)
+    for name in GOAL:
+        assert (
+            f"RESULT compare_cuda_bf16_{name}_dtrain_compiled_vs_ddp_mem_min_over_P value=1.400 target=>=1.3 met"
+            in lines
+        )
+        assert f"RESULT cuda_bf16_{name}_dtrain_compiled_gpu_busy_pct_min_over_P value=90.0 target=>=95 missed" in lines
+
+
+def test_the_hit_list_workload_gives_dtrain_the_hits_and_its_peers_the_same_events_as_images(
+    compare, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import h5py
+    import numpy as np
+    import torch
+
+    from dist_train.config import load_config
+    from dist_train.data.hits import HitReader, hit_spec
+
+    monkeypatch.setattr(sys.modules["common"], "BENCH_DIR", tmp_path)  # Workload.data_file's folder
+    workload = compare.WORKLOADS["resnet18_hits"]
+    hits = compare.ensure_data(workload, 12)
+    images = compare.peer_data(workload, 12)
+    assert images != hits and compare.peer_data(compare.WORKLOADS["resnet18_mpmt"], 12).name.startswith("wch5-")
+    cfg = compare.dtrain_config(
+        tmp_path / "hits.toml",
+        workload,
+        hits,
+        batch_size=4,
+        steps_per_epoch=3,
+        epochs=2,
+        num_workers=0,
+        output_dir=tmp_path / "runs",
+    )
+    spec = hit_spec(load_config(cfg).data)
+    assert spec is not None and spec.representation == "mpmt_image"
+    rows = np.arange(12)
+    built = HitReader(hits, spec).read(rows)
+    with h5py.File(images, "r") as converted, h5py.File(hits, "r") as original:
+        assert converted["event_data"].shape == (12, *workload.shape)
+        np.testing.assert_array_equal(converted["event_data"][...], built)
+        np.testing.assert_array_equal(converted["labels"][...], original["labels"][...])
+    assert compare.build_workload_model(workload)(torch.zeros(2, *workload.shape)).shape == (2, 3)
