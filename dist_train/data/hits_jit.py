@@ -39,11 +39,16 @@ SOURCE_TIME = -1
 SOURCE_CHARGE = -2
 
 
-def _jit(fn):  # type: ignore[no-untyped-def]
+def _jit(fn, inline: str = "never"):  # type: ignore[no-untyped-def]
     try:
-        return njit(cache=True, nogil=True)(fn)
+        return njit(cache=True, nogil=True, inline=inline)(fn)
     except RuntimeError:  # no writable cache location at all: compile in every process instead
-        return njit(cache=False, nogil=True)(fn)
+        return njit(cache=False, nogil=True, inline=inline)(fn)
+
+
+def _jit_inlined(fn):  # type: ignore[no-untyped-def]
+    """A kernel's inner loop, inlined into its caller by numba (one function for LLVM to optimise)."""
+    return _jit(fn, inline="always")
 
 
 @_jit
@@ -54,6 +59,11 @@ def build_images(pmt, time, charge, starts, counts, pixel, charge_offset, time_o
     table then stays in the L1 cache with ``seen``); ``charge_offset`` / ``time_offset``: where
     the charge / time planes start (-1: not built). Returns -1, or the index of the first hit
     whose PMT id has no pixel (``out`` is then partly written).
+
+    The hit loop is written once per channel set (:func:`_charge_and_time_hits` and the two
+    single-channel ones) over plane views, instead of testing both offsets per hit: LLVM
+    unswitched only one of the two tests, and the loop without them measured 0.2-0.3 us an
+    event faster (10.4-10.7 -> 10.0-10.4 us of kernel CPU an image, 2026-12-05).
     """
     num_pmts = pixel.shape[0]
     # Whether the event hit each PMT before: its first hit assigns the time, later ones take the
@@ -64,29 +74,83 @@ def build_images(pmt, time, charge, starts, counts, pixel, charge_offset, time_o
         sample = out[b]
         for j in range(sample.shape[0]):  # a loop: slice assignments compile several times slower
             sample[j] = 0.0
-        for j in range(num_pmts):
-            seen[j] = 0
         first = np.uint64(starts[b])
-        for i in range(first, first + np.uint64(counts[b])):
-            p = pmt[i]
-            if p < 0 or p >= num_pmts:
-                return i
-            p = np.uint64(p)
-            k = np.uint64(pixel[p])
+        last = first + np.uint64(counts[b])
+        bad = -1
+        if time_offset >= 0:
+            for j in range(num_pmts):
+                seen[j] = 0
+            times = sample[time_offset:]  # a plane group onwards: pixel offsets index into it
             if charge_offset >= 0:
-                sample[np.uint64(charge_offset) + k] += np.float32(charge[i])
-            if time_offset >= 0:
-                t = np.float32(time[i])
-                at = np.uint64(time_offset) + k
-                if seen[p] == 0:
-                    seen[p] = 1
-                    sample[at] = t
-                else:
-                    now = sample[at]
-                    # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
-                    if not (now < t or now != now):
-                        sample[at] = t
+                charges = sample[charge_offset:]
+                bad = _charge_and_time_hits(pmt, time, charge, first, last, pixel, charges, times, seen)
+            else:
+                bad = _time_hits(pmt, time, first, last, pixel, times, seen)
+        elif charge_offset >= 0:
+            bad = _charge_hits(pmt, charge, first, last, pixel, sample[charge_offset:])
+        if bad >= 0:
+            return bad
     return -1
+
+
+@_jit_inlined
+def _charge_and_time_hits(pmt, time, charge, first, last, pixel, charges, times, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's charge and time planes: -1, or the first hit with a bad id.
+
+    The time rule is written out here and in :func:`_time_hits`: an inlined helper for it made
+    this loop 4x slower (46 vs 10 us an image).
+    """
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p])
+        charges[k] += np.float32(charge[i])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            times[k] = t
+        else:
+            now = times[k]
+            # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
+            if not (now < t or now != now):
+                times[k] = t
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _charge_hits(pmt, charge, first, last, pixel, charges):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's charge planes: -1, or the first hit with a bad id."""
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        charges[np.uint64(pixel[np.uint64(p)])] += np.float32(charge[i])
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _time_hits(pmt, time, first, last, pixel, times, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's time planes: -1, or the first hit with a bad id."""
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            times[k] = t
+        else:
+            now = times[k]
+            if not (now < t or now != now):  # np.minimum(now, t), as above
+                times[k] = t
+    return np.int64(-1)
 
 
 @_jit
