@@ -265,6 +265,38 @@ def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
 # ----------------------------------------------------------------------------- 8 hits' table rows at once
 
 
+def _transposed_columns(builder, table, ids_at):  # type: ignore[no-untyped-def]
+    """IR: table columns 0..7 of the 8 PMT ids at ``ids_at``, each an 8-float vector (one value per hit)."""
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vector = ir.VectorType(f32, _VECTOR)
+    ids = builder.load(builder.inttoptr(ids_at, ir.VectorType(i32, _VECTOR).as_pointer()), align=4)
+    r = []
+    for k in range(_VECTOR):
+        pmt = builder.zext(builder.extract_element(ids, ir.Constant(i32, k)), i64)
+        address = builder.add(table, builder.mul(pmt, ir.Constant(i64, 4 * _VECTOR)))
+        r.append(builder.load(builder.inttoptr(address, vector.as_pointer()), align=4))
+
+    def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _VECTOR), mask))
+
+    low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = [shuffle(r[k], r[k + 1], mask) for k in (0, 2, 4, 6) for mask in (low, high)]  # t0 t1 t2 ... t7
+    even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    u = [shuffle(t[a], t[a + 2], mask) for a in (0, 1, 4, 5) for mask in (even, odd)]  # columns 0,1,2,3 | 4,5,6,7
+    first_half, second_half = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [
+        shuffle(u[c], u[c + 4], second_half) for c in range(4)
+    ]
+
+
+def _row_address(builder, rows_at, c, offset):  # type: ignore[no-untyped-def]
+    """IR: ``rows[c]`` (the uint64 addresses at ``rows_at``) and ``rows[c] + offset``."""
+    i64 = ir.IntType(64)
+    rows_pointer = builder.inttoptr(rows_at, i64.as_pointer())
+    row = builder.load(builder.gep(rows_pointer, [ir.Constant(i64, c)]), align=8)
+    return row, builder.add(row, offset)
+
+
 @intrinsic
 def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  # type: ignore[no-untyped-def]
     """Table columns 0..7 of 8 hits, each written as 8 consecutive float32 to its own output row.
@@ -278,33 +310,42 @@ def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  #
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         rows_at, table, ids_at, offset = args
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-        vector = ir.VectorType(f32, _VECTOR)
-        ids = builder.load(builder.inttoptr(ids_at, ir.VectorType(i32, _VECTOR).as_pointer()), align=4)
-        r = []
-        for k in range(_VECTOR):
-            pmt = builder.zext(builder.extract_element(ids, ir.Constant(i32, k)), i64)
-            address = builder.add(table, builder.mul(pmt, ir.Constant(i64, 4 * _VECTOR)))
-            r.append(builder.load(builder.inttoptr(address, vector.as_pointer()), align=4))
-
-        def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
-            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _VECTOR), mask))
-
-        low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = [shuffle(r[k], r[k + 1], mask) for k in (0, 2, 4, 6) for mask in (low, high)]  # t0 t1 t2 ... t7
-        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        u = [shuffle(t[a], t[a + 2], mask) for a in (0, 1, 4, 5) for mask in (even, odd)]  # columns 0,1,2,3 | 4,5,6,7
-        first_half, second_half = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        columns = [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [
-            shuffle(u[c], u[c + 4], second_half) for c in range(4)
-        ]
-        rows_pointer = builder.inttoptr(rows_at, i64.as_pointer())
-        for c, column in enumerate(columns):
-            row = builder.load(builder.gep(rows_pointer, [ir.Constant(i64, c)]), align=8)
-            builder.store(column, builder.inttoptr(builder.add(row, offset), vector.as_pointer()), align=4)
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        for c, column in enumerate(_transposed_columns(builder, table, ids_at)):
+            _, at = _row_address(builder, rows_at, c, offset)
+            builder.store(column, builder.inttoptr(at, vector.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.void(types.uint64, types.uint64, types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _transpose8_stream(typingctx, rows_address, table_address, ids_address, offset):  # type: ignore[no-untyped-def]
+    """:func:`_transpose8` with streaming stores (rows + offset 32-byte aligned); rows at address 0 are skipped."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        rows_at, table, ids_at, offset = args
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        for c, column in enumerate(_transposed_columns(builder, table, ids_at)):
+            row, at = _row_address(builder, rows_at, c, offset)
+            with builder.if_then(builder.icmp_unsigned("!=", row, ir.Constant(ir.IntType(64), 0)), likely=True):
+                _nontemporal_store(builder, column, builder.inttoptr(at, vector.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64, types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _stream_copy8(typingctx, dst_address, src_address):  # type: ignore[no-untyped-def]
+    """8 float32 from ``src_address`` (any alignment) to ``dst_address`` (32-byte aligned), streamed."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        values = builder.load(builder.inttoptr(args[1], vector.as_pointer()), align=4)
+        _nontemporal_store(builder, values, builder.inttoptr(args[0], vector.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64), codegen
 
 
 @intrinsic
@@ -398,8 +439,15 @@ def _fill_table_rows8(cloud, sources, pmt, table, first, used, spare):  # type: 
     table_at = np.uint64(table.ctypes.data)
     rows_at = np.uint64(rows.ctypes.data)
     ids_at = np.uint64(pmt.ctypes.data) + np.uint64(4) * first
-    for j in range(np.uint64(0), whole, eight):
-        _transpose8(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
+    if _table_rows_aligned(cloud, sources):
+        for r in range(_VECTOR):
+            if rows[r] == spare.ctypes.data:
+                rows[r] = 0  # nothing to write: a streamed spare row would go to memory every time
+        for j in range(np.uint64(0), whole, eight):
+            _transpose8_stream(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
+    else:
+        for j in range(np.uint64(0), whole, eight):
+            _transpose8(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
     for c in range(sources.shape[0]):
         s = sources[c]
         if s >= 0:
@@ -416,11 +464,39 @@ def _fill_row(row, source, pmt, time, charge, table, first, used):  # type: igno
         for j in range(used):
             row[j] = table[np.uint64(pmt[first + j]), source]
     elif source == SOURCE_TIME:
-        for j in range(used):
-            row[j] = np.float32(time[first + j])
+        _copy_hits(row, time, first, used)
     else:
-        for j in range(used):
-            row[j] = np.float32(charge[first + j])
+        _copy_hits(row, charge, first, used)
+
+
+@_jit
+def _table_rows_aligned(cloud, sources):  # type: ignore[no-untyped-def]
+    """Whether every table channel's row of ``cloud`` starts at a 32-byte boundary (streaming stores apply)."""
+    for c in range(sources.shape[0]):
+        if sources[c] >= 0 and cloud[c].ctypes.data % (4 * _VECTOR) != 0:
+            return False
+    return True
+
+
+@_jit
+def _copy_hits(row, values, first, used):  # type: ignore[no-untyped-def]
+    """``row[:used] = values[first : first + used]`` (float32): plain stores up to a 32-byte boundary, then streamed."""
+    address = row.ctypes.data
+    start = used  # all plain: values that are not 4-byte floats, or a row not 4-byte aligned
+    if address % 4 == 0 and values.itemsize == 4:
+        start = min(used, ((4 * _VECTOR - address % (4 * _VECTOR)) % (4 * _VECTOR)) // 4)
+    for j in range(np.uint64(start)):
+        row[j] = np.float32(values[first + j])
+    whole = start + (used - start) // _VECTOR * _VECTOR
+    at = np.uint64(address + 4 * start)
+    source = np.uint64(values.ctypes.data) + np.uint64(4) * (first + np.uint64(start))
+    step = np.uint64(4 * _VECTOR)
+    for _ in range(np.uint64(start), np.uint64(whole), np.uint64(_VECTOR)):
+        _stream_copy8(at, source)
+        at += step
+        source += step
+    for j in range(np.uint64(whole), used):
+        row[j] = np.float32(values[first + j])
 
 
 @_jit
