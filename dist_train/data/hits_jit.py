@@ -29,6 +29,8 @@ cache directory, so a worker process loads it instead of compiling (about 1-2 s 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit, types  # type: ignore[import-untyped]
@@ -39,7 +41,7 @@ SOURCE_TIME = -1
 SOURCE_CHARGE = -2
 
 
-def _jit(fn, inline: str = "never"):  # type: ignore[no-untyped-def]
+def _jit(fn, inline: Literal["never", "always"] = "never"):  # type: ignore[no-untyped-def]
     try:
         return njit(cache=True, nogil=True, inline=inline)(fn)
     except RuntimeError:  # no writable cache location at all: compile in every process instead
