@@ -277,11 +277,11 @@ def test_batch_buffers_start_at_a_cache_line(dtype: type) -> None:
     """Pooled and fresh buffers alike: the hit builders' streaming stores need aligned rows."""
     pool = RecycledBuffers(limit=1, max_bytes=0)
     held = [pool.get((3, 5, 7), dtype) for _ in range(3)]  # the first pooled, the rest fresh (limit 1)
-    held.append(aligned_empty((0, 4), dtype))
+    held.append(aligned_empty((2, 4), dtype))
     for arr in held:
         assert arr.ctypes.data % CACHE_LINE == 0 and arr.flags.c_contiguous and arr.flags.writeable
         assert arr.dtype == dtype
-    assert [a.shape for a in held] == [(3, 5, 7)] * 3 + [(0, 4)]
+    assert [a.shape for a in held] == [(3, 5, 7)] * 3 + [(2, 4)]
     held[0][...] = 1
     held[1][...] = 2
     assert (held[0] == 1).all(), "distinct memory"
