@@ -13,9 +13,12 @@ the uint32 views of both against each other and against the per-hit Python refer
 * point clouds keep an over-full event's ``n_points`` earliest hits (NaN counts as +inf; equal
   times: the earlier in the file) in file order, zero-padded.
 
-Point clouds' zero padding is written with streaming (non-temporal) stores, which skip reading
-the output's cache lines from memory first (see "streaming stores" below); the values are the same.
-Their position and orientation rows are written 8 hits at a time from a PMT table padded to 8
+Outputs are written with streaming (non-temporal) stores where the rows are 32-byte aligned (the
+loader's batch buffers are cache-line aligned, ``dist_train.data.aligned``): they skip reading
+the output's cache lines from memory first (see "streaming stores" below); the values are the
+same. Images (charge and time) are built in an L2-resident scratch of (charge, time) pairs and
+split into their planes (see "paired scratch"); point clouds' rows and zero padding are streamed.
+Point clouds' position and orientation rows are written 8 hits at a time from a PMT table padded to 8
 columns: one vector load per hit, a transpose in registers, one vector store per row.
 
 Indices are unsigned (``np.uint64``) where a loop does not start at 0: numba handles negative
@@ -62,45 +65,143 @@ def build_images(pmt, time, charge, starts, counts, pixel, charge_offset, time_o
     the charge / time planes start (-1: not built). Returns -1, or the index of the first hit
     whose PMT id has no pixel (``out`` is then partly written).
 
-    The hit loop is written once per channel set (:func:`_charge_and_time_hits` and the two
-    single-channel ones) over plane views, instead of testing both offsets per hit: LLVM
-    unswitched only one of the two tests, and the loop without them measured 0.2-0.3 us an
-    event faster (10.4-10.7 -> 10.0-10.4 us of kernel CPU an image, 2026-12-05).
+    Charge and time together (the default), into 32-byte aligned planes: each event is built in
+    a scratch of (charge, time) pairs, one cache line per hit instead of two, then split into the
+    two planes with streaming stores, which also clears the scratch for the next event (see
+    "paired scratch" below). Otherwise the hit loop, written once per channel set, writes the
+    zeroed sample in place.
     """
-    num_pmts = pixel.shape[0]
+    group = abs(time_offset - charge_offset)
+    if (
+        charge_offset >= 0
+        and time_offset >= 0
+        and out.shape[1] == 2 * group
+        and _rows_aligned(out, charge_offset, time_offset)
+    ):
+        return _build_images_paired(pmt, time, charge, starts, counts, pixel, charge_offset, time_offset, out)
     # Whether the event hit each PMT before: its first hit assigns the time, later ones take the
     # minimum. One byte a PMT (12 KB for 11,704 PMTs: L1-resident, unlike an int64 event stamp,
     # measured 20-25% slower), cleared per event; per call, so reader threads never share it.
-    seen = np.zeros(num_pmts, dtype=np.uint8)
+    seen = np.zeros(pixel.shape[0], dtype=np.uint8)
     for b in range(starts.shape[0]):
-        sample = out[b]
-        for j in range(sample.shape[0]):  # a loop: slice assignments compile several times slower
-            sample[j] = 0.0
         first = np.uint64(starts[b])
         last = first + np.uint64(counts[b])
-        bad = -1
-        if time_offset >= 0:
-            for j in range(num_pmts):
-                seen[j] = 0
-            times = sample[time_offset:]  # a plane group onwards: pixel offsets index into it
-            if charge_offset >= 0:
-                charges = sample[charge_offset:]
-                bad = _charge_and_time_hits(pmt, time, charge, first, last, pixel, charges, times, seen)
-            else:
-                bad = _time_hits(pmt, time, first, last, pixel, times, seen)
-        elif charge_offset >= 0:
-            bad = _charge_hits(pmt, charge, first, last, pixel, sample[charge_offset:])
+        bad = _hits_in_place(pmt, time, charge, first, last, pixel, charge_offset, time_offset, out[b], seen)
         if bad >= 0:
             return bad
     return -1
+
+
+@_jit
+def _hits_in_place(pmt, time, charge, first, last, pixel, charge_offset, time_offset, sample, seen):  # type: ignore[no-untyped-def]
+    """One image written in place: ``sample`` zeroed, then its hits (one loop per channel set).
+
+    The loop per channel set, over plane views, instead of testing both offsets per hit: LLVM
+    unswitched only one of the two tests; without them 0.2-0.3 us an image faster (2026-12-05).
+    """
+    num_pmts = pixel.shape[0]
+    for j in range(sample.shape[0]):  # a loop: slice assignments compile several times slower
+        sample[j] = 0.0
+    if time_offset >= 0:
+        for j in range(num_pmts):
+            seen[j] = 0
+        times = sample[time_offset:]  # a plane group onwards: pixel offsets index into it
+        if charge_offset >= 0:
+            return _charge_and_time_hits(pmt, time, charge, first, last, pixel, sample[charge_offset:], times, seen)
+        return _time_hits(pmt, time, first, last, pixel, times, seen)
+    if charge_offset >= 0:
+        return _charge_hits(pmt, charge, first, last, pixel, sample[charge_offset:])
+    return np.int64(-1)
+
+
+# ----------------------------------------------------------------------------- paired scratch
+# Measured (2026-12-05, 16 batches of 256 38x16x40 images, 3,000 hits an event): in place, the
+# sample is zeroed (2.6 us: every line read from memory first) and each hit then reads and writes
+# two lines of a 97 KB sample, charge's and time's, that does not fit the 32 KB L1 cache: 10.0 us
+# an image. Pairs (charge, time) side by side in an L2-resident scratch: one line a hit; the
+# split into the planes (a shuffle, two streaming stores and the scratch's zeroing per 8 pixels)
+# never reads the output from memory: 8.8 us. A planar scratch streamed out (10.6) and writing the
+# first hit of a pixel without reading it (10.4) were slower.
+
+
+@_jit
+def _rows_aligned(out, charge_offset, time_offset):  # type: ignore[no-untyped-def]
+    """Whether both planes of every sample of ``out`` start at a 32-byte boundary (streaming stores apply)."""
+    if out.shape[0] == 0:
+        return False
+    address, stride = out.ctypes.data, out.strides[0]
+    return (address + 4 * charge_offset) % 32 == 0 and (address + 4 * time_offset) % 32 == 0 and stride % 32 == 0
+
+
+@_jit
+def _build_images_paired(pmt, time, charge, starts, counts, pixel, charge_offset, time_offset, out):  # type: ignore[no-untyped-def]
+    """:func:`build_images` for charge and time planes (``group`` floats each) that start 32-byte aligned."""
+    num_pmts = pixel.shape[0]
+    seen = np.zeros(num_pmts, dtype=np.uint8)  # as in build_images
+    group = abs(time_offset - charge_offset)
+    raw = np.zeros(2 * group + 16, dtype=np.float32)
+    skip = (64 - raw.ctypes.data % 64) % 64 // 4
+    pairs = raw[skip : skip + 2 * group]  # 64-byte aligned; zero, and zeroed again by each split
+    for b in range(starts.shape[0]):
+        for j in range(num_pmts):
+            seen[j] = 0
+        first = np.uint64(starts[b])
+        bad = _paired_hits(pmt, time, charge, first, first + np.uint64(counts[b]), pixel, pairs, seen)
+        if bad >= 0:
+            _store_fence()
+            return bad
+        _split_pairs(pairs, out[b], charge_offset, time_offset, group)
+    _store_fence()
+    return -1
+
+
+@_jit_inlined
+def _paired_hits(pmt, time, charge, first, last, pixel, pairs, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into ``pairs`` (charge of pixel k at 2k, time at 2k + 1): -1 or the first bad id."""
+    num_pmts = pixel.shape[0]
+    one = np.uint64(1)
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p]) << one
+        pairs[k] += np.float32(charge[i])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            pairs[k + one] = t
+        else:
+            now = pairs[k + one]
+            # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
+            if not (now < t or now != now):
+                pairs[k + one] = t
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _split_pairs(pairs, sample, charge_offset, time_offset, group):  # type: ignore[no-untyped-def]
+    """``sample``'s charge and time planes from ``pairs`` (streamed), and ``pairs`` zeroed again.
+
+    ``group`` is a multiple of 8: both planes start at a 32-byte boundary, ``4 * group`` bytes apart.
+    """
+    charges_at = np.uint64(sample.ctypes.data + 4 * charge_offset)
+    times_at = np.uint64(sample.ctypes.data + 4 * time_offset)
+    pairs_at = np.uint64(pairs.ctypes.data)
+    step = np.uint64(4 * _VECTOR)
+    for _ in range(0, group, _VECTOR):
+        _split_pairs8(charges_at, times_at, pairs_at)
+        charges_at += step
+        times_at += step
+        pairs_at += step + step
 
 
 @_jit_inlined
 def _charge_and_time_hits(pmt, time, charge, first, last, pixel, charges, times, seen):  # type: ignore[no-untyped-def]
     """Hits ``first : last`` into one image's charge and time planes: -1, or the first hit with a bad id.
 
-    The time rule is written out here and in :func:`_time_hits`: an inlined helper for it made
-    this loop 4x slower (46 vs 10 us an image).
+    The time rule is written out here, in :func:`_paired_hits` and in :func:`_time_hits`: an
+    inlined helper for it made this loop 4x slower (46 vs 10 us an image).
     """
     num_pmts = pixel.shape[0]
     for i in range(first, last):
@@ -237,9 +338,11 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
 # A batch of samples (32 MB of point clouds) does not stay in the cache, so ordinary stores
 # first read every output line from memory (read for ownership) and later write it back.
 # Non-temporal ("streaming") stores write whole lines without reading them: measured here,
-# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. Only
-# the padding is streamed: streaming the hits' values (eight at a time through a small buffer,
-# or a whole staged cloud) measured slower than plain stores (21 and 20 vs 17.5 us an event).
+# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. A
+# cloud's rows are streamed where they start at a 32-byte boundary: the table rows straight from
+# the 8x8 transposes, time and charge 8 hits at a time (2026-12-05, 8 x 4000 clouds into aligned
+# buffers: 11.7 -> 9.2 us an event). Streaming them through a small buffer or a staged cloud had
+# measured slower (21 and 20 vs 17.5 us, into numpy's 16-byte aligned buffers: split lines).
 # LLVM's ``!nontemporal`` store (x86: vmovntdq; other targets lower it to what they have, at
 # worst a plain store), 8 floats at a 32-byte aligned address; the ends are written plainly.
 
@@ -348,6 +451,32 @@ def _stream_copy8(typingctx, dst_address, src_address):  # type: ignore[no-untyp
         return context.get_dummy_value()
 
     return types.void(types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _split_pairs8(typingctx, charges_address, times_address, pairs_address):  # type: ignore[no-untyped-def]
+    """8 (charge, time) pairs at ``pairs_address`` (32-byte aligned) split into 8 charges and 8 times, each
+    one streaming store (32-byte aligned addresses); the 16 floats of pairs are then zeroed (plain stores)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        charges_at, times_at, pairs_at = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        low = builder.inttoptr(pairs_at, vector.as_pointer())
+        high = builder.inttoptr(builder.add(pairs_at, ir.Constant(i64, 4 * _VECTOR)), vector.as_pointer())
+        a, b = builder.load(low, align=4 * _VECTOR), builder.load(high, align=4 * _VECTOR)
+        evens = ir.Constant(ir.VectorType(i32, _VECTOR), list(range(0, 2 * _VECTOR, 2)))
+        odds = ir.Constant(ir.VectorType(i32, _VECTOR), list(range(1, 2 * _VECTOR, 2)))
+        _nontemporal_store(
+            builder, builder.shuffle_vector(a, b, evens), builder.inttoptr(charges_at, vector.as_pointer())
+        )
+        _nontemporal_store(builder, builder.shuffle_vector(a, b, odds), builder.inttoptr(times_at, vector.as_pointer()))
+        zeros = ir.Constant(vector, [0.0] * _VECTOR)
+        builder.store(zeros, low, align=4 * _VECTOR)
+        builder.store(zeros, high, align=4 * _VECTOR)
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64, types.uint64), codegen
 
 
 @intrinsic
