@@ -370,21 +370,25 @@ def test_point_cloud_statistics_and_n_hits_count_real_hits_only(hit_setup: tuple
     assert image_counts.tolist() == [len(events[r][0]) for r in rows], "images: every hit of the event"
 
 
-@pytest.mark.parametrize("representation", ["mpmt_image", "point_cloud"])
+@pytest.mark.parametrize(("representation", "height"), [("mpmt_image", 5), ("mpmt_image", 4), ("point_cloud", 5)])
 def test_compiled_builder_equals_the_numpy_builder_on_long_events_into_any_buffer(
-    tmp_path: Path, representation: str
+    tmp_path: Path, representation: str, height: int
 ) -> None:
     """Events of 0-300 hits (duplicate PMTs, empty ones), so point clouds take the 8-hits-at-a-time
     table path with every tail length; n_points not a multiple of 8 and output buffers at every
     4-byte alignment (the padding's streaming stores start at a 32-byte boundary): same bits as the
-    numpy builder and the per-hit reference."""
+    numpy builder and the per-hit reference. Images 4 high have 32-byte planes (3 x 4 x 4 floats):
+    in an aligned buffer they take the paired scratch path, otherwise the in-place one."""
     needs("numba")
     rng = np.random.default_rng(23)
-    geometry = random_geometry(rng, modules=MODULES, height=5, width=4, pmts_per_module=PPM)
+    geometry = random_geometry(rng, modules=MODULES, height=height, width=4, pmts_per_module=PPM)
     events = random_events(rng, 60, MODULES * PPM, max_hits=300, empty_every=7)
     data = write_hit_file(tmp_path / "long.h5", events)
     geo = write_geometry(tmp_path / "geo.npz", geometry)
     rows = rng.permutation(len(events))
+    kernels = hits.compiled_kernels()
+    assert kernels is not None
+    paired = set()
     for n_points in (101, 256):
         kw: dict[str, object] = {"representation": representation, "n_points": n_points}
         compiled, numpy_built = (HitReader(data, spec(geo, builder=kind, **kw)) for kind in ("numba", "numpy"))
@@ -392,6 +396,9 @@ def test_compiled_builder_equals_the_numpy_builder_on_long_events_into_any_buffe
         for shift in range(8):  # floats of offset into a bigger buffer
             memory = np.full(expected.size + 8, np.nan, dtype=np.float32)
             out = memory[shift : shift + expected.size].reshape(expected.shape)
+            if representation == "mpmt_image":
+                group = expected[0].size // 2  # charge then time
+                paired.add(bool(kernels._rows_aligned(out.reshape(len(out), -1), 0, group)))
             compiled.read(rows, out=out)
             assert same_bits(out, expected), (n_points, shift)
             assert np.isnan(memory[:shift]).all() and np.isnan(memory[shift + expected.size :]).all()
@@ -403,5 +410,6 @@ def test_compiled_builder_equals_the_numpy_builder_on_long_events_into_any_buffe
             )
             assert same_bits(expected[b], reference), f"event {row}"
         if representation == "mpmt_image":
+            assert paired == ({True, False} if height == 4 else {False}), "both image paths were taken"
             break  # n_points does not shape images
     assert any(len(e[0]) % 8 and len(e[0]) > 8 for e in events) and any(len(e[0]) == 0 for e in events)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from dist_train.config import Config
 from dist_train.data import prefetch
+from dist_train.data.aligned import CACHE_LINE, aligned_empty
 from dist_train.data.loader import build_data, make_loader, use_threads
 from dist_train.data.prefetch import INLINE_PROBE_BATCHES, PrefetchLoader, RecycledBuffers
 from dist_train.errors import ConfigError, DataError
@@ -269,6 +270,21 @@ def test_recycled_buffers_never_overwrite_a_held_batch() -> None:
     del b
     c = pool.get((4, 3))  # b's memory is free again: reused, not a third block
     assert len(pool._blocks) == 2 and c.ctypes.data in {blk.ctypes.data for blk in pool._blocks}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.float64])
+def test_batch_buffers_start_at_a_cache_line(dtype: type) -> None:
+    """Pooled and fresh buffers alike: the hit builders' streaming stores need aligned rows."""
+    pool = RecycledBuffers(limit=1, max_bytes=0)
+    held = [pool.get((3, 5, 7), dtype) for _ in range(3)]  # the first pooled, the rest fresh (limit 1)
+    held.append(aligned_empty((2, 4), dtype))
+    for arr in held:
+        assert arr.ctypes.data % CACHE_LINE == 0 and arr.flags.c_contiguous and arr.flags.writeable
+        assert arr.dtype == dtype
+    assert [a.shape for a in held] == [(3, 5, 7)] * 3 + [(2, 4)]
+    held[0][...] = 1
+    held[1][...] = 2
+    assert (held[0] == 1).all(), "distinct memory"
 
 
 def test_auto_mode_picks_threads_only_for_the_fast_path(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from dist_train.data.aligned import aligned_empty
 from dist_train.data.device_feed import NARROW_DTYPES, DevicePrep
 from dist_train.data.h5io import RowReader
 from dist_train.data.hits import HitReader, HitSpec, extra_reader
@@ -191,7 +192,7 @@ class H5Split(Dataset):  # type: ignore[type-arg]
         # Fancy indexing raises IndexError past the end; samplers never produce negative positions.
         rows = self.rows[positions]
         if raw is None:
-            raw = np.empty((len(rows), *self._x.sample_shape()), dtype=self.x_dtype())
+            raw = aligned_empty((len(rows), *self._x.sample_shape()), self.x_dtype())
         out: dict[str, torch.Tensor | None] = {"x": None}  # x: filled by gather()
         if self._y is not None:
             out["y"] = torch.from_numpy(self._split_labels()[positions])  # fancy indexing: a new array

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from dist_train.config import DEFAULT_HIT_CHANNELS, HIT_KEY_DEFAULTS, DataConfig
+from dist_train.data.aligned import aligned_empty
 from dist_train.data.h5io import RowReader, get_dataset, storage_of
 from dist_train.errors import DataError
 
@@ -602,8 +603,8 @@ class HitReader:
         readers, builder = self._ensure_open()
         rows = np.asarray(rows, dtype=np.int64)
         if out is None:
-            out = np.empty((len(rows), *builder.shape), dtype=np.float32)
-        target = out if out.flags.c_contiguous and out.dtype == np.float32 else np.empty(out.shape, np.float32)
+            out = aligned_empty((len(rows), *builder.shape))
+        target = out if out.flags.c_contiguous and out.dtype == np.float32 else aligned_empty(out.shape)
         starts, counts = self.hit_counts(rows)
         if builder.kernels is not None:
             self._build_compiled(readers, builder, starts, counts, target)

@@ -13,9 +13,12 @@ the uint32 views of both against each other and against the per-hit Python refer
 * point clouds keep an over-full event's ``n_points`` earliest hits (NaN counts as +inf; equal
   times: the earlier in the file) in file order, zero-padded.
 
-Point clouds' zero padding is written with streaming (non-temporal) stores, which skip reading
-the output's cache lines from memory first (see "streaming stores" below); the values are the same.
-Their position and orientation rows are written 8 hits at a time from a PMT table padded to 8
+Outputs are written with streaming (non-temporal) stores where the rows are 32-byte aligned (the
+loader's batch buffers are cache-line aligned, ``dist_train.data.aligned``): they skip reading
+the output's cache lines from memory first (see "streaming stores" below); the values are the
+same. Images (charge and time) are built in an L2-resident scratch of (charge, time) pairs and
+split into their planes (see "paired scratch"); point clouds' rows and zero padding are streamed.
+Point clouds' position and orientation rows are written 8 hits at a time from a PMT table padded to 8
 columns: one vector load per hit, a transpose in registers, one vector store per row.
 
 Indices are unsigned (``np.uint64``) where a loop does not start at 0: numba handles negative
@@ -29,6 +32,8 @@ cache directory, so a worker process loads it instead of compiling (about 1-2 s 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit, types  # type: ignore[import-untyped]
@@ -39,11 +44,16 @@ SOURCE_TIME = -1
 SOURCE_CHARGE = -2
 
 
-def _jit(fn):  # type: ignore[no-untyped-def]
+def _jit(fn, inline: Literal["never", "always"] = "never"):  # type: ignore[no-untyped-def]
     try:
-        return njit(cache=True, nogil=True)(fn)
+        return njit(cache=True, nogil=True, inline=inline)(fn)
     except RuntimeError:  # no writable cache location at all: compile in every process instead
-        return njit(cache=False, nogil=True)(fn)
+        return njit(cache=False, nogil=True, inline=inline)(fn)
+
+
+def _jit_inlined(fn):  # type: ignore[no-untyped-def]
+    """A kernel's inner loop, inlined into its caller by numba (one function for LLVM to optimise)."""
+    return _jit(fn, inline="always")
 
 
 @_jit
@@ -54,39 +64,196 @@ def build_images(pmt, time, charge, starts, counts, pixel, charge_offset, time_o
     table then stays in the L1 cache with ``seen``); ``charge_offset`` / ``time_offset``: where
     the charge / time planes start (-1: not built). Returns -1, or the index of the first hit
     whose PMT id has no pixel (``out`` is then partly written).
+
+    Charge and time together (the default), into 32-byte aligned planes: each event is built in
+    a scratch of (charge, time) pairs, one cache line per hit instead of two, then split into the
+    two planes with streaming stores, which also clears the scratch for the next event (see
+    "paired scratch" below). Otherwise the hit loop, written once per channel set, writes the
+    zeroed sample in place.
     """
-    num_pmts = pixel.shape[0]
+    group = abs(time_offset - charge_offset)
+    if (
+        charge_offset >= 0
+        and time_offset >= 0
+        and out.shape[1] == 2 * group
+        and _rows_aligned(out, charge_offset, time_offset)
+    ):
+        return _build_images_paired(pmt, time, charge, starts, counts, pixel, charge_offset, time_offset, out)
     # Whether the event hit each PMT before: its first hit assigns the time, later ones take the
     # minimum. One byte a PMT (12 KB for 11,704 PMTs: L1-resident, unlike an int64 event stamp,
     # measured 20-25% slower), cleared per event; per call, so reader threads never share it.
-    seen = np.zeros(num_pmts, dtype=np.uint8)
+    seen = np.zeros(pixel.shape[0], dtype=np.uint8)
     for b in range(starts.shape[0]):
-        sample = out[b]
-        for j in range(sample.shape[0]):  # a loop: slice assignments compile several times slower
-            sample[j] = 0.0
+        first = np.uint64(starts[b])
+        last = first + np.uint64(counts[b])
+        bad = _hits_in_place(pmt, time, charge, first, last, pixel, charge_offset, time_offset, out[b], seen)
+        if bad >= 0:
+            return bad
+    return -1
+
+
+@_jit
+def _hits_in_place(pmt, time, charge, first, last, pixel, charge_offset, time_offset, sample, seen):  # type: ignore[no-untyped-def]
+    """One image written in place: ``sample`` zeroed, then its hits (one loop per channel set).
+
+    The loop per channel set, over plane views, instead of testing both offsets per hit: LLVM
+    unswitched only one of the two tests; without them 0.2-0.3 us an image faster (2026-12-05).
+    """
+    num_pmts = pixel.shape[0]
+    for j in range(sample.shape[0]):  # a loop: slice assignments compile several times slower
+        sample[j] = 0.0
+    if time_offset >= 0:
+        for j in range(num_pmts):
+            seen[j] = 0
+        times = sample[time_offset:]  # a plane group onwards: pixel offsets index into it
+        if charge_offset >= 0:
+            return _charge_and_time_hits(pmt, time, charge, first, last, pixel, sample[charge_offset:], times, seen)
+        return _time_hits(pmt, time, first, last, pixel, times, seen)
+    if charge_offset >= 0:
+        return _charge_hits(pmt, charge, first, last, pixel, sample[charge_offset:])
+    return np.int64(-1)
+
+
+# ----------------------------------------------------------------------------- paired scratch
+# Measured (2026-12-05, 16 batches of 256 38x16x40 images, 3,000 hits an event): in place, the
+# sample is zeroed (2.6 us: every line read from memory first) and each hit then reads and writes
+# two lines of a 97 KB sample, charge's and time's, that does not fit the 32 KB L1 cache: 10.0 us
+# an image. Pairs (charge, time) side by side in an L2-resident scratch: one line a hit; the
+# split into the planes (a shuffle, two streaming stores and the scratch's zeroing per 8 pixels)
+# never reads the output from memory: 8.8 us. A planar scratch streamed out (10.6) and writing the
+# first hit of a pixel without reading it (10.4) were slower.
+
+
+@_jit
+def _rows_aligned(out, charge_offset, time_offset):  # type: ignore[no-untyped-def]
+    """Whether both planes of every sample of ``out`` start at a 32-byte boundary (streaming stores apply)."""
+    if out.shape[0] == 0:
+        return False
+    address, stride = out.ctypes.data, out.strides[0]
+    return (address + 4 * charge_offset) % 32 == 0 and (address + 4 * time_offset) % 32 == 0 and stride % 32 == 0
+
+
+@_jit
+def _build_images_paired(pmt, time, charge, starts, counts, pixel, charge_offset, time_offset, out):  # type: ignore[no-untyped-def]
+    """:func:`build_images` for charge and time planes (``group`` floats each) that start 32-byte aligned."""
+    num_pmts = pixel.shape[0]
+    seen = np.zeros(num_pmts, dtype=np.uint8)  # as in build_images
+    group = abs(time_offset - charge_offset)
+    raw = np.zeros(2 * group + 16, dtype=np.float32)
+    skip = (64 - raw.ctypes.data % 64) % 64 // 4
+    pairs = raw[skip : skip + 2 * group]  # 64-byte aligned; zero, and zeroed again by each split
+    for b in range(starts.shape[0]):
         for j in range(num_pmts):
             seen[j] = 0
         first = np.uint64(starts[b])
-        for i in range(first, first + np.uint64(counts[b])):
-            p = pmt[i]
-            if p < 0 or p >= num_pmts:
-                return i
-            p = np.uint64(p)
-            k = np.uint64(pixel[p])
-            if charge_offset >= 0:
-                sample[np.uint64(charge_offset) + k] += np.float32(charge[i])
-            if time_offset >= 0:
-                t = np.float32(time[i])
-                at = np.uint64(time_offset) + k
-                if seen[p] == 0:
-                    seen[p] = 1
-                    sample[at] = t
-                else:
-                    now = sample[at]
-                    # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
-                    if not (now < t or now != now):
-                        sample[at] = t
+        bad = _paired_hits(pmt, time, charge, first, first + np.uint64(counts[b]), pixel, pairs, seen)
+        if bad >= 0:
+            _store_fence()
+            return bad
+        _split_pairs(pairs, out[b], charge_offset, time_offset, group)
+    _store_fence()
     return -1
+
+
+@_jit_inlined
+def _paired_hits(pmt, time, charge, first, last, pixel, pairs, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into ``pairs`` (charge of pixel k at 2k, time at 2k + 1): -1 or the first bad id."""
+    num_pmts = pixel.shape[0]
+    one = np.uint64(1)
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p]) << one
+        pairs[k] += np.float32(charge[i])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            pairs[k + one] = t
+        else:
+            now = pairs[k + one]
+            # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
+            if not (now < t or now != now):
+                pairs[k + one] = t
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _split_pairs(pairs, sample, charge_offset, time_offset, group):  # type: ignore[no-untyped-def]
+    """``sample``'s charge and time planes from ``pairs`` (streamed), and ``pairs`` zeroed again.
+
+    ``group`` is a multiple of 8: both planes start at a 32-byte boundary, ``4 * group`` bytes apart.
+    """
+    charges_at = np.uint64(sample.ctypes.data + 4 * charge_offset)
+    times_at = np.uint64(sample.ctypes.data + 4 * time_offset)
+    pairs_at = np.uint64(pairs.ctypes.data)
+    step = np.uint64(4 * _VECTOR)
+    for _ in range(0, group, _VECTOR):
+        _split_pairs8(charges_at, times_at, pairs_at)
+        charges_at += step
+        times_at += step
+        pairs_at += step + step
+
+
+@_jit_inlined
+def _charge_and_time_hits(pmt, time, charge, first, last, pixel, charges, times, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's charge and time planes: -1, or the first hit with a bad id.
+
+    The time rule is written out here, in :func:`_paired_hits` and in :func:`_time_hits`: an
+    inlined helper for it made this loop 4x slower (46 vs 10 us an image).
+    """
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p])
+        charges[k] += np.float32(charge[i])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            times[k] = t
+        else:
+            now = times[k]
+            # np.minimum(now, t): now if now < t or now is NaN, else t (ties: t).
+            if not (now < t or now != now):
+                times[k] = t
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _charge_hits(pmt, charge, first, last, pixel, charges):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's charge planes: -1, or the first hit with a bad id."""
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        charges[np.uint64(pixel[np.uint64(p)])] += np.float32(charge[i])
+    return np.int64(-1)
+
+
+@_jit_inlined
+def _time_hits(pmt, time, first, last, pixel, times, seen):  # type: ignore[no-untyped-def]
+    """Hits ``first : last`` into one image's time planes: -1, or the first hit with a bad id."""
+    num_pmts = pixel.shape[0]
+    for i in range(first, last):
+        p = pmt[i]
+        if p < 0 or p >= num_pmts:
+            return np.int64(i)
+        p = np.uint64(p)
+        k = np.uint64(pixel[p])
+        t = np.float32(time[i])
+        if seen[p] == 0:
+            seen[p] = 1
+            times[k] = t
+        else:
+            now = times[k]
+            if not (now < t or now != now):  # np.minimum(now, t), as above
+                times[k] = t
+    return np.int64(-1)
 
 
 @_jit
@@ -171,9 +338,11 @@ def build_clouds(pmt, time, charge, starts, counts, table, sources, out):  # typ
 # A batch of samples (32 MB of point clouds) does not stay in the cache, so ordinary stores
 # first read every output line from memory (read for ownership) and later write it back.
 # Non-temporal ("streaming") stores write whole lines without reading them: measured here,
-# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. Only
-# the padding is streamed: streaming the hits' values (eight at a time through a small buffer,
-# or a whole staged cloud) measured slower than plain stores (21 and 20 vs 17.5 us an event).
+# writing a 128 KB cloud of zeros costs 2.9 us this way against 9.0 us with plain stores. A
+# cloud's rows are streamed where they start at a 32-byte boundary: the table rows straight from
+# the 8x8 transposes, time and charge 8 hits at a time (2026-12-05, 8 x 4000 clouds into aligned
+# buffers: 11.7 -> 9.2 us an event). Streaming them through a small buffer or a staged cloud had
+# measured slower (21 and 20 vs 17.5 us, into numpy's 16-byte aligned buffers: split lines).
 # LLVM's ``!nontemporal`` store (x86: vmovntdq; other targets lower it to what they have, at
 # worst a plain store), 8 floats at a 32-byte aligned address; the ends are written plainly.
 
@@ -201,6 +370,38 @@ def _stream_zero8(typingctx, dst_address):  # type: ignore[no-untyped-def]
 # ----------------------------------------------------------------------------- 8 hits' table rows at once
 
 
+def _transposed_columns(builder, table, ids_at):  # type: ignore[no-untyped-def]
+    """IR: table columns 0..7 of the 8 PMT ids at ``ids_at``, each an 8-float vector (one value per hit)."""
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vector = ir.VectorType(f32, _VECTOR)
+    ids = builder.load(builder.inttoptr(ids_at, ir.VectorType(i32, _VECTOR).as_pointer()), align=4)
+    r = []
+    for k in range(_VECTOR):
+        pmt = builder.zext(builder.extract_element(ids, ir.Constant(i32, k)), i64)
+        address = builder.add(table, builder.mul(pmt, ir.Constant(i64, 4 * _VECTOR)))
+        r.append(builder.load(builder.inttoptr(address, vector.as_pointer()), align=4))
+
+    def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _VECTOR), mask))
+
+    low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = [shuffle(r[k], r[k + 1], mask) for k in (0, 2, 4, 6) for mask in (low, high)]  # t0 t1 t2 ... t7
+    even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    u = [shuffle(t[a], t[a + 2], mask) for a in (0, 1, 4, 5) for mask in (even, odd)]  # columns 0,1,2,3 | 4,5,6,7
+    first_half, second_half = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [
+        shuffle(u[c], u[c + 4], second_half) for c in range(4)
+    ]
+
+
+def _row_address(builder, rows_at, c, offset):  # type: ignore[no-untyped-def]
+    """IR: ``rows[c]`` (the uint64 addresses at ``rows_at``) and ``rows[c] + offset``."""
+    i64 = ir.IntType(64)
+    rows_pointer = builder.inttoptr(rows_at, i64.as_pointer())
+    row = builder.load(builder.gep(rows_pointer, [ir.Constant(i64, c)]), align=8)
+    return row, builder.add(row, offset)
+
+
 @intrinsic
 def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  # type: ignore[no-untyped-def]
     """Table columns 0..7 of 8 hits, each written as 8 consecutive float32 to its own output row.
@@ -214,33 +415,68 @@ def _transpose8(typingctx, rows_address, table_address, ids_address, offset):  #
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         rows_at, table, ids_at, offset = args
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-        vector = ir.VectorType(f32, _VECTOR)
-        ids = builder.load(builder.inttoptr(ids_at, ir.VectorType(i32, _VECTOR).as_pointer()), align=4)
-        r = []
-        for k in range(_VECTOR):
-            pmt = builder.zext(builder.extract_element(ids, ir.Constant(i32, k)), i64)
-            address = builder.add(table, builder.mul(pmt, ir.Constant(i64, 4 * _VECTOR)))
-            r.append(builder.load(builder.inttoptr(address, vector.as_pointer()), align=4))
-
-        def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
-            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, _VECTOR), mask))
-
-        low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = [shuffle(r[k], r[k + 1], mask) for k in (0, 2, 4, 6) for mask in (low, high)]  # t0 t1 t2 ... t7
-        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        u = [shuffle(t[a], t[a + 2], mask) for a in (0, 1, 4, 5) for mask in (even, odd)]  # columns 0,1,2,3 | 4,5,6,7
-        first_half, second_half = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        columns = [shuffle(u[c], u[c + 4], first_half) for c in range(4)] + [
-            shuffle(u[c], u[c + 4], second_half) for c in range(4)
-        ]
-        rows_pointer = builder.inttoptr(rows_at, i64.as_pointer())
-        for c, column in enumerate(columns):
-            row = builder.load(builder.gep(rows_pointer, [ir.Constant(i64, c)]), align=8)
-            builder.store(column, builder.inttoptr(builder.add(row, offset), vector.as_pointer()), align=4)
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        for c, column in enumerate(_transposed_columns(builder, table, ids_at)):
+            _, at = _row_address(builder, rows_at, c, offset)
+            builder.store(column, builder.inttoptr(at, vector.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.void(types.uint64, types.uint64, types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _transpose8_stream(typingctx, rows_address, table_address, ids_address, offset):  # type: ignore[no-untyped-def]
+    """:func:`_transpose8` with streaming stores (rows + offset 32-byte aligned); rows at address 0 are skipped."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        rows_at, table, ids_at, offset = args
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        for c, column in enumerate(_transposed_columns(builder, table, ids_at)):
+            row, at = _row_address(builder, rows_at, c, offset)
+            with builder.if_then(builder.icmp_unsigned("!=", row, ir.Constant(ir.IntType(64), 0)), likely=True):
+                _nontemporal_store(builder, column, builder.inttoptr(at, vector.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64, types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _stream_copy8(typingctx, dst_address, src_address):  # type: ignore[no-untyped-def]
+    """8 float32 from ``src_address`` (any alignment) to ``dst_address`` (32-byte aligned), streamed."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        values = builder.load(builder.inttoptr(args[1], vector.as_pointer()), align=4)
+        _nontemporal_store(builder, values, builder.inttoptr(args[0], vector.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _split_pairs8(typingctx, charges_address, times_address, pairs_address):  # type: ignore[no-untyped-def]
+    """8 (charge, time) pairs at ``pairs_address`` (32-byte aligned) split into 8 charges and 8 times, each
+    one streaming store (32-byte aligned addresses); the 16 floats of pairs are then zeroed (plain stores)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        charges_at, times_at, pairs_at = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vector = ir.VectorType(ir.FloatType(), _VECTOR)
+        low = builder.inttoptr(pairs_at, vector.as_pointer())
+        high = builder.inttoptr(builder.add(pairs_at, ir.Constant(i64, 4 * _VECTOR)), vector.as_pointer())
+        a, b = builder.load(low, align=4 * _VECTOR), builder.load(high, align=4 * _VECTOR)
+        evens = ir.Constant(ir.VectorType(i32, _VECTOR), list(range(0, 2 * _VECTOR, 2)))
+        odds = ir.Constant(ir.VectorType(i32, _VECTOR), list(range(1, 2 * _VECTOR, 2)))
+        _nontemporal_store(
+            builder, builder.shuffle_vector(a, b, evens), builder.inttoptr(charges_at, vector.as_pointer())
+        )
+        _nontemporal_store(builder, builder.shuffle_vector(a, b, odds), builder.inttoptr(times_at, vector.as_pointer()))
+        zeros = ir.Constant(vector, [0.0] * _VECTOR)
+        builder.store(zeros, low, align=4 * _VECTOR)
+        builder.store(zeros, high, align=4 * _VECTOR)
+        return context.get_dummy_value()
+
+    return types.void(types.uint64, types.uint64, types.uint64), codegen
 
 
 @intrinsic
@@ -334,8 +570,15 @@ def _fill_table_rows8(cloud, sources, pmt, table, first, used, spare):  # type: 
     table_at = np.uint64(table.ctypes.data)
     rows_at = np.uint64(rows.ctypes.data)
     ids_at = np.uint64(pmt.ctypes.data) + np.uint64(4) * first
-    for j in range(np.uint64(0), whole, eight):
-        _transpose8(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
+    if _table_rows_aligned(cloud, sources):
+        for r in range(_VECTOR):
+            if rows[r] == spare.ctypes.data:
+                rows[r] = 0  # nothing to write: a streamed spare row would go to memory every time
+        for j in range(np.uint64(0), whole, eight):
+            _transpose8_stream(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
+    else:
+        for j in range(np.uint64(0), whole, eight):
+            _transpose8(rows_at, table_at, ids_at + np.uint64(4) * j, np.uint64(4) * j)
     for c in range(sources.shape[0]):
         s = sources[c]
         if s >= 0:
@@ -352,11 +595,39 @@ def _fill_row(row, source, pmt, time, charge, table, first, used):  # type: igno
         for j in range(used):
             row[j] = table[np.uint64(pmt[first + j]), source]
     elif source == SOURCE_TIME:
-        for j in range(used):
-            row[j] = np.float32(time[first + j])
+        _copy_hits(row, time, first, used)
     else:
-        for j in range(used):
-            row[j] = np.float32(charge[first + j])
+        _copy_hits(row, charge, first, used)
+
+
+@_jit
+def _table_rows_aligned(cloud, sources):  # type: ignore[no-untyped-def]
+    """Whether every table channel's row of ``cloud`` starts at a 32-byte boundary (streaming stores apply)."""
+    for c in range(sources.shape[0]):
+        if sources[c] >= 0 and cloud[c].ctypes.data % (4 * _VECTOR) != 0:
+            return False
+    return True
+
+
+@_jit
+def _copy_hits(row, values, first, used):  # type: ignore[no-untyped-def]
+    """``row[:used] = values[first : first + used]`` (float32): plain stores up to a 32-byte boundary, then streamed."""
+    address = row.ctypes.data
+    start = used  # all plain: values that are not 4-byte floats, or a row not 4-byte aligned
+    if address % 4 == 0 and values.itemsize == 4:
+        start = min(used, ((4 * _VECTOR - address % (4 * _VECTOR)) % (4 * _VECTOR)) // 4)
+    for j in range(np.uint64(start)):
+        row[j] = np.float32(values[first + j])
+    whole = start + (used - start) // _VECTOR * _VECTOR
+    at = np.uint64(address + 4 * start)
+    source = np.uint64(values.ctypes.data) + np.uint64(4) * (first + np.uint64(start))
+    step = np.uint64(4 * _VECTOR)
+    for _ in range(np.uint64(start), np.uint64(whole), np.uint64(_VECTOR)):
+        _stream_copy8(at, source)
+        at += step
+        source += step
+    for j in range(np.uint64(whole), used):
+        row[j] = np.float32(values[first + j])
 
 
 @_jit

@@ -54,6 +54,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from dist_train.data.aligned import aligned_empty
 from dist_train.data.device_feed import DevicePrep
 
 Batch = dict[str, torch.Tensor]
@@ -370,11 +371,11 @@ class RecycledBuffers:
                     return self._hand_out(i)
             fits = self._bytes + nbytes <= self._keep_bytes()
             if len(self._blocks) < self.limit and fits:
-                self._blocks.append(np.empty(shape, dtype=dtype))
+                self._blocks.append(aligned_empty(shape, dtype))
                 self._handouts.append(None)
                 self._bytes += nbytes
                 return self._hand_out(len(self._blocks) - 1)
-        return np.empty(shape, dtype=dtype)
+        return aligned_empty(shape, dtype)
 
     def trim(self) -> None:
         """Let go of the buffers past what a pass may keep (one still in use lives on through its hand-out).
