@@ -323,19 +323,20 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
 
     def _find_resume_path(self) -> Path | None:
+        """The checkpoint to resume from, verified once by rank 0 (sha256 of every file) on every path here."""
         mode = envvars.get(envvars.RESUME, "auto")
         if mode == "never" or self.run_dir is None:
             return None
         if mode not in ("", "auto"):
-            return Path(mode)
-        path = None
+            return self._verified_by_rank0(Path(mode))
+        path = None  # latest_valid_checkpoint verifies as it searches
         if self.dist.is_main:
             found = latest_valid_checkpoint(self.run_dir / CHECKPOINTS_SUBDIR)
             path = str(found) if found else None
         found_path = broadcast_object(path)
         return Path(found_path) if found_path else None
 
-    def _open_verified(self, path: Path) -> OpenedCheckpoint:
+    def _verified_by_rank0(self, path: Path) -> Path:
         """Rank 0 checks sizes and sha256s (of every shard) before anything is loaded and tells the others,
         so that every rank stops with the same error: a rank that went on alone would read a damaged file
         (an unpickling error, or garbage weights) or wait in a collective load for a rank 0 that has left."""
@@ -346,6 +347,10 @@ class Trainer:
                 "checkpoint: --resume PATH of an older one, or --resume auto (the newest valid one of the run "
                 "directory; `dtrain ckpt inspect PATH` checks one)."
             )
+        return path
+
+    def _open_unverified(self, path: Path) -> OpenedCheckpoint:
+        """Each rank's part of a checkpoint rank 0 has verified (checking it again would read every byte twice)."""
         return open_checkpoint(path, verify=False, for_rank=(self.dist.rank, self.dist.world_size))
 
     def _say_if_starting_over(self) -> None:
@@ -367,7 +372,7 @@ class Trainer:
         if path is None:
             self._say_if_starting_over()
             return None
-        opened = self._open_verified(path)
+        opened = self._open_unverified(path)
         state = opened.state
         check_config_compatible(path, state, config_to_dict(self.cfg))
         try:
@@ -740,7 +745,7 @@ class Trainer:
                 self.cfg.checkpoint.monitor,
             )
             return last
-        opened = self._open_verified(Path(path))
+        opened = self._open_unverified(self._verified_by_rank0(Path(path)))
         opened.restore_model(self.model, self.strategy, group=self.ckpt_store.group)
         state = opened.state
         return {"which": "best", "epoch": int(state["epoch"]), "step": int(state["step"]), "path": path}

@@ -6,8 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from dist_train.checkpoint import file as ckpt_file
+from dist_train.checkpoint.layout import hash_file
+from dist_train.config import load_config
+from dist_train.distributed.comm import DistInfo
 from dist_train.envvars import PREEMPTED_EXIT_CODE
+from dist_train.trainer import Trainer
 from tests.helpers.run import assert_ok, dtrain, env_for_tests, make_image_h5, records, write_config
 from tests.test_logs import _jsonl_metrics, _tensorboard_scalars
 
@@ -97,6 +103,25 @@ def test_an_explicit_resume_of_a_damaged_checkpoint_stops_every_rank_with_the_sa
         assert "failed verification" in (again / "logs" / f"rank{rank}.log").read_text(), rank
     assert checkpoint.read_bytes() == bytes(damaged)  # nothing written over the user's file
     assert not any((again / "checkpoints").glob("ckpt-*"))  # no training step ran from it
+
+
+def test_a_resume_reads_the_checkpoint_for_its_sha256_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 0 verifies while choosing the checkpoint; hashing it again before loading read every byte twice.
+    cfg = config(tmp_path, epochs=1)
+    run_dir = tmp_path / "r"
+    assert_ok(launch(tmp_path, cfg, "--run-dir", str(run_dir)))
+    hashed: list[str] = []
+
+    def counting_hash(path: Path) -> tuple[int, str]:
+        hashed.append(Path(path).name)
+        return hash_file(path)
+
+    monkeypatch.setattr(ckpt_file, "hash_file", counting_hash)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    trainer = Trainer(load_config(cfg), run_dir, info)
+    assert trainer.maybe_resume() == 5
+    newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert hashed == [newest.name]
 
 
 # ----------------------------------------------------------------------------------- the logger alone
